@@ -1,0 +1,1 @@
+"""Benchmarks: memory, throughput, kernels, activations. Run as ``python -m benchmarks SUITE``."""

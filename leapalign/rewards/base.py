@@ -1,0 +1,36 @@
+"""Reward contract: a differentiable callable ``(images [B,3,H,W] in [0,1], prompts) -> [B]``."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+class RewardNotDifferentiableError(RuntimeError):
+    """The reward returned a tensor with no path back to the images: the field's most common bug."""
+
+
+def call_reward(reward: RewardFn, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Call ``reward`` and check its contract: shape ``[B]``, floating, finite-or-not, differentiable.
+
+    Raises :class:`RewardNotDifferentiableError` when ``images`` needs grad and the result does not
+    (a ``.detach()``, ``.item()``, PIL or numpy round-trip inside the reward).
+    """
+    batch = images.shape[0]
+    if len(prompts) != batch:
+        raise ValueError(f"reward got {batch} images but {len(prompts)} prompts; they must match")
+    rewards = reward(images, prompts)
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"reward must return a torch.Tensor of shape [{batch}], got {type(rewards).__name__}")
+    if rewards.shape != (batch,):
+        raise ValueError(f"reward must return shape [{batch}] (one score per image), got {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"reward must return a floating tensor, got {rewards.dtype}")
+    if images.requires_grad and torch.is_grad_enabled() and not rewards.requires_grad:
+        raise RewardNotDifferentiableError(
+            "the reward returned a tensor without a gradient path to the images (requires_grad=False). "
+            "Keep preprocessing in torch (no PIL/numpy, no .detach()/.item()) so gradients reach the model."
+        )
+    return rewards

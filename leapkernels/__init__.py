@@ -1,0 +1,1 @@
+"""leapkernels: fused Triton kernels (with PyTorch references) for LeapAlign and Flux blocks."""
