@@ -1,0 +1,171 @@
+"""Exact rule-based evaluator for the shapes world: GenEval's role, no learned parts.
+
+Pipeline per image: (1) colour segmentation -- each pixel goes to the nearest palette colour or the
+background if it lies within ``tol`` (RGB Euclidean distance), else it is left unassigned;
+(2) 8-connected components per colour, components smaller than ``min_area`` pixels ignored as
+speckle; (3) shape classification by bounding-box fill ratio (square ~1, circle ~pi/4,
+triangle ~1/2) and aspect ratio, else ``"unknown"``; (4) the prompt's rules: every object group has
+exactly its count, no extra objects, and for position prompts the centroid offset between the two
+objects lies along the named axis (``|along| > |across|`` and ``along > margin`` pixels).
+
+It never trains and never sees gradients: it is the ground-truth judge the learned scorer is
+compared with.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from leapalign.shapes.world import BACKGROUND, CATEGORIES, COLORS, PromptSpec, parse_prompt
+
+__all__ = ["DetectedObject", "Judgement", "detect_objects", "classify_shape", "judge", "evaluate", "accuracy_by_category"]
+
+_PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """A connected component of one palette colour; ``centroid`` is ``(x, y)`` in pixels."""
+
+    shape: str
+    color: str
+    area: int
+    centroid: tuple[float, float]
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive
+
+
+@dataclass
+class Judgement:
+    """One image's verdict against its prompt, with the reason when wrong."""
+
+    prompt: str
+    category: str
+    correct: bool
+    reason: str = ""
+    objects: list[DetectedObject] = field(default_factory=list)
+
+
+def classify_shape(area: int, width: int, height: int) -> str:
+    """Shape from a component's pixel count and bounding box (thresholds between the ideal fills)."""
+    aspect = width / height
+    if not 0.6 <= aspect <= 1.67 or min(width, height) < 3:
+        return "unknown"
+    fill = area / float(width * height)
+    if fill >= 0.9:
+        return "square"
+    if fill >= 0.68:
+        return "circle"
+    if fill >= 0.38:
+        return "triangle"
+    return "unknown"
+
+
+def _segment(images: torch.Tensor, tol: float) -> torch.Tensor:
+    """``[B, H, W]`` labels: 0..K-1 palette colour, K background, -1 unassigned."""
+    palette = torch.tensor([COLORS[c] for c in _PALETTE_NAMES] + [BACKGROUND], dtype=torch.float32)
+    x = images.detach().to(torch.float32)
+    dist = (x.unsqueeze(1) - palette.view(1, -1, 3, 1, 1)).square().sum(2).sqrt()  # [B, K+1, H, W]
+    best, label = dist.min(1)
+    return torch.where(best <= tol, label, torch.full_like(label, -1))
+
+
+def _components(mask: torch.Tensor) -> torch.Tensor:
+    """8-connected component ids of boolean masks ``[M, H, W]`` by max-label propagation (0 = none)."""
+    m, h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(m, h, w)
+    labels = torch.where(mask, ids, torch.zeros(()))
+    for _ in range(h * w):
+        grown = F.max_pool2d(labels.unsqueeze(1), 3, stride=1, padding=1).squeeze(1)
+        grown = torch.where(mask, grown, torch.zeros(()))
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return labels.to(torch.long)
+
+
+def detect_objects(images: torch.Tensor, tol: float = 0.3, min_area: int = 12) -> list[list[DetectedObject]]:
+    """Objects found in each image of ``images [B, 3, H, W]`` (values in [0, 1])."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    seg = _segment(images, tol)
+    b, h, w = seg.shape
+    k = len(_PALETTE_NAMES)
+    masks = torch.stack([seg == c for c in range(k)], 1).view(b * k, h, w)
+    comps = _components(masks).view(b, k, h, w)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    found: list[list[DetectedObject]] = []
+    for i in range(b):
+        objs: list[DetectedObject] = []
+        for c in range(k):
+            lab = comps[i, c]
+            for cid in lab.unique().tolist():
+                if cid == 0:
+                    continue
+                sel = lab == cid
+                area = int(sel.sum())
+                if area < min_area:
+                    continue
+                xs, ys = xx[sel], yy[sel]
+                x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+                shape = classify_shape(area, x1 - x0 + 1, y1 - y0 + 1)
+                centroid = (float(xs.float().mean()) + 0.5, float(ys.float().mean()) + 0.5)
+                objs.append(DetectedObject(shape, _PALETTE_NAMES[c], area, centroid, (x0, y0, x1, y1)))
+        found.append(objs)
+    return found
+
+
+def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str, margin: float) -> bool:
+    dx, dy = b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1]
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along > margin and abs(along) > abs(across)
+
+
+def judge(spec: PromptSpec, objects: list[DetectedObject], margin: float = 2.0) -> tuple[bool, str]:
+    """Whether ``objects`` satisfy ``spec`` exactly; the reason when not."""
+    if len(objects) != spec.total_objects:
+        return False, f"expected {spec.total_objects} object(s), found {len(objects)}"
+    groups = []
+    for o in spec.objects:
+        members = [d for d in objects if o.matches(d.shape, d.color)]
+        if len(members) != o.count:
+            what = f"{o.color + ' ' if o.color else ''}{o.shape}"
+            return False, f"expected {o.count} {what}, found {len(members)}"
+        groups.append(members)
+    if spec.relation is not None and not _relation_holds(groups[0][0], groups[1][0], spec.relation, margin):
+        return False, f"relation {spec.relation!r} does not hold"
+    return True, ""
+
+
+def evaluate(
+    images: torch.Tensor,
+    prompts: Sequence[str | PromptSpec],
+    tol: float = 0.3,
+    min_area: int = 12,
+    margin: float = 2.0,
+) -> list[Judgement]:
+    """Judge each image of ``images [B, 3, H, W]`` in [0, 1] against its prompt (text or spec)."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"evaluate got {images.shape[0]} images but {len(prompts)} prompts; they must match")
+    specs = [p if isinstance(p, PromptSpec) else parse_prompt(p) for p in prompts]
+    detections = detect_objects(images, tol=tol, min_area=min_area)
+    out = []
+    for spec, objs in zip(specs, detections):
+        ok, reason = judge(spec, objs, margin)
+        out.append(Judgement(spec.text, spec.category, ok, reason, objs))
+    return out
+
+
+def accuracy_by_category(judgements: Sequence[Judgement]) -> dict[str, float]:
+    """Fraction correct per category present, plus ``"overall"`` (mean over images)."""
+    if not judgements:
+        raise ValueError("accuracy_by_category got no judgements")
+    per: dict[str, list[bool]] = defaultdict(list)
+    for j in judgements:
+        per[j.category].append(j.correct)
+    acc = {c: sum(per[c]) / len(per[c]) for c in CATEGORIES if c in per}
+    acc["overall"] = sum(j.correct for j in judgements) / len(judgements)
+    return acc

@@ -1,0 +1,106 @@
+"""The shapes world's generator and its exact evaluator: ground truth passes, noise and near-misses fail."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapalign.shapes.evaluator import accuracy_by_category, classify_shape, detect_objects, evaluate
+from leapalign.shapes.world import (
+    CATEGORIES,
+    CORRUPTIONS,
+    ObjectSpec,
+    Placement,
+    PromptSpec,
+    SHAPES,
+    corrupt_spec,
+    draw_shape,
+    eval_prompts,
+    parse_prompt,
+    render,
+    render_batch,
+    sample_specs,
+)
+
+
+@pytest.fixture(scope="module")
+def specs() -> list[PromptSpec]:
+    return eval_prompts(240, seed=7)
+
+
+def test_ground_truth_renders_are_judged_correct(specs):
+    images = render_batch(specs, seed=3)
+    acc = accuracy_by_category(evaluate(images, [s.text for s in specs]))
+    assert set(acc) == set(CATEGORIES) | {"overall"}
+    assert all(v >= 0.99 for v in acc.values()), acc
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "blank"])
+def test_noise_is_judged_wrong(specs, kind):
+    g = torch.Generator().manual_seed(11)
+    n = len(specs)
+    images = {
+        "uniform": lambda: torch.rand(n, 3, 32, 32, generator=g),
+        "gaussian": lambda: (0.5 + 0.5 * torch.randn(n, 3, 32, 32, generator=g)).clamp(0, 1),
+        "blank": lambda: torch.full((n, 3, 32, 32), 0.95),
+    }[kind]()
+    acc = accuracy_by_category(evaluate(images, [s.text for s in specs]))
+    assert acc["overall"] <= 0.01, acc
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_corruption_is_judged_wrong(category):
+    g = torch.Generator().manual_seed(5)
+    for kind in CORRUPTIONS[category]:
+        originals = [s for s in sample_specs(12, g, categories=(category,))]
+        corrupted = [corrupt_spec(s, g, kind)[0] for s in originals]
+        images = render_batch(corrupted, seed=g)
+        verdicts = evaluate(images, originals)
+        assert not any(v.correct for v in verdicts), [(v.prompt, kind) for v in verdicts if v.correct]
+        # The same images do satisfy the corrupted specs: the corruption, not the render, is judged.
+        assert all(v.correct for v in evaluate(images, corrupted))
+
+
+def test_swapped_positions_and_extra_object_are_wrong():
+    spec = parse_prompt("a red circle above a blue square")
+    above = [Placement("circle", "red", 10, 2, 9), Placement("square", "blue", 10, 20, 9)]
+    swapped = [Placement("circle", "red", 10, 20, 9), Placement("square", "blue", 10, 2, 9)]
+    extra = above + [Placement("triangle", "green", 22, 12, 8)]
+    images = torch.stack([render(above), render(swapped), render(extra)])
+    verdicts = evaluate(images, [spec] * 3)
+    assert [v.correct for v in verdicts] == [True, False, False]
+    assert "relation" in verdicts[1].reason and "expected 2" in verdicts[2].reason
+
+
+def test_wrong_colour_pixels_are_not_matched():
+    img = render([Placement("square", "red", 5, 5, 10)])
+    img[:, 5:15, 5:15] = torch.tensor([0.9, 0.5, 0.1]).view(3, 1, 1)  # orange: far from every palette colour
+    assert detect_objects(img[None])[0] == []
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("size", [7, 8, 10, 12])
+def test_shape_classification_of_drawn_shapes(shape, size):
+    img = torch.zeros(3, 32, 32)
+    draw_shape(img, shape, (1.0, 1.0, 1.0), 3, 4, size)
+    ys, xs = (img[0] > 0).nonzero(as_tuple=True)
+    w, h = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+    assert classify_shape(int((img[0] > 0).sum()), w, h) == shape
+
+
+def test_prompts_round_trip_and_bad_prompts_raise():
+    for spec in sample_specs(200, seed=1):
+        assert parse_prompt(spec.text) == spec
+    for bad in ["a red dog", "a circle and a red square", "five circles", "a circle left of a square", ""]:
+        with pytest.raises(ValueError, match="grammar"):
+            parse_prompt(bad)
+    with pytest.raises(ValueError, match="distinguishable"):
+        PromptSpec("two_object", (ObjectSpec("circle"), ObjectSpec("circle")))
+
+
+def test_generation_is_deterministic_and_eval_set_is_balanced():
+    a, b = eval_prompts(60, seed=2), eval_prompts(60, seed=2)
+    assert a == b and a != eval_prompts(60, seed=3)
+    assert {c: sum(s.category == c for s in a) for c in CATEGORIES} == {c: 10 for c in CATEGORIES}
+    assert torch.equal(render_batch(a[:8], seed=4), render_batch(a[:8], seed=4))
+    assert not torch.equal(render_batch(a[:8], seed=4), render_batch(a[:8], seed=5))
+    assert sample_specs(30, seed=9) == sample_specs(30, seed=9)
