@@ -1,0 +1,44 @@
+"""``python -m benchmarks SUITE [ARGS...]`` — one entry point, one module per suite.
+
+Suites: memory, throughput, kernels, activations, plot, gpu. ``python -m benchmarks SUITE --help``
+lists each suite's options. Suite modules are imported only when chosen, so ``plot`` never imports
+the model code and ``activations`` (owned by the kernels work) stays independent.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+SUITES: dict[str, tuple[str, str]] = {
+    "memory": ("benchmarks.memory", "bytes saved for backward and peak memory per method x T"),
+    "throughput": ("benchmarks.throughput", "iteration time, images/s, rollout vs gradient split per method x T"),
+    "kernels": ("benchmarks.kernels", "each fused op vs eager PyTorch vs torch.compile"),
+    "activations": ("benchmarks.activations", "saved activations of patched vs eager Flux"),
+    "plot": ("benchmarks.plot", "PNG charts from the JSON results"),
+    "gpu": ("benchmarks.gpu_suite", "the whole GPU suite in one call (CUDA tests + every suite, tiny and FLUX.1-dev)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m benchmarks SUITE [ARGS...]", "", "suites:"]
+    lines += [f"  {name:<12} {what}" for name, (_, what) in SUITES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    suite, rest = argv[0], argv[1:]
+    if suite not in SUITES:
+        print(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUITES[suite][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

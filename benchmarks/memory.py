@@ -1,0 +1,158 @@
+"""``python -m benchmarks memory``: bytes saved for backward and peak memory of one iteration, per method x T.
+
+For each method and each T: build the workload (same model, batch and seed for all), run one
+iteration (objective forward + ``loss.backward()``, no optimiser step) and record
+
+- ``saved_bytes``: bytes autograd saves for backward during the objective's forward
+  (``leapalign.profiling.saved_tensor_bytes``: unique storages, parameters excluded; exact on CPU);
+- ``peak_bytes``: peak memory of the iteration above the level after the model was built
+  (CPU: process RSS high-water mark; CUDA: ``max_memory_allocated``, plus ``nvml_peak_bytes``);
+- ``seconds``: wall time of that one iteration (a cold run; see the throughput suite for medians).
+
+On CPU every point runs in a fresh subprocess by default (``--isolate``): glibc keeps freed memory
+in its arenas, so a later point in the same process would reuse it and under-report its peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks import headline
+from benchmarks.machine import machine_info
+from benchmarks.measure import PeakMemory, is_oom, saved_bytes_of, saved_tensor_counter
+from benchmarks.options import add_workload_args, default_paths, workload_config
+from benchmarks.report import Column, ResultDoc, format_bytes, format_float, render_table, write_json, write_markdown
+from benchmarks.workload import Method, WorkloadConfig, build_method_objective, build_workload, resolve_methods, run_iteration
+
+__all__ = ["main", "measure_point", "COLUMNS"]
+
+_RECORD_MARK = "@@MEMORY_RECORD "
+
+COLUMNS = (
+    Column("method", "method"),
+    Column("steps", "T"),
+    Column("saved_bytes", "saved for backward (MiB)", format_bytes),
+    Column("peak_bytes", "peak (MiB)", format_bytes),
+    Column("seconds", "seconds", format_float),
+    Column("status", "status"),
+)
+
+
+def measure_point(method: Method, steps: int, config: WorkloadConfig) -> dict[str, Any]:
+    """One (method, T) point in this process; never raises for OOM/errors, records them instead."""
+    record: dict[str, Any] = {"method": method.name, "label": method.label, "steps": steps, "status": "ok",
+                              "saved_bytes": None, "peak_bytes": None, "seconds": None}
+    try:
+        workload = build_workload(config, kernels=method.kernels)
+        objective = build_method_objective(method, steps)
+        record.update(workload.info)
+        sync = (lambda: torch.cuda.synchronize()) if workload.device.type == "cuda" else None
+        probe = PeakMemory(workload.device)
+        with probe:
+            result = run_iteration(objective, workload, saved_counter=saved_tensor_counter, sync=sync)
+        record.update(probe.as_record())
+        record["saved_bytes"] = saved_bytes_of(result.saved)
+        record["seconds"] = result.seconds
+        record["forward_s"] = result.forward_s
+        record["backward_s"] = result.backward_s
+        record["loss"] = result.loss
+    except Exception as exc:  # noqa: BLE001 - a failed point is a result (OOM is a finding), not a crash
+        record["status"] = "oom" if is_oom(exc) else "error"
+        record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return record
+
+
+def _point_argv(args: argparse.Namespace, method: Method, steps: int) -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks", "memory", "--point", method.name, str(steps),
+            "--device", args.device, "--model", args.model, "--dtype", args.dtype,
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    if args.lora_rank is not None:
+        argv += ["--lora-rank", str(args.lora_rank)]
+    return argv
+
+
+def _measure_isolated(args: argparse.Namespace, method: Method, steps: int) -> dict[str, Any]:
+    """Run one point in a fresh interpreter and parse the record it prints."""
+    argv = _point_argv(args, method, steps)
+    base = {"method": method.name, "label": method.label, "steps": steps, "saved_bytes": None,
+            "peak_bytes": None, "seconds": None}
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.point_timeout,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "timeout", "error": f"point exceeded --point-timeout={args.point_timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RECORD_MARK):
+            return json.loads(line[len(_RECORD_MARK):])
+    status = "oom" if proc.returncode in (-9, 137) else "error"
+    return {**base, "status": status, "error": f"exit {proc.returncode}: {proc.stderr[-500:]}"}
+
+
+def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
+    config = workload_config(args)
+    methods = resolve_methods(args.methods)
+    isolate = args.isolate if args.isolate is not None else config.device == "cpu"
+    records = []
+    for steps in args.steps:
+        for method in methods:
+            t0 = time.perf_counter()
+            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config)
+            rec["isolated"] = isolate
+            records.append(rec)
+            print(f"  memory {method.name:>18} T={steps:<3} saved={format_bytes(rec.get('saved_bytes')):>9} MiB "
+                  f"peak={format_bytes(rec.get('peak_bytes')):>9} MiB  {rec['status']} ({time.perf_counter() - t0:.1f}s)",
+                  flush=True)
+    run_config = {**config.as_dict(), "steps": list(args.steps), "methods": [m.name for m in methods],
+                  "isolated_per_point": isolate, "measurement": "one iteration = objective forward + backward, no optimiser step"}
+    summary = headline.memory_headline(records, args.steps)
+    return ResultDoc("memory", machine_info(["memory", *argv]), run_config, records, summary)
+
+
+NOTES = (
+    "saved_bytes: unique storages autograd saves for backward during the objective forward "
+    "(saved_tensors_hooks), parameters excluded.",
+    "peak_bytes on CPU: process VmHWM minus VmRSS at the start of the iteration (high-water mark reset "
+    "via /proc/self/clear_refs), one fresh process per point; on CUDA: torch.cuda.max_memory_allocated "
+    "minus memory_allocated at the start.",
+    "seconds: one cold iteration; use the throughput suite for medians.",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n")[0])
+    add_workload_args(parser)
+    parser.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                        help="one subprocess per point (default on CPU)")
+    parser.add_argument("--in-process", dest="isolate", action="store_false",
+                        help="all points in this process (default on CUDA; CPU peaks become lower bounds)")
+    parser.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per isolated point")
+    parser.add_argument("--point", nargs=2, metavar=("METHOD", "STEPS"), default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[2:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.point is not None:
+        method = resolve_methods([args.point[0]])[0]
+        record = measure_point(method, int(args.point[1]), workload_config(args))
+        print(_RECORD_MARK + json.dumps(record), flush=True)
+        return 0
+    doc = run_suite(args, argv)
+    json_path, md_path = default_paths("memory", args)
+    write_json(json_path, doc)
+    write_markdown(md_path, doc, COLUMNS, title=f"Memory per iteration ({args.device}, {args.model})", notes=NOTES)
+    print(render_table(doc.records, COLUMNS))
+    print("headline:", json.dumps(doc.summary, indent=None))
+    print(f"wrote {json_path} and {md_path}")
+    return 0 if all(r["status"] in ("ok", "oom") for r in doc.records) else 1

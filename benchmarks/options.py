@@ -1,0 +1,46 @@
+"""Command-line options shared by the memory and throughput suites, and where results go."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from benchmarks.workload import DEFAULT_METHODS, METHODS, WorkloadConfig
+
+__all__ = ["RESULTS_DIR", "add_workload_args", "workload_config", "default_paths"]
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_STEPS = (4, 8, 16, 25, 50)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """Model, device, dtype, batch, seed, methods, T values and output paths."""
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the iteration runs")
+    parser.add_argument("--model", default="cpu-bench",
+                        help="tiny_flux config name (cpu-bench, test) or flux-dev (FLUX.1-dev architecture, random weights)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (default: full weights)")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="sampling steps T to sweep")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help=f"methods to run (default: the issue's seven); known: {', '.join(METHODS)}; or 'all'")
+    parser.add_argument("--json", default=None, help="result JSON path (default: benchmarks/results/SUITE_DEVICE.json)")
+    parser.add_argument("--md", default=None, help="Markdown path (default: the JSON path with .md)")
+
+
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    bad = [t for t in args.steps if t < 2]
+    if bad:
+        raise ValueError(f"--steps must all be >= 2 (LeapAlign needs two distinct steps), got {bad}")
+    return WorkloadConfig(model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                          seed=args.seed, lora_rank=args.lora_rank)
+
+
+def default_paths(suite: str, args: argparse.Namespace) -> tuple[str, str]:
+    """``(json_path, md_path)``: explicit flags win; otherwise ``results/SUITE_DEVICE[_MODEL].json``."""
+    suffix = args.device if args.model == "cpu-bench" else f"{args.device}_{args.model}"
+    json_path = args.json or os.path.join(RESULTS_DIR, f"{suite}_{suffix}.json")
+    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
+    return json_path, md_path

@@ -1,0 +1,247 @@
+"""What every suite runs: the methods, the model, the batch and the seed — defined once.
+
+Figures are only comparable when every suite and every method sees the same model, the same batch
+and the same seed; this module is the one place that builds them. The model is always a named
+config of :mod:`leapalign.models.tiny_flux` (``cpu-bench`` by default, DESIGN issue 5 item 7) or
+the FLUX.1-dev architecture with random weights (``flux-dev``, GPU only).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "Workload",
+    "WorkloadConfig",
+    "build_workload",
+    "build_method_objective",
+    "benchmark_reward",
+    "run_iteration",
+    "IterationResult",
+    "resolve_methods",
+    "parse_dtype",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method: an objective from ``leapalign.objectives.build_objective`` + options.
+
+    ``kernels`` runs it on a transformer patched with ``leapkernels.apply_leapkernels_to_flux``.
+    ``options`` are passed to ``build_objective`` next to the step count.
+    """
+
+    name: str
+    objective: str
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    kernels: bool = False
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("leapalign", "leapalign", "LeapAlign (eager)"),
+        Method("leapalign+kernels", "leapalign", "LeapAlign + leapkernels", kernels=True),
+        Method("bptt", "bptt", "naive full BPTT"),
+        Method("bptt_ckpt", "bptt_checkpoint", "full BPTT + per-step checkpointing"),
+        Method("draft_k", "draft_k", "DRaFT-K (K=1)"),
+        Method("drtune", "drtune", "DRTune"),
+        Method("refl", "refl", "ReFL"),
+        Method("draft_lv", "draft_lv", "DRaFT-LV"),
+        Method("alignprop", "alignprop", "AlignProp (random truncation)"),
+    )
+}
+# The issue's list; DRaFT-LV and AlignProp run on request (``--methods ... draft_lv alignprop``).
+DEFAULT_METHODS: tuple[str, ...] = ("leapalign", "leapalign+kernels", "bptt", "bptt_ckpt", "draft_k", "drtune", "refl")
+
+
+def resolve_methods(names: Sequence[str]) -> list[Method]:
+    """Method names -> :class:`Method`; ``all`` expands to every known method."""
+    if list(names) == ["all"]:
+        return list(METHODS.values())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --methods; expected names from {sorted(METHODS)} or 'all'")
+    return [METHODS[n] for n in names]
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"--dtype={name!r} is not supported; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Everything that fixes one iteration's work except the method and T (recorded in each JSON)."""
+
+    model: str = "cpu-bench"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 1
+    seed: int = 0
+    lora_rank: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                    seed=self.seed, lora_rank=self.lora_rank)
+
+
+def benchmark_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """A cheap differentiable reward (contrast around mid-grey), so that the reward is not what is measured.
+
+    Its cost is the same for every method and negligible next to the transformer; real reward models
+    add a constant, method-independent amount of memory and time.
+    """
+    del prompts
+    flat = images.float().flatten(1)
+    return (flat - 0.5).abs().mean(dim=1)
+
+
+@dataclass
+class Workload:
+    """One model + one batch of conditioning + the reward; ``generator()`` re-seeds every iteration."""
+
+    model: Any
+    cond: Any
+    prompts: list[str]
+    reward: Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+    config: WorkloadConfig
+    kernels: bool
+    info: dict[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator from the workload seed: every iteration draws the same noise and the same (k, j)."""
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    def zero_grad(self) -> None:
+        for p in self.model.trainable_parameters():
+            p.grad = None
+
+
+def _count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
+    """Build the model, conditioning and reward for ``config``; patch the transformer if ``kernels``.
+
+    Raises ImportError naming the missing piece if leapalign's adapter or leapkernels is not there.
+    """
+    from leapalign.models import tiny_flux
+
+    device = torch.device(config.device)
+    dtype = parse_dtype(config.dtype)
+    if config.model == "flux-dev":
+        from benchmarks.flux_dev import flux_dev_velocity_model
+
+        model, text_len = flux_dev_velocity_model(dtype=dtype, device=device, seed=config.seed, lora_rank=config.lora_rank)
+    else:
+        spec = tiny_flux.tiny_flux_spec(config.model)
+        kwargs: dict[str, Any] = {}
+        if config.lora_rank is not None:
+            kwargs["lora_rank"] = config.lora_rank
+        model = tiny_flux.tiny_flux_velocity_model(config.model, dtype=dtype, seed=config.seed, **kwargs)
+        model = model.to(device) if hasattr(model, "to") else model
+        text_len = spec.text_len
+    transformer = model.transformer
+    if kernels:
+        import leapkernels
+
+        leapkernels.apply_leapkernels_to_flux(transformer)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1000)
+    cond = tiny_flux.random_flux_conditioning(
+        transformer, config.batch_size, text_len=text_len, generator=gen, dtype=dtype, device=device
+    )
+    prompts = [f"benchmark prompt {i}" for i in range(config.batch_size)]
+    info = {
+        "transformer_params": _count_params(transformer),
+        "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+        "image_tokens": _image_tokens(model),
+        "text_tokens": text_len,
+    }
+    return Workload(model, cond, prompts, benchmark_reward, config, kernels, info)
+
+
+def _image_tokens(model: Any) -> int | None:
+    """Packed image tokens per sample, read off one noise draw (shape ``[1, N, C]``)."""
+    try:
+        return int(model.noise(1, None).shape[1])
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def build_method_objective(method: Method, steps: int, use_kernels: bool | None = None):
+    """``build_objective(method.objective, num_steps=steps, **method.options)``."""
+    from leapalign.objectives import build_objective
+
+    options = dict(method.options)
+    return build_objective(method.objective, num_steps=steps, **options)
+
+
+@dataclass
+class IterationResult:
+    """One iteration's outcome: loss value, the saved-bytes counter (or None) and its two timed halves."""
+
+    loss: float
+    saved: Any
+    forward_s: float
+    backward_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+def run_iteration(
+    objective: Any,
+    workload: Workload,
+    model: Any | None = None,
+    saved_counter: Callable[[], Any] | None = None,
+    sync: Callable[[], None] | None = None,
+    around_backward: Callable[[bool], None] | None = None,
+) -> IterationResult:
+    """One training iteration without the optimiser step: objective forward, then ``loss.backward()``.
+
+    ``saved_counter`` (a context-manager factory, e.g. ``leapalign.profiling.saved_tensor_bytes``)
+    wraps the forward only: it counts what autograd saves for the backward that follows.
+    ``model`` overrides ``workload.model`` (a timing proxy); ``around_backward(True/False)`` is called
+    just before and after ``backward()``.
+    """
+    sync = sync or (lambda: None)
+    workload.zero_grad()
+    counter_cm = saved_counter() if saved_counter is not None else contextlib.nullcontext()
+    sync()
+    t0 = time.perf_counter()
+    with counter_cm as counter:
+        out = objective(model if model is not None else workload.model, workload.cond, workload.prompts,
+                        workload.reward, workload.generator())
+    sync()
+    t1 = time.perf_counter()
+    if around_backward is not None:
+        around_backward(True)
+    out.loss.backward()
+    sync()
+    t2 = time.perf_counter()
+    if around_backward is not None:
+        around_backward(False)
+    loss = float(out.loss.detach())
+    del out
+    return IterationResult(loss=loss, saved=counter, forward_s=t1 - t0, backward_s=t2 - t1)
