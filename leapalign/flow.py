@@ -8,8 +8,11 @@ Sigma schedules are computed here, in float64 then cast, never through the state
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Mapping
 
 import torch
+import torch.utils.checkpoint
 
 __all__ = [
     "uniform_sigmas",
@@ -22,6 +25,10 @@ __all__ = [
     "unpack_latents",
     "latent_image_ids",
     "text_ids",
+    "Rollout",
+    "StepTap",
+    "rollout",
+    "differentiable_rollout",
 ]
 
 
@@ -114,3 +121,117 @@ def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) 
 def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Flux's all-zero text position ids ``[L, 3]``."""
     return torch.zeros(seq_len, 3, device=device, dtype=dtype)
+
+
+# -- rollouts --------------------------------------------------------------------------------------
+
+StepTap = Callable[[int, torch.Tensor], torch.Tensor]
+"""``tap(i, x_i) -> v_i``: runs with autograd ON at a chosen step and returns the velocity the
+rollout continues with (detached by the rollout). The tap may keep graph references (leaps)."""
+
+
+@dataclass
+class Rollout:
+    """Result of an Euler rollout: final latents (detached) and, if recorded, every state.
+
+    ``trajectory[i]`` is ``x_i``, the state *before* step ``i`` (``trajectory[0]`` is the noise,
+    ``trajectory[-1]`` is ``x0``), so ``trajectory[i]`` sits at ``sigmas[i]``.
+    """
+
+    x0: torch.Tensor
+    trajectory: list[torch.Tensor] | None = None
+
+
+def _check_steps(sigmas: torch.Tensor, start: int, stop: int | None) -> int:
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D schedule of T + 1 >= 2 values, got shape {tuple(sigmas.shape)}")
+    num_steps = sigmas.numel() - 1
+    stop = num_steps if stop is None else stop
+    if not 0 <= start <= stop <= num_steps:
+        raise ValueError(f"need 0 <= start <= stop <= T={num_steps}, got start={start}, stop={stop}")
+    return stop
+
+
+def rollout(
+    model: Any,
+    cond: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    taps: Mapping[int, StepTap] | None = None,
+    record: bool = False,
+) -> Rollout:
+    """Euler-integrate ``model`` from step ``start`` to ``stop`` without autograd, except at ``taps``.
+
+    Every step ``i`` computes ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_i``. At a step in ``taps``
+    the velocity comes from ``taps[i](i, x_i)`` run under ``torch.enable_grad()`` -- the rollout's
+    own forward, reused by the objective for its gradient path -- and the rollout continues with its
+    detached value; so with or without taps the latents are the same no-grad trajectory (as long as
+    the tap evaluates the model at a tensor whose value is ``x_i``). Nothing else is kept alive.
+    """
+    stop = _check_steps(sigmas, start, stop)
+    taps = taps or {}
+    bad = [i for i in taps if not start <= i < stop]
+    if bad:
+        raise ValueError(f"tap steps {bad} are outside the rolled-out steps [{start}, {stop})")
+    x = x.detach()
+    trajectory = [x] if record else None
+    for i in range(start, stop):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if i in taps:
+            with torch.enable_grad():
+                v = taps[i](i, x)
+            v = v.detach()
+        else:
+            with torch.no_grad():
+                v = model.velocity(x, s, cond)
+        with torch.no_grad():
+            x = euler_step(x, v, s, s_next)
+        if trajectory is not None:
+            trajectory.append(x)
+    return Rollout(x0=x, trajectory=trajectory)
+
+
+def differentiable_rollout(
+    model: Any,
+    cond: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    train_steps: Collection[int] | None = None,
+    detach_model_input: bool = False,
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Euler steps ``[start, stop)`` with autograd through the chain: the full-backprop family.
+
+    - ``train_steps``: steps whose velocity carries a parameter gradient (default: all). Other steps
+      run the model without autograd, but the chain ``x + c v`` stays differentiable in ``x``.
+    - ``detach_model_input``: feed ``sg(x_i)`` to the model (DRTune's stop-gradient at the input):
+      the gradient then reaches each ``v_i`` only through the Euler sums, never through ``dv/dx``.
+    - ``checkpoint``: wrap each grad step in ``torch.utils.checkpoint`` (non-reentrant): keeps one
+      step's inputs per step instead of its activations and recomputes the forward in backward.
+    Returns the final latents (attached to the graph).
+    """
+    stop = _check_steps(sigmas, start, stop)
+    trained = set(range(start, stop)) if train_steps is None else set(train_steps)
+
+    def step(x_i: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        v = model.velocity(x_i.detach() if detach_model_input else x_i, s, cond)
+        return euler_step(x_i, v, s, s_next)
+
+    with torch.enable_grad():
+        for i in range(start, stop):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            if i not in trained:
+                with torch.no_grad():
+                    v = model.velocity(x.detach(), s, cond)
+                x = euler_step(x, v, s, s_next)
+            elif checkpoint:
+                x = torch.utils.checkpoint.checkpoint(step, x, s, s_next, use_reentrant=False)
+            else:
+                x = step(x, s, s_next)
+    return x

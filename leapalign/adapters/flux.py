@@ -1,0 +1,252 @@
+"""Adapter: a diffusers ``FluxTransformer2DModel`` (+ optional VAE) as a :class:`VelocityModel`.
+
+What the adapter owns, so objectives never see Flux specifics:
+
+- ``timestep = sigma`` (the transformer multiplies by 1000 inside), a per-sample ``guidance``
+  tensor when ``transformer.config.guidance_embeds`` (FLUX.1-dev: 3.5, one forward per step, no CFG
+  doubling), 2-D ``img_ids``/``txt_ids``, pooled projections.
+- the training sigma schedule (DESIGN §2: ``linspace(1, 1/T, T)``, Flux dynamic shift from the
+  packed sequence length, final 0), computed in float64 by :mod:`leapalign.flow`.
+- decode: unpack -> ``latents / scaling_factor + shift_factor`` -> ``vae.decode`` ->
+  ``(x / 2 + 0.5).clamp(0, 1)``, exactly as ``FluxPipeline`` + ``VaeImageProcessor`` do.
+  **Without a VAE** the packed latents are unpacked and returned as the image unchanged ("latents
+  are pixels"; ``C/4`` channels, no clamp): tiny test models and toy worlds use it.
+- optional per-block gradient checkpointing through diffusers'
+  ``enable_gradient_checkpointing(gradient_checkpointing_func=...)`` hook. diffusers only
+  checkpoints when autograd is on, so the no-grad rollout steps are unaffected and only the
+  grad-enabled calls (LeapAlign's two) recompute their blocks in backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils.checkpoint
+
+from leapalign.flow import flux_mu, flux_sigmas, latent_image_ids, pack_latents, text_ids, unpack_latents
+
+__all__ = ["FluxConditioning", "FluxVelocityModel", "checkpoint_block"]
+
+
+@dataclass
+class FluxConditioning:
+    """Text conditioning for one micro-batch.
+
+    ``prompt_embeds [B, L, D]`` (T5 hidden states), ``pooled_prompt_embeds [B, P]`` (CLIP pooled);
+    ``text_ids [L, 3]`` defaults to Flux's all-zero ids. Batch sizes are checked here and against the
+    latents at every velocity call.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(self.prompt_embeds.shape)}")
+        if self.pooled_prompt_embeds.ndim != 2:
+            raise ValueError(
+                f"pooled_prompt_embeds must be [B, P], got shape {tuple(self.pooled_prompt_embeds.shape)}"
+            )
+        if self.prompt_embeds.shape[0] != self.pooled_prompt_embeds.shape[0]:
+            raise ValueError(
+                f"prompt_embeds has batch {self.prompt_embeds.shape[0]} but pooled_prompt_embeds has batch "
+                f"{self.pooled_prompt_embeds.shape[0]}; they must match"
+            )
+        if self.text_ids is not None:
+            if self.text_ids.ndim == 3:  # diffusers' deprecated batched form: ids are shared
+                self.text_ids = self.text_ids[0]
+            expected = (self.prompt_embeds.shape[1], 3)
+            if tuple(self.text_ids.shape) != expected:
+                raise ValueError(f"text_ids must have shape {expected} ([L, 3]), got {tuple(self.text_ids.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FluxConditioning":
+        ids = self.text_ids.to(device=device) if self.text_ids is not None else None
+        return FluxConditioning(self.prompt_embeds.to(device, dtype), self.pooled_prompt_embeds.to(device, dtype), ids)
+
+    def select(self, index: slice | torch.Tensor | list[int]) -> "FluxConditioning":
+        """Rows ``index`` of the batch (micro-batching)."""
+        return FluxConditioning(self.prompt_embeds[index], self.pooled_prompt_embeds[index], self.text_ids)
+
+
+def checkpoint_block(module: Callable[..., Any], *args: Any) -> Any:
+    """diffusers ``gradient_checkpointing_func``: recompute one Flux block in backward (non-reentrant)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+class FluxVelocityModel:
+    """``v(x, sigma | cond)`` for a diffusers ``FluxTransformer2DModel`` over packed latents ``[B, N, C]``.
+
+    Args:
+        transformer: the ``FluxTransformer2DModel`` (its ``requires_grad`` flags decide what trains).
+        vae: an ``AutoencoderKL`` or ``None`` (latents are pixels; see the module docstring).
+        height, width: image size in pixels. With a VAE of scale factor ``f`` the latent is
+            ``2 * (height // (2 f))`` (FluxPipeline's rounding; sizes must be multiples of ``2 f``).
+        guidance: the distilled-guidance scale passed per sample when the model has guidance
+            embeddings (ignored otherwise).
+        gradient_checkpointing: recompute each transformer block in backward on grad-enabled calls.
+        dynamic_shift / mu / base_seq_len / max_seq_len / base_shift / max_shift: the sigma schedule
+            (defaults are FLUX.1's scheduler config).
+        clamp_images: clamp decoded VAE images to [0, 1] like the pipeline (gradient is zero outside).
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        guidance: float = 3.5,
+        gradient_checkpointing: bool = False,
+        gradient_checkpointing_func: Callable[..., Any] | None = None,
+        dynamic_shift: bool = True,
+        mu: float | None = None,
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        clamp_images: bool = True,
+    ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.guidance = float(guidance)
+        self.dynamic_shift = dynamic_shift
+        self.clamp_images = clamp_images
+        self._shift = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift, max_shift=max_shift)
+        self.mu = mu
+
+        cfg = transformer.config
+        if cfg.patch_size != 1:
+            raise ValueError(f"only patch_size=1 Flux transformers are supported, got patch_size={cfg.patch_size}")
+        if cfg.in_channels % 4:
+            raise ValueError(f"transformer in_channels must be 4 x latent channels, got {cfg.in_channels}")
+        self.latent_channels = cfg.in_channels // 4
+        if vae is not None:
+            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            if vae.config.latent_channels != self.latent_channels:
+                raise ValueError(
+                    f"vae.latent_channels={vae.config.latent_channels} does not match transformer in_channels/4="
+                    f"{self.latent_channels}"
+                )
+        else:
+            self.vae_scale_factor = 1
+        multiple = 2 * self.vae_scale_factor
+        for arg, size in (("height", height), ("width", width)):
+            if size <= 0 or size % multiple:
+                raise ValueError(f"{arg} must be a positive multiple of {multiple} (2 x vae scale factor), got {size}")
+        self.height, self.width = int(height), int(width)
+        self.latent_height = 2 * (self.height // multiple)
+        self.latent_width = 2 * (self.width // multiple)
+        self.seq_len = (self.latent_height // 2) * (self.latent_width // 2)
+
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block)
+        self._img_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, height: int = 1024, width: int = 1024, **kwargs: Any) -> "FluxVelocityModel":
+        """Wrap a diffusers ``FluxPipeline``'s transformer and VAE, reading the shift from its scheduler."""
+        sched = getattr(pipe, "scheduler", None)
+        scfg = getattr(sched, "config", {}) or {}
+        defaults = dict(
+            base_seq_len=scfg.get("base_image_seq_len", 256),
+            max_seq_len=scfg.get("max_image_seq_len", 4096),
+            base_shift=scfg.get("base_shift", 0.5),
+            max_shift=scfg.get("max_shift", 1.15),
+            dynamic_shift=scfg.get("use_dynamic_shifting", True),
+        )
+        defaults.update(kwargs)
+        return cls(pipe.transformer, vae=getattr(pipe, "vae", None), height=height, width=width, **defaults)
+
+    # -- VelocityModel protocol -------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal latents drawn in ``[B, C, h, w]`` then packed, as ``FluxPipeline.prepare_latents``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
+        gen_device = generator.device if generator is not None else self.device
+        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
+        return pack_latents(latents.to(self.device))
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        mu = self.mu
+        if mu is None and self.dynamic_shift:
+            mu = flux_mu(self.seq_len, **self._shift)
+        return flux_sigmas(num_steps, self.seq_len, dynamic_shift=self.dynamic_shift, mu=mu)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: FluxConditioning) -> torch.Tensor:
+        if not isinstance(cond, FluxConditioning):
+            raise TypeError(f"cond must be a FluxConditioning, got {type(cond).__name__}")
+        if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.transformer.config.in_channels:
+            raise ValueError(
+                f"x must be packed latents [B, {self.seq_len}, {self.transformer.config.in_channels}], "
+                f"got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if cond.batch_size != batch:
+            raise ValueError(f"cond has batch size {cond.batch_size} but x has batch size {batch}; they must match")
+        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        timestep = torch.as_tensor(sigma, dtype=t_dtype, device=x.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        elif timestep.shape != (batch,):
+            raise ValueError(f"sigma must be a scalar or [{batch}], got shape {tuple(timestep.shape)}")
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.guidance, dtype=t_dtype, device=x.device)
+        ids = cond.text_ids if cond.text_ids is not None else text_ids(cond.prompt_embeds.shape[1], device=x.device, dtype=x.dtype)
+        out = self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled_prompt_embeds,
+            timestep=timestep,
+            img_ids=self.image_ids(x),
+            txt_ids=ids.to(device=x.device, dtype=x.dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        unpacked = unpack_latents(latents, self.latent_height, self.latent_width)
+        if self.vae is None:
+            return unpacked
+        vcfg = self.vae.config
+        z = unpacked / vcfg.scaling_factor + (vcfg.shift_factor or 0.0)
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        images = images / 2 + 0.5
+        return images.clamp(0, 1) if self.clamp_images else images
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def image_ids(self, like: torch.Tensor) -> torch.Tensor:
+        """``[N, 3]`` packed-latent position ids (cached per device/dtype)."""
+        ids = self._img_ids
+        if ids is None or ids.device != like.device or ids.dtype != like.dtype:
+            ids = latent_image_ids(self.latent_height, self.latent_width, device=like.device, dtype=like.dtype)
+            self._img_ids = ids
+        return ids
+
+    def __repr__(self) -> str:
+        return (
+            f"FluxVelocityModel(image={self.height}x{self.width}, latent={self.latent_height}x{self.latent_width}, "
+            f"tokens={self.seq_len}, vae={'yes' if self.vae is not None else 'no (latents are pixels)'}, "
+            f"guidance={self.guidance if self.transformer.config.guidance_embeds else None}, "
+            f"checkpointing={self.gradient_checkpointing})"
+        )

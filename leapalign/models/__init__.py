@@ -1,0 +1,1 @@
+"""Models built in code (no downloads): tiny Flux configs for tests and benchmarks."""

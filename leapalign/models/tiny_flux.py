@@ -1,0 +1,246 @@
+"""Tiny Flux models built from configs in code: the ONE place tests and benchmarks get a model.
+
+No weights are downloaded (DESIGN §5): every model here is a diffusers ``FluxTransformer2DModel``
+(and optionally an ``AutoencoderKL``) with random weights drawn from a fixed seed, so two calls with
+the same ``(name, dtype, seed)`` give bit-identical models.
+
+Named configs:
+
+- ``"test"``: diffusers' own tiny Flux test config (1 double + 1 single block, 2 heads x 16 dims,
+  4 input channels, rope axes (4, 4, 8)) with guidance embeddings on (as FLUX.1-dev). Its VAE is
+  diffusers' tiny test VAE (1 latent channel, no down-sampling), so images are 3-channel at the
+  latent resolution. Use it for correctness tests: a forward costs a few milliseconds.
+- ``"cpu-bench"``: the Flux architecture at a few million parameters (2 double + 4 single blocks,
+  4 heads x 32 dims, 64 input channels = 16 latent channels packed 2x2, like FLUX.1) and a
+  default image of 256 packed tokens (32x32 latent). Use it for CPU memory/throughput benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TinyFluxSpec",
+    "TINY_FLUX_SPECS",
+    "tiny_flux_spec",
+    "tiny_flux_transformer",
+    "tiny_flux_vae",
+    "tiny_flux_velocity_model",
+    "random_flux_conditioning",
+]
+
+
+@dataclass(frozen=True)
+class TinyFluxSpec:
+    """A named tiny Flux: transformer config, optional VAE config and a default image size.
+
+    ``height``/``width`` are *image* sizes in pixels for the model with its VAE; without a VAE the
+    adapter treats latents as pixels and the image size is the latent size (``latent_height``).
+    ``text_len`` is the prompt-embedding length conditioning tensors should have.
+    """
+
+    transformer: dict[str, Any]
+    vae: dict[str, Any] | None
+    height: int
+    width: int
+    latent_height: int
+    latent_width: int
+    text_len: int = 8
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+TINY_FLUX_SPECS: dict[str, TinyFluxSpec] = {
+    "test": TinyFluxSpec(
+        transformer=dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ),
+        vae=dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(4,),
+            layers_per_block=1,
+            latent_channels=1,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+        height=8,
+        width=8,
+        latent_height=8,
+        latent_width=8,
+        text_len=8,
+        description="diffusers' tiny Flux test config (+ guidance embeddings) and its tiny VAE",
+    ),
+    "cpu-bench": TinyFluxSpec(
+        transformer=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
+            guidance_embeds=True,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        vae=dict(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ),
+        height=64,
+        width=64,
+        latent_height=32,
+        latent_width=32,
+        text_len=16,
+        description="Flux architecture, ~3M parameters, 256 image tokens, 2x-down-sampling VAE",
+    ),
+}
+
+
+def tiny_flux_spec(name: str) -> TinyFluxSpec:
+    """Look up a named spec; the error lists the names that exist."""
+    try:
+        return TINY_FLUX_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown tiny Flux config name={name!r}; expected one of {sorted(TINY_FLUX_SPECS)}") from None
+
+
+def _seeded_init(module: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter from a fixed seed so weights do not depend on global RNG state.
+
+    diffusers zero-initialises nothing in Flux, but its default init depends on the global RNG; we
+    re-draw under a private generator (normal, std 0.02 for matrices; small normal for vectors) so
+    outputs are non-trivial and reproducible, and every parameter receives a gradient.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            std = 0.02 if p.ndim >= 2 else 0.01
+            if name.endswith("norm.weight") or ".norm_q." in name or ".norm_k." in name or "norm_added" in name:
+                values = 1.0 + std * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            else:
+                values = std * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(values.to(p.dtype))
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` without diffusers' warning meant for ``from_pretrained`` users (no fp32-kept modules here)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(diffusers_logging.ERROR)
+    try:
+        return module.to(dtype)
+    finally:
+        logger.setLevel(level)
+
+
+def tiny_flux_transformer(name: str = "test", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any):
+    """A ``FluxTransformer2DModel`` built from the named config, weights drawn from ``seed``.
+
+    ``overrides`` replace config entries (e.g. ``guidance_embeds=False`` for a schnell-like model).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(tiny_flux_spec(name).transformer)
+    unknown = set(overrides) - set(config) - {"out_channels"}
+    if unknown:
+        raise ValueError(f"unknown FluxTransformer2DModel config override(s) {sorted(unknown)}; known: {sorted(config)}")
+    config.update(overrides)
+    model = FluxTransformer2DModel(**config)
+    _seeded_init(model, seed)
+    return _cast(model, dtype).eval()
+
+
+def tiny_flux_vae(name: str = "test", dtype: torch.dtype = torch.float32, seed: int = 1):
+    """The named spec's tiny ``AutoencoderKL`` (random weights from ``seed``), or ``None`` if it has none."""
+    from diffusers import AutoencoderKL
+
+    config = tiny_flux_spec(name).vae
+    if config is None:
+        return None
+    vae = AutoencoderKL(**config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in vae.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) / fan_in**0.5).to(p.dtype))
+            elif pname.endswith("weight"):  # norm scales
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    vae.requires_grad_(False)
+    return _cast(vae, dtype).eval()
+
+
+def tiny_flux_velocity_model(
+    name: str = "test",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_vae: bool = True,
+    **adapter_kwargs: Any,
+):
+    """A ready :class:`~leapalign.adapters.flux.FluxVelocityModel` for the named spec.
+
+    With ``with_vae=False`` the adapter decodes by unpacking latents as pixels (see its docstring)
+    and the image size is the latent size.
+    """
+    from leapalign.adapters.flux import FluxVelocityModel
+
+    spec = tiny_flux_spec(name)
+    transformer = tiny_flux_transformer(name, dtype=dtype, seed=seed)
+    vae = tiny_flux_vae(name, dtype=dtype, seed=seed + 1) if with_vae else None
+    if vae is not None:
+        height, width = spec.height, spec.width
+    else:
+        height, width = spec.latent_height, spec.latent_width
+    return FluxVelocityModel(transformer, vae=vae, height=height, width=width, **adapter_kwargs)
+
+
+def random_flux_conditioning(
+    transformer,
+    batch_size: int,
+    text_len: int = 8,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """Random prompt embeddings shaped for ``transformer`` (stand-ins for T5/CLIP outputs in tests)."""
+    from leapalign.adapters.flux import FluxConditioning
+
+    cfg = transformer.config
+    dtype = dtype or transformer.dtype
+    device = device if device is not None else transformer.device
+    gen_device = generator.device if generator is not None else "cpu"
+    prompt = torch.randn(batch_size, text_len, cfg.joint_attention_dim, generator=generator, device=gen_device)
+    pooled = torch.randn(batch_size, cfg.pooled_projection_dim, generator=generator, device=gen_device)
+    return FluxConditioning(prompt_embeds=prompt.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype))

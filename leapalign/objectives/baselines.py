@@ -1,0 +1,314 @@
+"""Baselines behind the same :class:`Objective` interface as LeapAlign (DESIGN §2), for studies and benchmarks.
+
+Each is written in rectified-flow terms (``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_i``, the
+one-step image prediction from step i is ``x_i - sigma_i v_i``). All share the loss
+``mean(relu(lambda - r))`` when ``hinge_lambda`` is set, else ``-mean(r)`` (plain reward
+maximisation, the baselines' own papers), so a comparison can hold the loss fixed.
+
+Noise is always drawn first from the generator, then any random step choice, so two objectives
+called with equally seeded generators see the same initial noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from leapalign.flow import differentiable_rollout, leap, rollout
+from leapalign.objectives.base import Objective, ObjectiveOutput
+from leapalign.objectives.leap_ops import hinge_loss
+from leapalign.objectives.scoring import check_batch, decode_and_score, sample_sorted_steps
+from leapalign.rewards.base import RewardFn
+
+__all__ = [
+    "BaselineConfig",
+    "FullBackpropConfig",
+    "FullBackpropObjective",
+    "DraftKConfig",
+    "DraftKObjective",
+    "DraftLVConfig",
+    "DraftLVObjective",
+    "ReFLConfig",
+    "ReFLObjective",
+    "DRTuneConfig",
+    "DRTuneObjective",
+    "AlignPropConfig",
+    "AlignPropObjective",
+]
+
+
+@dataclass
+class BaselineConfig:
+    """Fields every baseline has."""
+
+    num_steps: int = field(default=25, metadata={"help": "T, Euler steps of the rollout"})
+    hinge_lambda: float | None = field(default=None, metadata={"help": "loss relu(lambda - r); None = -r"})
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+
+
+class _Baseline(Objective):
+    """Construction from a config or keyword overrides, and the shared scoring/loss tail."""
+
+    config_class: type = BaselineConfig
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class(**overrides)
+        elif overrides:
+            raise TypeError(f"pass either a {self.config_class.__name__} or keyword overrides, not both")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def _finish(
+        self, model: Any, latents: torch.Tensor, prompts: Sequence[str], reward: RewardFn, metrics: dict[str, float]
+    ) -> ObjectiveOutput:
+        with torch.enable_grad():
+            rewards, images = decode_and_score(model, latents, prompts, reward)
+            loss = hinge_loss(rewards, self.config.hinge_lambda).mean()
+        metrics = {"loss": float(loss.detach()), "reward_mean": float(rewards.detach().mean()), **metrics}
+        return ObjectiveOutput(loss=loss, rewards=rewards.detach(), images=images.detach(), metrics=metrics)
+
+
+# -- full-trajectory backprop -----------------------------------------------------------------------
+
+
+@dataclass
+class FullBackpropConfig(BaselineConfig):
+    checkpoint: bool = field(default=False, metadata={"help": "torch.utils.checkpoint around every step"})
+
+
+class FullBackpropObjective(_Baseline):
+    """Naive backprop through all T Euler steps (the memory baseline; memory grows linearly in T).
+
+    With ``checkpoint=True`` each step is recomputed in backward (per-step gradient checkpointing,
+    the standard memory fix: one step's input kept per step, one extra forward per step).
+    """
+
+    name = "full_backprop"
+    config_class = FullBackpropConfig
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        x0 = differentiable_rollout(model, cond, noise, sigmas, checkpoint=cfg.checkpoint)
+        return self._finish(model, x0, prompts, reward, {})
+
+
+# -- DRaFT ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DraftKConfig(BaselineConfig):
+    k: int = field(default=1, metadata={"help": "backprop through the last K steps"})
+    checkpoint: bool = field(default=False, metadata={"help": "checkpoint each of the K steps"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k <= self.num_steps:
+            raise ValueError(f"k must be in [1, num_steps={self.num_steps}], got {self.k}")
+
+
+class DraftKObjective(_Baseline):
+    """DRaFT-K (Clark et al., "Directly Fine-Tuning Diffusion Models on Differentiable Rewards",
+    ICLR 2024, arXiv 2309.17400): sample without gradient for T - K steps, then backprop through
+    the last K steps only. DRaFT-1 is backprop through the final step alone."""
+
+    name = "draft_k"
+    config_class = DraftKConfig
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        start = cfg.num_steps - cfg.k
+        x = rollout(model, cond, noise, sigmas, stop=start).x0
+        x0 = differentiable_rollout(model, cond, x, sigmas, start=start, checkpoint=cfg.checkpoint)
+        return self._finish(model, x0, prompts, reward, {"k": float(cfg.k)})
+
+
+@dataclass
+class DraftLVConfig(BaselineConfig):
+    n: int = field(default=2, metadata={"help": "re-noised copies of the final image per sample"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+class DraftLVObjective(_Baseline):
+    """DRaFT-LV (Clark et al., ICLR 2024, arXiv 2309.17400, §4): a lower-variance DRaFT-1.
+
+    Sample ``x0`` without gradient; then ``n`` times re-noise it to the last step's level
+    ``s = sigma_{T-1}`` with fresh noise, ``x_s = (1 - s) sg(x0) + s eps``, denoise in one step
+    with gradient, ``x0hat = x_s - s v(x_s)``, and score ``x0hat``; the loss averages the n copies.
+    The reported rewards/images are those of the first copy.
+    """
+
+    name = "draft_lv"
+    config_class = DraftLVConfig
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        x0 = rollout(model, cond, noise, sigmas).x0
+        s = sigmas[-2]
+        losses, first = [], None
+        for _ in range(cfg.n):
+            eps = model.noise(batch, generator)
+            with torch.no_grad():
+                x_s = (1 - s).to(x0.dtype) * x0 + s.to(x0.dtype) * eps
+            with torch.enable_grad():
+                x0_hat = leap(x_s, model.velocity(x_s, s, cond), s, sigmas[-1])
+                out = self._finish(model, x0_hat, prompts, reward, {})
+            losses.append(out.loss)
+            if first is None:
+                first = out
+        loss = torch.stack(losses).mean()
+        metrics = {**first.metrics, "loss": float(loss.detach()), "n": float(cfg.n)}
+        return ObjectiveOutput(loss=loss, rewards=first.rewards, images=first.images, metrics=metrics)
+
+
+# -- ReFL ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReFLConfig(BaselineConfig):
+    min_idx: int | None = field(default=None, metadata={"help": "first candidate step; None = T - max(1, T // 4)"})
+    max_idx: int | None = field(default=None, metadata={"help": "exclusive end of the candidates; None = T"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_idx is None:
+            self.max_idx = self.num_steps
+        if self.min_idx is None:
+            self.min_idx = max(0, self.max_idx - max(1, self.num_steps // 4))
+        if not 0 <= self.min_idx < self.max_idx <= self.num_steps:
+            raise ValueError(
+                f"need 0 <= min_idx < max_idx <= num_steps={self.num_steps}, got min_idx={self.min_idx}, "
+                f"max_idx={self.max_idx}"
+            )
+
+
+class ReFLObjective(_Baseline):
+    """ReFL (Xu et al., "ImageReward", NeurIPS 2023, arXiv 2304.05977): sample without gradient to a
+    random late step t (ImageReward: t in [30, 40) of 40; here ``[min_idx, max_idx)``, default the
+    last quarter), then predict the image in one step with gradient, ``x0hat = x_t - sigma_t v(x_t)``,
+    and score that prediction."""
+
+    name = "refl"
+    config_class = ReFLConfig
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        (t,) = sample_sorted_steps(cfg.min_idx, cfg.max_idx, 1, generator)
+        x_t = rollout(model, cond, noise, sigmas, stop=t).x0
+        with torch.enable_grad():
+            x0_hat = leap(x_t, model.velocity(x_t, sigmas[t], cond), sigmas[t], sigmas[-1])
+        return self._finish(model, x0_hat, prompts, reward, {"t": float(t)})
+
+
+# -- DRTune --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DRTuneConfig(BaselineConfig):
+    k: int = field(default=2, metadata={"help": "number of trained steps"})
+    fixed_steps: tuple[int, ...] | None = field(default=None, metadata={"help": "trained steps instead of sampling"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.k <= self.num_steps:
+            raise ValueError(f"k must be in [1, num_steps={self.num_steps}], got {self.k}")
+        if self.fixed_steps is not None:
+            steps = tuple(sorted(int(i) for i in self.fixed_steps))
+            if len(set(steps)) != self.k or steps[0] < 0 or steps[-1] >= self.num_steps:
+                raise ValueError(f"fixed_steps must be k={self.k} distinct steps in [0, {self.num_steps}), got {self.fixed_steps}")
+            self.fixed_steps = steps
+
+
+class DRTuneObjective(_Baseline):
+    """DRTune (Wu et al., "Deep Reward Supervisions for Tuning Text-to-Image Diffusion Models",
+    ECCV 2024, arXiv 2405.00760): backprop through the whole sampling chain but stop the gradient
+    at the denoiser's input (``v(sg(x_i))``), and train only K of the T steps, evenly spaced with a
+    random offset. The gradient is ``sum_{i trained} (sigma_{i+1} - sigma_i) dv_i/dtheta`` and its
+    memory holds K forwards."""
+
+    name = "drtune"
+    config_class = DRTuneConfig
+
+    def train_steps(self, generator: torch.Generator | None) -> list[int]:
+        cfg = self.config
+        if cfg.fixed_steps is not None:
+            return list(cfg.fixed_steps)
+        stride = cfg.num_steps // cfg.k
+        device = generator.device if generator is not None else "cpu"
+        offset = int(torch.randint(stride, (1,), generator=generator, device=device))
+        return [offset + m * stride for m in range(cfg.k)]
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        steps = self.train_steps(generator)
+        x = rollout(model, cond, noise, sigmas, stop=steps[0]).x0
+        x0 = differentiable_rollout(
+            model, cond, x, sigmas, start=steps[0], train_steps=steps, detach_model_input=True
+        )
+        metrics = {f"step_{n}": float(i) for n, i in enumerate(steps)}
+        return self._finish(model, x0, prompts, reward, metrics)
+
+
+# -- AlignProp -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignPropConfig(BaselineConfig):
+    min_k: int = field(default=1, metadata={"help": "smallest truncation length"})
+    max_k: int | None = field(default=None, metadata={"help": "largest truncation length; None = T"})
+    checkpoint: bool = field(default=True, metadata={"help": "checkpoint each step (AlignProp does)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_k is None:
+            self.max_k = self.num_steps
+        if not 1 <= self.min_k <= self.max_k <= self.num_steps:
+            raise ValueError(
+                f"need 1 <= min_k <= max_k <= num_steps={self.num_steps}, got min_k={self.min_k}, max_k={self.max_k}"
+            )
+
+
+class AlignPropObjective(_Baseline):
+    """AlignProp (Prabhudesai et al., "Aligning Text-to-Image Diffusion Models with Reward
+    Backpropagation", arXiv 2310.03739): randomized truncated backprop -- each call draws
+    ``K ~ U{min_k, ..., max_k}`` and backprops through the last K steps (DRaFT-K with a random K),
+    with per-step gradient checkpointing."""
+
+    name = "alignprop"
+    config_class = AlignPropConfig
+
+    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+        cfg = self.config
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)
+        device = generator.device if generator is not None else "cpu"
+        k = int(torch.randint(cfg.min_k, cfg.max_k + 1, (1,), generator=generator, device=device))
+        start = cfg.num_steps - k
+        x = rollout(model, cond, noise, sigmas, stop=start).x0
+        x0 = differentiable_rollout(model, cond, x, sigmas, start=start, checkpoint=cfg.checkpoint)
+        return self._finish(model, x0, prompts, reward, {"k": float(k)})

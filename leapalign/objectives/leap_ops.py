@@ -1,0 +1,136 @@
+"""LeapAlign's small tensor operations, in plain PyTorch, in one place.
+
+These are the ops ``leapkernels`` fuses into Triton kernels (DESIGN §3: "leap update and
+connectors" and "per-term gradient magnitude scaling"). Objectives never call them directly: they
+ask :func:`leap_ops` for a :class:`LeapOps` bundle, so switching to the fused kernels is the
+one-line change marked in :func:`leap_ops`.
+
+Both value-preserving ops are written so the forward value is **bit-identical** to the true latent
+(``x_true + (a - sg(a))`` is ``x_true + 0``), not ``a + sg(x_true - a)``, whose rounding would
+perturb the rollout the reward sees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "LeapOps",
+    "leap_ops",
+    "leap_connector",
+    "grad_scale",
+    "mean_abs_distance",
+    "trajectory_weight",
+    "hinge_loss",
+    "WEIGHTINGS",
+]
+
+WEIGHTINGS = ("both", "d_j", "d_0", "off")
+
+
+def _per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Broadcast a scalar or ``[B]`` coefficient against ``like: [B, ...]`` in ``like``'s dtype."""
+    if isinstance(c, torch.Tensor):
+        if c.ndim == 0:
+            return c.to(like.dtype)
+        if c.shape != (like.shape[0],):
+            raise ValueError(f"coefficient must be a scalar or [{like.shape[0]}], got shape {tuple(c.shape)}")
+        return c.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return float(c)
+
+
+def mean_abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean |a - b|`` over all non-batch dims, float32 accumulation, no gradient: ``[B]``."""
+    with torch.no_grad():
+        diff = (a.detach() - b.detach()).abs()
+        return diff.reshape(diff.shape[0], -1).mean(dim=1, dtype=torch.float32)
+
+
+def leap_connector(
+    x_from: torch.Tensor, v: torch.Tensor, c: torch.Tensor | float, x_true: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leap ``xhat = x_from + c v`` joined to the true latent by a straight-through connector.
+
+    Returns ``(connected, distance)``: ``connected`` has the value of ``x_true`` (bit for bit) and
+    the gradient of ``xhat`` (to ``x_from`` and ``v``); ``distance = mean |x_true - xhat|`` per
+    sample, float32, no gradient. ``c`` is ``sigma_to - sigma_from``, a scalar or ``[B]``.
+    """
+    if x_from.shape != v.shape or x_true.shape != v.shape:
+        raise ValueError(
+            f"leap_connector needs x_from, v and x_true of one shape, got {tuple(x_from.shape)}, "
+            f"{tuple(v.shape)}, {tuple(x_true.shape)}"
+        )
+    xhat = x_from + _per_sample(c, v) * v
+    distance = mean_abs_distance(x_true, xhat)
+    connected = x_true.detach() + (xhat - xhat.detach())
+    return connected, distance
+
+
+def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """Identity forward (bit for bit), gradient times ``alpha`` (scalar or ``[B]``): LeapAlign's discount.
+
+    Equals ``alpha x + (1 - alpha) sg(x)`` in value and gradient, without its rounding.
+    """
+    return x.detach() + _per_sample(alpha, x) * (x - x.detach())
+
+
+@dataclass(frozen=True)
+class LeapOps:
+    """The swappable implementations: reference PyTorch here, fused Triton in ``leapkernels``."""
+
+    leap_connector: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    grad_scale: Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]
+    name: str = "reference"
+
+
+REFERENCE_OPS = LeapOps(leap_connector=leap_connector, grad_scale=grad_scale, name="reference")
+
+
+def leap_ops(use_kernels: bool = False) -> LeapOps:
+    """Pick the leap/connector/discount implementation.
+
+    ``use_kernels=True`` is reserved for the fused ``leapkernels.leap_connector`` /
+    ``leapkernels.grad_scale`` (same signatures); until they land it raises rather than silently
+    running the reference.
+    """
+    if not use_kernels:
+        return REFERENCE_OPS
+    # The swap, once leapkernels ships the ops:
+    # import leapkernels; return LeapOps(leapkernels.leap_connector, leapkernels.grad_scale, "leapkernels")
+    raise NotImplementedError("use_kernels=True needs leapkernels.leap_connector/grad_scale, not wired in yet")
+
+
+def trajectory_weight(
+    d_intermediate: list[torch.Tensor], d_0: torch.Tensor, tau: float, mode: str = "both"
+) -> torch.Tensor:
+    """LeapAlign's trajectory weight ``sg(1 / (sum_i max(d_i, tau) + max(d_0, tau)))`` per sample.
+
+    ``d_intermediate`` holds the distances at the intermediate connectors (``[d_j]`` for two leaps,
+    ``[]`` for one, two entries for three); ``mode`` keeps both kinds (``"both"``), only the
+    intermediate ones (``"d_j"``), only the final one (``"d_0"``), or none (``"off"``: weight 1).
+    Returned as float32 ``[B]`` without gradient.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"weighting mode must be one of {WEIGHTINGS}, got {mode!r}")
+    d_0 = d_0.detach().float()
+    if mode == "off":
+        return torch.ones_like(d_0)
+    terms: list[torch.Tensor] = []
+    if mode in ("both", "d_j"):
+        if mode == "d_j" and not d_intermediate:
+            raise ValueError("weighting='d_j' needs an intermediate connector (2 or 3 leaps), got 1 leap")
+        terms += [d.detach().float().clamp_min(tau) for d in d_intermediate]
+    if mode in ("both", "d_0"):
+        terms.append(d_0.clamp_min(tau))
+    return 1.0 / torch.stack(terms).sum(dim=0)
+
+
+def hinge_loss(rewards: torch.Tensor, hinge_lambda: float | None) -> torch.Tensor:
+    """Per-sample ``relu(lambda - r)``; ``None`` gives plain reward maximisation ``-r``."""
+    if hinge_lambda is None:
+        return -rewards
+    return torch.relu(hinge_lambda - rewards)

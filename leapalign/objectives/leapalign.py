@@ -1,0 +1,172 @@
+"""The LeapAlign objective (Liang et al., CVPR 2026, arXiv 2604.15311), exactly as DESIGN §2.
+
+One call per micro-batch:
+
+1. draw leap steps ``i_k < i_j`` uniformly from ``[min_idx, max_idx)`` (one set per micro-batch);
+2. roll the ODE out from fresh noise for T steps without autograd, except at the leap steps, where
+   the rollout's own forward runs with autograd on (no extra forward);
+3. at ``i_k``: ``xhat_j = x_k + (sigma_j - sigma_k) v(x_k)``; the rollout continues with ``sg(v_k)``;
+4. at ``i_j``: ``d_j = mean |x_j - xhat_j|``; connector ``x_j' = xhat_j + sg(x_j - xhat_j)``;
+   discount ``x_in = alpha x_j' + (1 - alpha) sg(x_j')``; ``v_j = v(x_in)``;
+   ``xhat_0 = x_j' - sigma_j v_j``; the rollout continues with ``sg(v_j)``;
+5. after the last step: ``d_0 = mean |x0 - xhat_0|``; connector ``x0' = xhat_0 + sg(x0 - xhat_0)``;
+   decode and score ``x0'`` (the true image, the two-leap gradient) -- or ``xhat_0`` itself with
+   ``reward_on="xhat0"``;
+6. loss per sample ``relu(lambda - r) * sg(1 / (max(d_j, tau) + max(d_0, tau)))``, batch mean.
+
+Its parameter gradient is ``-j dv_j - (k - j) dv_k + alpha j (k - j) J dv_k`` (sigmas written k, j;
+``J = dv/dx`` at ``x_j``): alpha scales only the nested term; alpha = 0 is DRTune's stop-gradient at
+the model input. One leap (``xhat_0 = x_k - k v_k``) and three leaps (``k -> j -> l -> 0``, the
+discount applied at every intermediate model input, every intermediate distance in the weight) are
+the paper's ablations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from leapalign.flow import leap, rollout
+from leapalign.objectives.base import Objective, ObjectiveOutput
+from leapalign.objectives.leap_ops import WEIGHTINGS, hinge_loss, leap_ops, trajectory_weight
+from leapalign.objectives.scoring import check_batch, decode_and_score, sample_sorted_steps
+from leapalign.rewards.base import RewardFn
+
+__all__ = ["LeapAlignObjectiveConfig", "LeapAlignObjective"]
+
+_STEP_NAMES = ("i_k", "i_j", "i_l")
+_DISTANCE_NAMES = ("d_j", "d_l")
+
+
+@dataclass
+class LeapAlignObjectiveConfig:
+    """LeapAlign's knobs; paper defaults (HPSv2.1). Validated on construction."""
+
+    num_steps: int = field(default=25, metadata={"help": "T, Euler steps of the training rollout"})
+    num_leaps: int = field(default=2, metadata={"help": "leaps in the surrogate path: 1, 2 (paper) or 3"})
+    min_idx: int = field(default=0, metadata={"help": "leap steps are drawn from [min_idx, max_idx)"})
+    max_idx: int | None = field(default=None, metadata={"help": "exclusive upper bound; None = num_steps"})
+    alpha: float = field(default=0.3, metadata={"help": "gradient discount of the nested term, in [0, 1]"})
+    tau: float = field(default=0.1, metadata={"help": "floor of the distances in the trajectory weight, > 0"})
+    weighting: str = field(default="both", metadata={"help": "trajectory weight: both | d_j | d_0 | off"})
+    hinge_lambda: float | None = field(default=0.55, metadata={"help": "loss relu(lambda - r); None = -r"})
+    reward_on: str = field(default="x0", metadata={"help": "score the true x0 (connector) or xhat0 (leap)"})
+    fixed_steps: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "fixed leap steps (tests, ablations) instead of sampling"}
+    )
+    use_kernels: bool = field(default=False, metadata={"help": "fused leapkernels ops for leap/connector/discount"})
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.num_leaps not in (1, 2, 3):
+            raise ValueError(f"num_leaps must be 1, 2 or 3, got {self.num_leaps}")
+        if self.max_idx is None:
+            self.max_idx = self.num_steps
+        if not 0 <= self.min_idx:
+            raise ValueError(f"min_idx must be >= 0, got {self.min_idx}")
+        if self.min_idx >= self.max_idx:
+            raise ValueError(f"min_idx must be < max_idx, got min_idx={self.min_idx} >= max_idx={self.max_idx}")
+        if self.max_idx > self.num_steps:
+            raise ValueError(f"max_idx must be <= num_steps={self.num_steps}, got {self.max_idx}")
+        if self.max_idx - self.min_idx < self.num_leaps:
+            raise ValueError(
+                f"{self.num_leaps} leaps need at least {self.num_leaps} distinct steps in [min_idx, max_idx) = "
+                f"[{self.min_idx}, {self.max_idx}), which has {self.max_idx - self.min_idx}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.weighting == "d_j" and self.num_leaps == 1:
+            raise ValueError("weighting='d_j' needs an intermediate connector; with num_leaps=1 use 'd_0' or 'off'")
+        if self.reward_on not in ("x0", "xhat0"):
+            raise ValueError(f"reward_on must be 'x0' or 'xhat0', got {self.reward_on!r}")
+        if self.fixed_steps is not None:
+            steps = tuple(int(i) for i in self.fixed_steps)
+            if len(steps) != self.num_leaps:
+                raise ValueError(f"fixed_steps must hold num_leaps={self.num_leaps} steps, got {steps}")
+            if any(b <= a for a, b in zip(steps, steps[1:])):
+                raise ValueError(f"fixed_steps must be strictly increasing, got {steps}")
+            if steps[0] < self.min_idx or steps[-1] >= self.max_idx:
+                raise ValueError(f"fixed_steps {steps} must lie in [min_idx, max_idx) = [{self.min_idx}, {self.max_idx})")
+            self.fixed_steps = steps
+
+
+class LeapAlignObjective(Objective):
+    """LeapAlign behind the :class:`Objective` interface (see the module docstring for the maths)."""
+
+    name = "leapalign"
+
+    def __init__(self, config: LeapAlignObjectiveConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = LeapAlignObjectiveConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a LeapAlignObjectiveConfig or keyword overrides, not both")
+        self.config = config
+        self.ops = leap_ops(config.use_kernels)
+
+    def sample_steps(self, generator: torch.Generator | None = None) -> list[int]:
+        """The leap steps of one micro-batch: ``fixed_steps`` or a uniform draw from ``[min_idx, max_idx)``."""
+        cfg = self.config
+        if cfg.fixed_steps is not None:
+            return list(cfg.fixed_steps)
+        return sample_sorted_steps(cfg.min_idx, cfg.max_idx, cfg.num_leaps, generator)
+
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        cfg, ops = self.config, self.ops
+        batch = check_batch(model, cond, prompts)
+        sigmas = model.sigmas(cfg.num_steps)
+        noise = model.noise(batch, generator)  # noise first: same seed -> same noise for every objective
+        steps = self.sample_steps(generator)
+
+        # The leap path built inside the rollout's own forwards: x_from/v/sigma of the pending leap.
+        pending: dict[str, Any] = {}
+        intermediate: list[torch.Tensor] = []
+
+        def tap(i: int, x: torch.Tensor) -> torch.Tensor:
+            sigma = sigmas[i]
+            if not pending:  # first leap: the model sees the rollout's x_k itself
+                x_from, x_in = x, x
+            else:  # arrive at x_i by the pending leap: connector, then the discounted model input
+                x_from, d = ops.leap_connector(pending["x_from"], pending["v"], sigma - pending["sigma"], x)
+                intermediate.append(d)
+                x_in = ops.grad_scale(x_from, cfg.alpha)
+            v = model.velocity(x_in, sigma, cond)
+            pending.update(x_from=x_from, v=v, sigma=sigma)
+            return v
+
+        result = rollout(model, cond, noise, sigmas, taps={i: tap for i in steps})
+        with torch.enable_grad():
+            c0 = sigmas[-1] - pending["sigma"]
+            x0_connected, d_0 = ops.leap_connector(pending["x_from"], pending["v"], c0, result.x0)
+            latents = x0_connected if cfg.reward_on == "x0" else leap(pending["x_from"], pending["v"], pending["sigma"], sigmas[-1])
+            rewards, images = decode_and_score(model, latents, prompts, reward)
+            weight = trajectory_weight(intermediate, d_0, cfg.tau, cfg.weighting).to(rewards.device)
+            per_sample = hinge_loss(rewards, cfg.hinge_lambda) * weight
+            loss = per_sample.mean()
+
+        metrics: dict[str, float] = {
+            "loss": float(loss.detach()),
+            "reward_mean": float(rewards.detach().mean()),
+            "reward_std": float(rewards.detach().std()) if batch > 1 else 0.0,
+            "weight_mean": float(weight.mean()),
+            "d_0": float(d_0.mean()),
+        }
+        if cfg.hinge_lambda is not None:
+            metrics["hinge_active"] = float((rewards.detach() < cfg.hinge_lambda).float().mean())
+        for name, d in zip(_DISTANCE_NAMES, intermediate):
+            metrics[name] = float(d.mean())
+        for name, i in zip(_STEP_NAMES, steps):
+            metrics[name] = float(i)
+        return ObjectiveOutput(loss=loss, rewards=rewards.detach(), images=images.detach(), metrics=metrics)
