@@ -78,6 +78,8 @@ def _point_argv(args: argparse.Namespace, method: Method, steps: int) -> list[st
             "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     if args.lora_rank is not None:
         argv += ["--lora-rank", str(args.lora_rank)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
     return argv
 
 

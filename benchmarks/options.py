@@ -24,11 +24,20 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="sampling steps T to sweep")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                         help=f"methods to run (default: the issue's seven); known: {', '.join(METHODS)}; or 'all'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before measuring (default: torch's choice; recorded in the machine block)")
     parser.add_argument("--json", default=None, help="result JSON path (default: benchmarks/results/SUITE_DEVICE.json)")
     parser.add_argument("--md", default=None, help="Markdown path (default: the JSON path with .md)")
 
 
 def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    """Validate the shared flags, apply ``--threads``, and freeze them into a :class:`WorkloadConfig`."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     bad = [t for t in args.steps if t < 2]
