@@ -1,0 +1,236 @@
+"""Leap update + straight-through connector + per-sample distance, in one pass (DESIGN §2 steps 3–5).
+
+    leap      = x_from + c * v                    (c: one coefficient per sample, or a scalar)
+    connected = x_true   in value, gradient to the leap (straight-through: d/dx_from = I, d/dv = c)
+    distance  = mean |x_true - leap| per sample   (fp32, no gradient)
+
+The paper writes the connector as ``leap + sg(x_true - leap)``; here its value is ``x_true``
+exactly (no low-precision round trip), and the distance is accumulated in fp32 from the
+un-rounded fp32 leap. Nothing is saved for backward except ``v`` (and only when ``c`` needs a
+gradient): ``d/dx_from = g`` and ``d/dv = c g`` need no activations.
+"""
+from __future__ import annotations
+
+import torch
+
+from leapkernels import backend
+from leapkernels.checks import as_rows, check_shape, check_tensor, per_sample
+from leapkernels.ops.rounding import emulate_bf16_rtne
+
+try:
+    import triton
+    import triton.language as tl
+
+    from leapkernels.ops.rounding import rounded
+except ImportError:  # CPU-only platforms without triton: the reference backend still works
+    triton = None
+
+OP = "leap_connector"
+
+
+# ----------------------------------------------------------------------------- reference (autograd)
+def leap_connector_reference(
+    x_from: torch.Tensor, v: torch.Tensor, c: float | torch.Tensor, x_true: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain PyTorch, autograd-composed: the truth the kernels are tested against (run it in fp64).
+
+    Arithmetic in the inputs' dtype (the low-precision baseline); the distance in fp32 (fp64 for
+    fp64 inputs).
+    """
+    coef = c.reshape(-1, *([1] * (x_from.dim() - 1))) if isinstance(c, torch.Tensor) else c
+    leap = x_from + coef * v
+    if x_true is None:
+        return leap, None
+    connected = leap + (x_true - leap).detach()
+    acc = torch.promote_types(x_from.dtype, torch.float32)
+    distance = (x_true.detach().to(acc) - leap.detach().to(acc)).abs().flatten(1).mean(1)
+    return connected, distance
+
+
+# ----------------------------------------------------------------------------- kernels (contract)
+# forward(x[B,N], v[B,N], c[B] acc, x_true[B,N] | None) -> (out[B,N] (connected or leap), distance[B] fp32 | None)
+# backward(g[B,N], v[B,N] | None, c[B] acc, need_dc) -> (grad_v[B,N], dc[B] acc | None)
+
+
+def _forward_reference(x, v, c, x_true):
+    acc = backend.accumulator_dtype(x.dtype)
+    leap = x.to(acc) + c[:, None] * v.to(acc)
+    if x_true is None:
+        return leap.to(x.dtype), None
+    distance = (x_true.to(acc) - leap).abs().mean(1).to(torch.float32)
+    return x_true.clone(memory_format=torch.contiguous_format), distance
+
+
+def _backward_reference(g, v, c, need_dc):
+    acc = backend.accumulator_dtype(g.dtype)
+    grad_v = (c[:, None] * g.to(acc)).to(g.dtype)
+    dc = (g.to(acc) * v.to(acc)).sum(1) if need_dc else None
+    return grad_v, dc
+
+
+if triton is not None:
+
+    @triton.jit
+    def _leap_fwd_kernel(
+        x_ptr, v_ptr, t_ptr, c_ptr, out_ptr, part_ptr,
+        N, stride_x, stride_v, stride_t, n_progs,
+        HAS_TRUE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        p = tl.program_id(1)
+        c = tl.load(c_ptr + b).to(ACC)
+        cols = tl.arange(0, BLOCK)
+        dist = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(p * BLOCK, N, n_progs * BLOCK):
+            offs = start + cols
+            mask = offs < N
+            x = tl.load(x_ptr + b * stride_x + offs, mask=mask, other=0.0).to(ACC)
+            v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
+            leap = x + c * v
+            if HAS_TRUE:
+                t = tl.load(t_ptr + b * stride_t + offs, mask=mask, other=0.0)
+                tl.store(out_ptr + b * N + offs, t, mask=mask)
+                dist += tl.where(mask, tl.abs(t.to(ACC) - leap), 0.0)
+            else:
+                tl.store(out_ptr + b * N + offs, rounded(leap, out_ptr.dtype.element_ty, RTNE), mask=mask)
+        if HAS_TRUE:
+            tl.store(part_ptr + b * n_progs + p, tl.sum(dist, axis=0))
+
+    @triton.jit
+    def _leap_bwd_kernel(
+        g_ptr, v_ptr, c_ptr, gv_ptr, part_ptr,
+        N, stride_g, stride_v, n_progs,
+        NEED_DC: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        p = tl.program_id(1)
+        c = tl.load(c_ptr + b).to(ACC)
+        cols = tl.arange(0, BLOCK)
+        dc = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(p * BLOCK, N, n_progs * BLOCK):
+            offs = start + cols
+            mask = offs < N
+            g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(ACC)
+            tl.store(gv_ptr + b * N + offs, rounded(c * g, gv_ptr.dtype.element_ty, RTNE), mask=mask)
+            if NEED_DC:
+                v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
+                dc += g * v
+        if NEED_DC:
+            tl.store(part_ptr + b * n_progs + p, tl.sum(dc, axis=0))
+
+
+def _grid(batch: int, n: int, device: torch.device) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(n, 1)), backend.tile_elements(device))
+    n_progs = max(1, min(triton.cdiv(n, block), backend.program_budget(device) // batch or 1))
+    return block, n_progs
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _forward_triton(x, v, c, x_true):
+    batch, n = x.shape
+    block, n_progs = _grid(batch, n, x.device)
+    out = backend.empty((batch, n), dtype=x.dtype, device=x.device)
+    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
+    t = x_true if x_true is not None else x
+    _leap_fwd_kernel[(batch, n_progs)](
+        x, v, t, c, out, part, n, x.stride(0), v.stride(0), t.stride(0), n_progs,
+        HAS_TRUE=x_true is not None, BLOCK=block, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+    )
+    if x_true is None:
+        return out, None
+    return out, (part.sum(1) / n).to(torch.float32)
+
+
+def _backward_triton(g, v, c, need_dc):
+    batch, n = g.shape
+    block, n_progs = _grid(batch, n, g.device)
+    grad_v = backend.empty((batch, n), dtype=g.dtype, device=g.device)
+    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(g.dtype), device=g.device)
+    vv = v if v is not None else g
+    _leap_bwd_kernel[(batch, n_progs)](
+        g, vv, c, grad_v, part, n, g.stride(0), vv.stride(0), n_progs,
+        NEED_DC=need_dc, BLOCK=block, ACC=_acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
+    )
+    return grad_v, (part.sum(1) if need_dc else None)
+
+
+backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
+if triton is not None:
+    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+
+
+# ----------------------------------------------------------------------------- autograd
+class LeapConnectorFunction(torch.autograd.Function):
+    """Saves ``v`` only if ``c`` needs a gradient, else nothing; ``x_true`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x_from, v, c_tensor, c_arg_shape, x_true):
+        kernels = backend.kernels_for(OP, x_from.device)
+        acc = backend.accumulator_dtype(x_from.dtype)
+        coef = per_sample("c", c_tensor, x_from.shape[0], x_from.device, acc)
+        rows_t = as_rows(x_true) if x_true is not None else None
+        out, distance = kernels.forward(as_rows(x_from), as_rows(v), coef, rows_t)
+        need_dc = isinstance(c_tensor, torch.Tensor) and ctx.needs_input_grad[2]
+        ctx.save_for_backward(v if need_dc else None)
+        ctx.coef, ctx.need_dc, ctx.c_arg_shape, ctx.shape = coef, need_dc, c_arg_shape, x_from.shape
+        ctx.c_dtype = c_tensor.dtype if isinstance(c_tensor, torch.Tensor) else None
+        if distance is not None:
+            ctx.mark_non_differentiable(distance)
+        return out.view(x_from.shape), distance
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_distance):
+        (v,) = ctx.saved_tensors
+        kernels = backend.kernels_for(OP, grad_out.device)
+        g = as_rows(grad_out)
+        grad_v, dc = kernels.backward(g, as_rows(v) if v is not None else None, ctx.coef, ctx.need_dc)
+        grad_c = None
+        if ctx.need_dc:
+            per_sample_c = len(ctx.c_arg_shape) == 1 and ctx.c_arg_shape[0] == dc.shape[0]
+            grad_c = (dc if per_sample_c else dc.sum()).reshape(ctx.c_arg_shape).to(ctx.c_dtype)
+        return grad_out, grad_v.view(ctx.shape), grad_c, None, None
+
+
+def _validate(x_from, v, c, x_true) -> None:
+    check_tensor("x_from", x_from)
+    if x_from.dim() < 1:
+        raise ValueError(f"x_from must have a batch dimension, got shape {tuple(x_from.shape)}")
+    check_tensor("v", v, like=x_from, like_name="x_from")
+    check_shape("v", v, x_from.shape, "the shape of x_from")
+    if x_true is not None:
+        check_tensor("x_true", x_true, like=x_from, like_name="x_from")
+        check_shape("x_true", x_true, x_from.shape, "the shape of x_from")
+    if isinstance(c, torch.Tensor):
+        if c.dim() > 1 or (c.dim() == 1 and c.shape[0] not in (1, x_from.shape[0])):
+            raise ValueError(f"c must be a scalar or have shape ({x_from.shape[0]},), got {tuple(c.shape)}")
+        if c.device != x_from.device and c.numel() != 1:
+            raise ValueError(f"c is on {c.device} but x_from is on {x_from.device}; expected the same device")
+
+
+def leap_connector(
+    x_from: torch.Tensor, v: torch.Tensor, c: float | torch.Tensor, x_true: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leap ``x_from + c v`` connected to ``x_true``: returns ``(connected, distance)``.
+
+    ``connected`` has the value of ``x_true`` and the gradient of the leap (``d/dx_from = I``,
+    ``d/dv = c``, ``d/dc = <g, v>`` per sample if ``c`` is a tensor needing grad); ``distance`` is
+    the fp32 per-sample ``mean |x_true - leap|``, without gradient. ``c``: a float, a 0-d tensor
+    or one value per sample ``[B]``. ``x_from``, ``v``, ``x_true``: same shape ``[B, ...]``,
+    dtype and device.
+    """
+    _validate(x_from, v, c, x_true)
+    if x_true is None:
+        raise ValueError("x_true must be a tensor; use leap() for the leap without a connector")
+    c_shape = tuple(c.shape) if isinstance(c, torch.Tensor) else ()
+    return LeapConnectorFunction.apply(x_from, v, c, c_shape, x_true.detach())
+
+
+def leap(x_from: torch.Tensor, v: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """The leap ``x_from + c v`` alone (fp32 arithmetic, stored in ``x_from``'s dtype), nothing saved."""
+    _validate(x_from, v, c, None)
+    c_shape = tuple(c.shape) if isinstance(c, torch.Tensor) else ()
+    out, _ = LeapConnectorFunction.apply(x_from, v, c, c_shape, None)
+    return out
