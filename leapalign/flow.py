@@ -94,7 +94,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {h}x{w}")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
@@ -105,7 +105,7 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
     b, n, c = packed.shape
     if n != (height // 2) * (width // 2) or c % 4:
         raise ValueError(f"packed shape {tuple(packed.shape)} does not fit a {height}x{width} latent")
-    x = packed.view(b, height // 2, width // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    x = packed.reshape(b, height // 2, width // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c // 4, height, width)
 
 
