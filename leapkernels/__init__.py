@@ -1,20 +1,41 @@
 """leapkernels: fused Triton kernels (with PyTorch references) for LeapAlign and Flux blocks.
 
-Public API (each op: forward + backward kernels per backend, an autograd.Function that saves
-inputs and recomputes intermediates, and a plain-PyTorch ``*_reference`` used as the truth in
-tests). Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|native|auto``).
+Every op has forward and backward kernels per backend, an autograd.Function that saves inputs
+and recomputes intermediates, and a plain-PyTorch ``*_reference`` that tests use as the truth.
+Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|native|auto``).
 """
 from leapkernels.backend import BackendUnavailableError, force_backend, select_backend
+from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
+from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
 from leapkernels.ops.grad_scale import grad_scale, grad_scale_reference
 from leapkernels.ops.leap_connector import leap, leap_connector, leap_connector_reference
+from leapkernels.ops.modulated_layernorm import (
+    ada_layernorm_continuous,
+    ada_layernorm_continuous_reference,
+    modulated_layernorm,
+    modulated_layernorm_reference,
+)
+from leapkernels.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 
 __all__ = [
     "BackendUnavailableError",
     "force_backend",
     "select_backend",
-    "grad_scale",
-    "grad_scale_reference",
     "leap",
     "leap_connector",
     "leap_connector_reference",
+    "grad_scale",
+    "grad_scale_reference",
+    "modulated_layernorm",
+    "modulated_layernorm_reference",
+    "ada_layernorm_continuous",
+    "ada_layernorm_continuous_reference",
+    "gated_residual",
+    "gated_residual_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "gelu_tanh",
+    "gelu_tanh_reference",
+    "gelu_linear",
+    "gelu_linear_reference",
 ]

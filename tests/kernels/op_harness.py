@@ -87,6 +87,7 @@ def run_and_compare(
     backend_name: str,
     layout: str = "contiguous",
     extra: dict | None = None,
+    fp32_inputs: Sequence[str] = (),
     seed: int = 0,
 ) -> None:
     """Run ``op`` and ``reference`` on the same ``inputs`` (fp64 masters) and compare everything.
@@ -94,7 +95,8 @@ def run_and_compare(
     ``inputs`` are fp64 CPU tensors; they are cast to ``dtype``/``device`` and laid out per
     ``layout`` for the op and the low-precision baseline, kept fp64 for the truth. Outputs may be
     a tensor or a tuple (``None`` entries skipped; non-differentiable ones compared only forward).
-    The same random upstream gradient drives every backward.
+    The same random upstream gradient drives every backward. ``fp32_inputs`` (e.g. RoPE tables)
+    stay fp32 whatever ``dtype`` is (fp64 for the truth).
     """
     extra = extra or {}
     gen = torch.Generator().manual_seed(seed)
@@ -105,7 +107,8 @@ def run_and_compare(
             if not isinstance(v, torch.Tensor):
                 out[k] = v
                 continue
-            t = strided(v.to(device=on, dtype=cast), lay if v.dim() >= 3 or lay == "rows" else "contiguous")
+            want = torch.float32 if k in fp32_inputs and cast != torch.float64 else cast
+            t = strided(v.to(device=on, dtype=want), lay if v.dim() >= 3 or lay == "rows" else "contiguous")
             if k in grad_inputs:
                 t.requires_grad_(True)
             out[k] = t

@@ -1,0 +1,171 @@
+"""Gated residual ``x + gate[b] * y`` in one pass (Flux: attention and MLP outputs, AdaLN-Zero gates).
+
+    out = x + gate[:, None] * y          x, y: [B, S, D]; gate: [B, D]
+
+Saved for backward: ``gate`` and ``y`` (``dx = g`` needs nothing; ``dy = gate g``;
+``dgate = sum_s g y`` as per-program fp32 partials). Eager saves the same two tensors; the gain
+is one kernel instead of a multiply and an add (two full-size intermediates and passes).
+"""
+from __future__ import annotations
+
+import torch
+
+from leapkernels import backend
+from leapkernels.checks import check_shape, check_tensor
+from leapkernels.ops.rounding import emulate_bf16_rtne
+
+try:
+    import triton
+    import triton.language as tl
+
+    from leapkernels.ops.rounding import rounded
+except ImportError:
+    triton = None
+
+OP = "gated_residual"
+
+
+def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """diffusers' arithmetic: ``x + gate.unsqueeze(1) * y``."""
+    return x + gate.unsqueeze(1) * y
+
+
+# ----------------------------------------------------------------------------- kernels (contract)
+# forward(x[B,S,D], gate[B,D], y[B,S,D]) -> out[B,S,D] contiguous (all inputs unit last stride)
+# backward(g[B,S,D], gate, y, need_dy, need_dgate) -> (dy | None, dgate[B,D] | None)
+
+
+def _forward_reference(x, gate, y):
+    acc = backend.accumulator_dtype(x.dtype)
+    return (x.to(acc) + gate.to(acc)[:, None] * y.to(acc)).to(x.dtype)
+
+
+def _backward_reference(g, gate, y, need_dy, need_dgate):
+    acc = backend.accumulator_dtype(g.dtype)
+    gf = g.to(acc)
+    dy = (gf * gate.to(acc)[:, None]).to(y.dtype) if need_dy else None
+    dgate = (gf * y.to(acc)).sum(1).to(gate.dtype) if need_dgate else None
+    return dy, dgate
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gr_fwd_kernel(
+        x_ptr, gate_ptr, y_ptr, out_ptr, S, D,
+        stride_xb, stride_xs, stride_gb, stride_yb, stride_ys, n_progs,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        p = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
+        for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            mask = (rows < S)[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
+            out = x + gate[None, :] * y
+            tl.store(out_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(out, out_ptr.dtype.element_ty, RTNE), mask=mask)
+
+    @triton.jit
+    def _gr_bwd_kernel(
+        g_ptr, gate_ptr, y_ptr, dy_ptr, dgate_ptr, S, D,
+        stride_g_b, stride_g_s, stride_gb, stride_yb, stride_ys, n_progs,
+        NEED_DY: tl.constexpr, NEED_DGATE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        p = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
+        dgate = tl.zeros([BLOCK_D], dtype=ACC)
+        for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            mask = (rows < S)[:, None] & cmask[None, :]
+            g = tl.load(g_ptr + b * stride_g_b + rows[:, None] * stride_g_s + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if NEED_DY:
+                dy = g * gate[None, :]
+                tl.store(dy_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dy, dy_ptr.dtype.element_ty, RTNE), mask=mask)
+            if NEED_DGATE:
+                y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
+                dgate += tl.sum(g * y, axis=0)
+        if NEED_DGATE:
+            tl.store(dgate_ptr + (b * n_progs + p) * D + cols, dgate, mask=cmask)
+
+
+def _launch_shape(batch: int, rows: int, d: int, device: torch.device) -> tuple[int, int, int]:
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(backend.tile_elements(device) // block_d, triton.next_power_of_2(rows)))
+    n_progs = max(1, min(triton.cdiv(rows, block_r), backend.program_budget(device) // batch or 1))
+    return block_r, block_d, n_progs
+
+
+def _forward_triton(x, gate, y):
+    batch, seq, dim = x.shape
+    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, x.device)
+    out = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device)
+    _gr_fwd_kernel[(batch, n_progs)](
+        x, gate, y, out, seq, dim, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        RTNE=emulate_bf16_rtne(x.dtype, x.device),
+    )
+    return out
+
+
+def _backward_triton(g, gate, y, need_dy, need_dgate):
+    batch, seq, dim = g.shape
+    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, g.device)
+    acc = backend.accumulator_dtype(g.dtype)
+    dy = backend.empty((batch, seq, dim), dtype=y.dtype, device=g.device) if need_dy else g
+    dgate = backend.empty((batch, n_progs, dim) if need_dgate else (1,), dtype=acc, device=g.device)
+    _gr_bwd_kernel[(batch, n_progs)](
+        g, gate, y, dy, dgate, seq, dim, g.stride(0), g.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
+        NEED_DY=need_dy, NEED_DGATE=need_dgate, BLOCK_R=block_r, BLOCK_D=block_d,
+        ACC=tl.float64 if g.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(g.dtype, g.device),
+    )
+    return (dy if need_dy else None), (dgate.sum(1).to(gate.dtype) if need_dgate else None)
+
+
+backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
+if triton is not None:
+    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+class GatedResidualFunction(torch.autograd.Function):
+    """Saves gate and y; ``dx`` is the incoming gradient itself."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        x, gate, y = _unit_last_stride(x), _unit_last_stride(gate), _unit_last_stride(y)
+        out = backend.kernels_for(OP, x.device).forward(x, gate, y)
+        ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, y if ctx.needs_input_grad[1] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, y = ctx.saved_tensors
+        need_dy, need_dgate = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
+        dy = dgate = None
+        if need_dy or need_dgate:
+            dy, dgate = backend.kernels_for(OP, g.device).backward(
+                _unit_last_stride(g), gate if gate is not None else g[:, 0], y if y is not None else g,
+                need_dy, need_dgate,
+            )
+        return (g if ctx.needs_input_grad[0] else None), dgate, dy
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate[:, None] * y`` fused. ``x``, ``y``: ``[B, S, D]``; ``gate``: ``[B, D]``; one dtype/device."""
+    check_tensor("x", x, ndim=3)
+    check_tensor("gate", gate, like=x, like_name="x", ndim=2)
+    check_tensor("y", y, like=x, like_name="x", ndim=3)
+    check_shape("y", y, x.shape, "the shape of x")
+    check_shape("gate", gate, (x.shape[0], x.shape[2]), "(batch, features) of x")
+    return GatedResidualFunction.apply(x, gate, y)

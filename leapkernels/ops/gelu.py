@@ -1,0 +1,218 @@
+"""tanh-GELU recomputed in backward, alone and fused with the down projection that follows it.
+
+    gelu(h) = 0.5 h (1 + tanh(u)) = h sigmoid(2u),   u = sqrt(2/pi) (h + 0.044715 h^3)
+
+(tanh through sigmoid: no ``libdevice`` in the interpreter; written so neither cancels nor overflows.)
+
+`gelu_tanh(h)`: saves ``h`` only (eager saves the same; the point is the kernel).
+`gelu_linear(h, weight, bias, prefix)`: ``linear(cat([prefix, gelu(h)], -1), weight, bias)`` —
+the activation ``gelu(h)`` (4x the model width in Flux's MLPs) is *not* saved: backward recomputes
+it for the weight gradient and the input gradient (DESIGN §3, what brings a Flux forward to
+<= 0.5x the eager saved bytes). ``prefix`` covers Flux's single blocks, whose ``proj_out`` reads
+``cat([attention_out, gelu(mlp)])``; the concatenation is rebuilt in backward, never saved.
+The matmuls are PyTorch's (cuBLAS / MKL), the same calls eager makes, so results match bitwise
+in forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from leapkernels import backend
+from leapkernels.checks import check_tensor
+from leapkernels.ops.rounding import emulate_bf16_rtne
+
+try:
+    import triton
+    import triton.language as tl
+
+    from leapkernels.ops.rounding import rounded
+except ImportError:
+    triton = None
+
+OP = "gelu_tanh"
+_K0 = math.sqrt(2.0 / math.pi)
+_K1 = 0.044715
+
+
+def gelu_tanh_reference(h: torch.Tensor) -> torch.Tensor:
+    """PyTorch's ``F.gelu(h, approximate="tanh")`` (what diffusers' FeedForward and Flux call)."""
+    return F.gelu(h, approximate="tanh")
+
+
+def gelu_linear_reference(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """diffusers' arithmetic: ``linear(cat([prefix, gelu(h)], -1))``."""
+    a = F.gelu(h, approximate="tanh")
+    if prefix is not None:
+        a = torch.cat([prefix, a], dim=-1)
+    return F.linear(a, weight, bias)
+
+
+# ----------------------------------------------------------------------------- kernels (contract)
+# forward(h contiguous) -> gelu(h) (h's dtype);  backward(da contiguous, h contiguous) -> dh
+
+
+def _forward_reference(h):
+    acc = backend.accumulator_dtype(h.dtype)
+    return F.gelu(h.to(acc), approximate="tanh").to(h.dtype)
+
+
+def _backward_reference(da, h):
+    acc = backend.accumulator_dtype(h.dtype)
+    hf = h.to(acc)
+    t = torch.tanh(_K0 * (hf + _K1 * hf * hf * hf))
+    d = 0.5 * (1.0 + t) + 0.5 * hf * (1.0 - t * t) * _K0 * (1.0 + 3.0 * _K1 * hf * hf)
+    return (da.to(acc) * d).to(h.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_fwd_kernel(h_ptr, out_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
+        p = tl.program_id(0)
+        for start in range(p * BLOCK, N, n_progs * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < N
+            h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            # 0.5 (1 + tanh(u)) = sigmoid(2u), from exp(-2|u|) <= 1: no libdevice, no overflow
+            e = tl.exp(-2.0 * tl.abs(u))
+            sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            tl.store(out_ptr + offs, rounded(h * sig, out_ptr.dtype.element_ty, RTNE), mask=mask)
+
+    @triton.jit
+    def _gelu_bwd_kernel(da_ptr, h_ptr, dh_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
+        p = tl.program_id(0)
+        for start in range(p * BLOCK, N, n_progs * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < N
+            h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+            da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(ACC)
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            # sigmoid(2u) and 1 - sigmoid(2u), both accurate: 1 - tanh(u)^2 = 4 sig (1 - sig)
+            e = tl.exp(-2.0 * tl.abs(u))
+            sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            sig_c = tl.where(u >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+            d = sig + 2.0 * h * sig * sig_c * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+            tl.store(dh_ptr + offs, rounded(da * d, dh_ptr.dtype.element_ty, RTNE), mask=mask)
+
+
+def _launch_shape(n: int, device: torch.device) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(n, 1)), backend.tile_elements(device))
+    return block, max(1, min(triton.cdiv(n, block), backend.program_budget(device)))
+
+
+def _forward_triton(h):
+    out = backend.empty(h.shape, dtype=h.dtype, device=h.device)
+    block, n_progs = _launch_shape(h.numel(), h.device)
+    _gelu_fwd_kernel[(n_progs,)](
+        h, out, h.numel(), n_progs, BLOCK=block,
+        ACC=tl.float64 if h.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(h.dtype, h.device),
+    )
+    return out
+
+
+def _backward_triton(da, h):
+    dh = backend.empty(h.shape, dtype=h.dtype, device=h.device)
+    block, n_progs = _launch_shape(h.numel(), h.device)
+    _gelu_bwd_kernel[(n_progs,)](
+        da, h, dh, h.numel(), n_progs, BLOCK=block,
+        ACC=tl.float64 if h.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(h.dtype, h.device),
+    )
+    return dh
+
+
+backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
+if triton is not None:
+    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+
+
+# ----------------------------------------------------------------------------- autograd
+class GeluTanhFunction(torch.autograd.Function):
+    """Saves h; backward recomputes tanh."""
+
+    @staticmethod
+    def forward(ctx, h):
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        return backend.kernels_for(OP, h.device).forward(h)
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        return backend.kernels_for(OP, h.device).backward(da.contiguous(), h)
+
+
+class GeluLinearFunction(torch.autograd.Function):
+    """Saves h, weight and prefix (never gelu(h) nor the concatenation); backward recomputes gelu(h)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, prefix):
+        h = h.contiguous()
+        kernels = backend.kernels_for(OP, h.device)
+        a = kernels.forward(h)
+        if prefix is not None:
+            a = torch.cat([prefix, a], dim=-1)
+        out = F.linear(a, weight, bias)
+        ctx.save_for_backward(h, weight, prefix)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, prefix = ctx.saved_tensors
+        need_h, need_w, need_b, need_p = ctx.needs_input_grad
+        kernels = backend.kernels_for(OP, h.device)
+        grad_h = grad_w = grad_b = grad_p = None
+        g2 = g.reshape(-1, g.shape[-1])
+        if need_h or need_p:
+            da = g2 @ weight.to(g.dtype)
+            da = da.reshape(*g.shape[:-1], weight.shape[1])
+            if prefix is not None:
+                grad_p = da[..., : prefix.shape[-1]] if need_p else None
+                da = da[..., prefix.shape[-1]:]
+            if need_h:
+                grad_h = kernels.backward(da.contiguous(), h)
+        if need_w:
+            a = kernels.forward(h)
+            if prefix is not None:
+                a = torch.cat([prefix, a], dim=-1)
+            grad_w = (g2.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_h, grad_w, grad_b, grad_p
+
+
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(h, approximate="tanh")`` computed in fp32, saving only ``h``."""
+    check_tensor("h", h)
+    return GeluTanhFunction.apply(h)
+
+
+def gelu_linear(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(cat([prefix, gelu_tanh(h)], -1), weight, bias)`` without saving the activation.
+
+    ``h``: ``[..., K]``; ``prefix``: ``[..., P]`` (same leading dims) or None; ``weight``:
+    ``[N, P + K]`` (a plain tensor: call the module itself for LoRA-wrapped layers); ``bias``:
+    ``[N]`` or None. All one dtype and device.
+    """
+    check_tensor("h", h)
+    check_tensor("weight", weight, like=h, like_name="h", ndim=2)
+    k = h.shape[-1] + (0 if prefix is None else prefix.shape[-1])
+    if prefix is not None:
+        check_tensor("prefix", prefix, like=h, like_name="h")
+        if prefix.shape[:-1] != h.shape[:-1]:
+            raise ValueError(f"prefix must have leading dims {tuple(h.shape[:-1])} (those of h), got {tuple(prefix.shape)}")
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must have {k} input features (prefix + h), got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, like=h, like_name="h", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return GeluLinearFunction.apply(h, weight, bias, prefix)

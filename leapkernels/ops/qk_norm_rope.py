@@ -1,0 +1,287 @@
+"""Per-head RMSNorm (learnable weight) + interleaved rotary embedding, one pass (Flux's q/k path).
+
+    n   = x * rsqrt(mean(x^2) + eps) * weight                  x: [B, S, H, Dh], weight: [Dh]
+    out = n * cos + rotate(n) * sin,  rotate(n)[2i] = -n[2i+1], rotate(n)[2i+1] = n[2i]
+
+``cos``/``sin``: ``[S, Dh]`` fp32 as diffusers' FluxPosEmbed gives them (``repeat_interleave_real``)
+and ``apply_rotary_emb(..., use_real_unbind_dim=-1)`` uses them. ``cos=sin=None``: RMSNorm only.
+
+Saved for backward: ``x`` and ``weight`` (eager keeps fp32 copies of x, the normalised x, the
+rotated copy and the products: ~7x the bytes of x). Backward un-rotates the gradient, recomputes
+rstd and writes ``dx``; ``dweight`` is per-program fp32 partials summed after.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leapkernels import backend
+from leapkernels.checks import check_shape, check_tensor
+from leapkernels.ops.rounding import emulate_bf16_rtne
+
+try:
+    import triton
+    import triton.language as tl
+
+    from leapkernels.ops.rounding import rounded
+except ImportError:
+    triton = None
+
+OP = "qk_norm_rope"
+
+
+def qk_norm_rope_reference(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float = 1e-6
+) -> torch.Tensor:
+    """diffusers' arithmetic: ``torch.nn.RMSNorm`` then ``apply_rotary_emb(sequence_dim=1)``."""
+    n = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if cos is None:
+        return n
+    real, imag = n.reshape(*n.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (n.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]).to(n.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels (contract)
+# forward(x[B,S,H,Dh] (unit last stride), weight[Dh], cos[S,Dh] | None, sin | None, eps) -> out contiguous
+# backward(g, x, weight, cos, sin, eps, need_dx, need_dw) -> (dx | None, dweight[Dh] | None)
+
+
+def _rotate(t: torch.Tensor) -> torch.Tensor:
+    real, imag = t.reshape(*t.shape[:-1], -1, 2).unbind(-1)
+    return torch.stack([-imag, real], dim=-1).flatten(-2)
+
+
+def _forward_reference(x, weight, cos, sin, eps):
+    acc = backend.accumulator_dtype(x.dtype)
+    xf = x.to(acc)
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
+    if cos is not None:
+        c, s = cos.to(acc)[None, :, None, :], sin.to(acc)[None, :, None, :]
+        n = n * c + _rotate(n) * s
+    return n.to(x.dtype)
+
+
+def _backward_reference(g, x, weight, cos, sin, eps, need_dx, need_dw):
+    acc = backend.accumulator_dtype(x.dtype)
+    xf, gn = x.to(acc), g.to(acc)
+    if cos is not None:
+        # out = n c + R(n) s  =>  dn = g c + R^T(g s),  R^T = -R
+        c, s = cos.to(acc)[None, :, None, :], sin.to(acc)[None, :, None, :]
+        gn = gn * c - _rotate(gn * s)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    dx = dw = None
+    if need_dw:
+        dw = (gn * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+    if need_dx:
+        dxhat = gn * weight.to(acc)
+        dx = (rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))).to(x.dtype)
+    return dx, dw
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qkr_fwd_kernel(
+        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
+        R, S, H, D, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
+        HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        p = tl.program_id(0)
+        ev = 2 * tl.arange(0, HALF)
+        od = ev + 1
+        cmask = ev < D
+        we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
+        wo = tl.load(w_ptr + od, mask=cmask, other=0.0).to(ACC)
+        for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            rmask = rows < R
+            mask = rmask[:, None] & cmask[None, :]
+            b = rows // (S * H)
+            s = (rows // H) % S
+            h = rows % H
+            base = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
+            xe = tl.load(x_ptr + base + ev[None, :], mask=mask, other=0.0).to(ACC)
+            xo = tl.load(x_ptr + base + od[None, :], mask=mask, other=0.0).to(ACC)
+            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / D + eps)
+            ne = xe * rstd[:, None] * we[None, :]
+            no = xo * rstd[:, None] * wo[None, :]
+            if HAS_ROPE:
+                cbase = (s * stride_cs)[:, None]
+                ce = tl.load(cos_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+                co = tl.load(cos_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
+                se = tl.load(sin_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+                so = tl.load(sin_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
+                oe = ne * ce - no * se
+                oo = no * co + ne * so
+            else:
+                oe = ne
+                oo = no
+            obase = (rows * D)[:, None]
+            tl.store(out_ptr + obase + ev[None, :], rounded(oe, out_ptr.dtype.element_ty, RTNE), mask=mask)
+            tl.store(out_ptr + obase + od[None, :], rounded(oo, out_ptr.dtype.element_ty, RTNE), mask=mask)
+
+    @triton.jit
+    def _qkr_bwd_kernel(
+        g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr,
+        R, S, H, D, stride_gb, stride_gs, stride_gh, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
+        HAS_ROPE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+        BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    ):
+        p = tl.program_id(0)
+        ev = 2 * tl.arange(0, HALF)
+        od = ev + 1
+        cmask = ev < D
+        we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
+        wo = tl.load(w_ptr + od, mask=cmask, other=0.0).to(ACC)
+        dwe = tl.zeros([HALF], dtype=ACC)
+        dwo = tl.zeros([HALF], dtype=ACC)
+        for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            rmask = rows < R
+            mask = rmask[:, None] & cmask[None, :]
+            b = rows // (S * H)
+            s = (rows // H) % S
+            h = rows % H
+            xbase = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
+            gbase = (b * stride_gb + s * stride_gs + h * stride_gh)[:, None]
+            xe = tl.load(x_ptr + xbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+            xo = tl.load(x_ptr + xbase + od[None, :], mask=mask, other=0.0).to(ACC)
+            ge = tl.load(g_ptr + gbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+            go = tl.load(g_ptr + gbase + od[None, :], mask=mask, other=0.0).to(ACC)
+            if HAS_ROPE:
+                cbase = (s * stride_cs)[:, None]
+                ce = tl.load(cos_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+                co = tl.load(cos_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
+                se = tl.load(sin_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
+                so = tl.load(sin_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
+                gne = ge * ce + go * so
+                gno = go * co - ge * se
+            else:
+                gne = ge
+                gno = go
+            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / D + eps)
+            xhe = xe * rstd[:, None]
+            xho = xo * rstd[:, None]
+            if NEED_DW:
+                dwe += tl.sum(gne * xhe, axis=0)
+                dwo += tl.sum(gno * xho, axis=0)
+            if NEED_DX:
+                dhe = gne * we[None, :]
+                dho = gno * wo[None, :]
+                c = (tl.sum(dhe * xhe, axis=1) + tl.sum(dho * xho, axis=1)) / D
+                dxe = (dhe - xhe * c[:, None]) * rstd[:, None]
+                dxo = (dho - xho * c[:, None]) * rstd[:, None]
+                obase = (rows * D)[:, None]
+                tl.store(dx_ptr + obase + ev[None, :], rounded(dxe, dx_ptr.dtype.element_ty, RTNE), mask=mask)
+                tl.store(dx_ptr + obase + od[None, :], rounded(dxo, dx_ptr.dtype.element_ty, RTNE), mask=mask)
+        if NEED_DW:
+            tl.store(dw_ptr + p * D + ev, dwe, mask=cmask)
+            tl.store(dw_ptr + p * D + od, dwo, mask=cmask)
+
+
+def _launch_shape(rows: int, d: int, device: torch.device) -> tuple[int, int, int]:
+    half = triton.next_power_of_2(d // 2)
+    block_r = max(1, min(backend.tile_elements(device) // (2 * half), triton.next_power_of_2(rows)))
+    n_progs = max(1, min(triton.cdiv(rows, block_r), backend.program_budget(device)))
+    return block_r, half, n_progs
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _forward_triton(x, weight, cos, sin, eps):
+    batch, seq, heads, dim = x.shape
+    rows = batch * seq * heads
+    block_r, half, n_progs = _launch_shape(rows, dim, x.device)
+    out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+    has_rope = cos is not None
+    _qkr_fwd_kernel[(n_progs,)](
+        x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
+        rows, seq, heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
+        HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+    )
+    return out
+
+
+def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
+    batch, seq, heads, dim = x.shape
+    rows = batch * seq * heads
+    block_r, half, n_progs = _launch_shape(rows, dim, x.device)
+    dx = backend.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x
+    dw = backend.empty((n_progs, dim) if need_dw else (1,), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
+    has_rope = cos is not None
+    _qkr_bwd_kernel[(n_progs,)](
+        g, x, weight, cos if has_rope else weight, sin if has_rope else weight, dx, dw,
+        rows, seq, heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0) if has_rope else 0, eps, n_progs,
+        HAS_ROPE=has_rope, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_R=block_r, HALF=half,
+        ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+    )
+    return (dx if need_dx else None), (dw.sum(0).to(weight.dtype) if need_dw else None)
+
+
+backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
+if triton is not None:
+    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class QKNormRopeFunction(torch.autograd.Function):
+    """Saves x and weight (cos/sin are constants); backward recomputes rstd and the rotation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, eps):
+        x = _unit_last_stride(x)
+        weight = weight.contiguous()
+        if cos is not None:
+            cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+        out = backend.kernels_for(OP, x.device).forward(x, weight, cos, sin, eps)
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, cos, sin = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = backend.kernels_for(OP, g.device).backward(
+            _unit_last_stride(g), x, weight, cos, sin, ctx.eps, need_dx, need_dw
+        )
+        return dx, dw, None, None, None
+
+
+def qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """RMSNorm over the head dim with ``weight``, then interleaved RoPE; fp32 arithmetic.
+
+    ``x``: ``[B, S, H, Dh]`` (Dh even); ``weight``: ``[Dh]`` (same dtype and device as x);
+    ``cos``, ``sin``: ``[S, Dh]`` on x's device (any float dtype; fp32 in Flux) or both None.
+    No gradient flows to ``cos``/``sin``.
+    """
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight, like=x, like_name="x", ndim=1)
+    check_shape("weight", weight, (x.shape[-1],), "the head dim of x")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's head dim must be even for interleaved RoPE, got {x.shape[-1]}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be tensors or both be None")
+    if cos is not None:
+        check_tensor("cos", cos, like=x, like_name="x", ndim=2, same_dtype=False)
+        check_tensor("sin", sin, like=x, like_name="x", ndim=2, same_dtype=False)
+        check_shape("cos", cos, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
+        check_shape("sin", sin, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
+        cos, sin = cos.detach(), sin.detach()
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    return QKNormRopeFunction.apply(x, weight, cos, sin, float(eps))

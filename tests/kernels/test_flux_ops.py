@@ -1,0 +1,172 @@
+"""Op 3: the Flux block fusions, forward and backward, against fp64 references (DESIGN §4 rules)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leapkernels as lk
+from leapkernels import backend
+
+from .op_harness import DTYPES, backends_under_test, cuda_or_skip, run_and_compare
+
+
+def _randn(*shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _rope_tables(seq: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin as FluxPosEmbed builds them: frequencies repeated twice (repeat_interleave_real)."""
+    pos = torch.arange(seq, dtype=torch.float64)[:, None] * 0.73 + 0.2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = (pos * freqs).repeat_interleave(2, dim=1)
+    return angles.cos(), angles.sin()
+
+
+# (shape, layout): batch 1 and > 1, odd sizes, strided batch rows and transposed storage
+MLN_CASES = [((1, 7, 33), "transposed"), ((3, 37, 48), "rows"), ((2, 5, 130), "contiguous")]
+QK_CASES = [((1, 5, 3, 16), "transposed"), ((2, 11, 2, 34), "rows")]
+GELU_CASES = [((3, 5, 129), "transposed"), ((1, 2**10 + 17), "rows")]
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", MLN_CASES, ids=str)
+def test_modulated_layernorm_matches_fp64_reference(device, backend_name, dtype, shape, layout):
+    cuda_or_skip(device)
+    b, _, d = shape
+    inputs = {"x": _randn(*shape, seed=1) * 3 + 0.5, "scale": _randn(b, d, seed=2), "shift": _randn(b, d, seed=3)}
+    run_and_compare(
+        lk.modulated_layernorm, lk.modulated_layernorm_reference, inputs, grad_inputs=["x", "scale", "shift"],
+        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ada_layernorm_continuous_matches_fp64_reference(device, backend_name, dtype):
+    """AdaLayerNormContinuous's chunk order is (scale, shift): swapped chunks would fail here."""
+    cuda_or_skip(device)
+    inputs = {"x": _randn(2, 9, 24, seed=4), "emb": _randn(2, 48, seed=5)}
+    run_and_compare(
+        lk.ada_layernorm_continuous, lk.ada_layernorm_continuous_reference, inputs, grad_inputs=["x", "emb"],
+        dtype=dtype, device=device, backend_name=backend_name, layout="rows",
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", MLN_CASES, ids=str)
+def test_gated_residual_matches_fp64_reference(device, backend_name, dtype, shape, layout):
+    cuda_or_skip(device)
+    b, _, d = shape
+    inputs = {"x": _randn(*shape, seed=6), "gate": _randn(b, d, seed=7), "y": _randn(*shape, seed=8)}
+    run_and_compare(
+        lk.gated_residual, lk.gated_residual_reference, inputs, grad_inputs=["x", "gate", "y"],
+        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", QK_CASES, ids=str)
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norm-only"])
+def test_qk_norm_rope_matches_fp64_reference(device, backend_name, dtype, shape, layout, rope):
+    cuda_or_skip(device)
+    _, s, _, d = shape
+    cos, sin = _rope_tables(s, d) if rope else (None, None)
+    inputs = {"x": _randn(*shape, seed=9) * 2, "weight": 1 + 0.3 * _randn(d, seed=10), "cos": cos, "sin": sin}
+    run_and_compare(
+        lk.qk_norm_rope, lk.qk_norm_rope_reference, inputs, grad_inputs=["x", "weight"], dtype=dtype,
+        device=device, backend_name=backend_name, layout=layout, fp32_inputs=["cos", "sin"],
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", GELU_CASES, ids=str)
+def test_gelu_tanh_matches_fp64_reference(device, backend_name, dtype, shape, layout):
+    cuda_or_skip(device)
+    run_and_compare(
+        lk.gelu_tanh, lk.gelu_tanh_reference, {"h": _randn(*shape, seed=11) * 3}, grad_inputs=["h"],
+        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["ff", "single-block"])
+def test_gelu_linear_matches_fp64_reference(device, backend_name, dtype, with_prefix):
+    """GELU + down projection, alone (double-block FeedForward) and after a prefix (single block)."""
+    cuda_or_skip(device)
+    p = 6 if with_prefix else 0
+    inputs = {"h": _randn(2, 9, 40, seed=12) * 2, "weight": _randn(13, p + 40, seed=13) / 7, "bias": _randn(13, seed=14)}
+    if with_prefix:
+        inputs["prefix"] = _randn(2, 9, p, seed=15)
+    run_and_compare(
+        lk.gelu_linear, lk.gelu_linear_reference, inputs, grad_inputs=list(inputs), dtype=dtype, device=device,
+        backend_name=backend_name, layout="transposed",
+    )
+
+
+# ----------------------------------------------------------------------------- fp64 gradcheck
+def _gradcheck_cases():
+    d = 10
+    cos, sin = _rope_tables(3, d)
+    return {
+        "modulated_layernorm": (lambda x, s, t: lk.modulated_layernorm(x, s, t), (_randn(2, 3, 6, seed=20), _randn(2, 6, seed=21), _randn(2, 6, seed=22))),
+        "gated_residual": (lk.gated_residual, (_randn(2, 3, 5, seed=23), _randn(2, 5, seed=24), _randn(2, 3, 5, seed=25))),
+        "qk_norm_rope": (lambda x, w: lk.qk_norm_rope(x, w, cos, sin), (_randn(1, 3, 2, d, seed=26), _randn(d, seed=27))),
+        "gelu_tanh": (lk.gelu_tanh, (_randn(3, 7, seed=28),)),
+        "gelu_linear": (lambda h, w, b, pre: lk.gelu_linear(h, w, b, pre), (_randn(2, 3, 5, seed=29), _randn(4, 7, seed=30), _randn(4, seed=31), _randn(2, 3, 2, seed=32))),
+    }
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("op", list(_gradcheck_cases()))
+def test_fp64_gradcheck(op, backend_name):
+    fn, args = _gradcheck_cases()[op]
+    args = tuple(a.clone().requires_grad_(True) for a in args)
+    with backend.force_backend(backend_name):
+        assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- what is saved
+def test_gelu_linear_saves_the_pre_activation_not_the_activation():
+    """The fused Function keeps h and the weight for backward, never gelu(h) nor the cat."""
+    h = torch.randn(2, 9, 40, requires_grad=True)
+    w = torch.randn(13, 46, requires_grad=True)
+    prefix = torch.randn(2, 9, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lk.gelu_linear(h, w, None, prefix)
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(2, 9, 40), (13, 46), (2, 9, 6)])
+
+
+def test_modulated_layernorm_saves_only_x_and_scale():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    scale, shift = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lk.modulated_layernorm(x, scale, shift)
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), scale.data_ptr()]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_flux_ops_bad_input_names_the_argument():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 8\)"):
+        lk.modulated_layernorm(x, torch.randn(2, 7), torch.randn(2, 8))
+    with pytest.raises(TypeError, match="shift has dtype"):
+        lk.modulated_layernorm(x, torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        lk.gated_residual(x[0], torch.randn(2, 8), x)
+    with pytest.raises(ValueError, match="y must have shape"):
+        lk.gated_residual(x, torch.randn(2, 8), x[:, :4])
+    with pytest.raises(ValueError, match="cos must have shape"):
+        lk.qk_norm_rope(torch.randn(1, 5, 2, 8), torch.ones(8), torch.ones(4, 8), torch.ones(4, 8))
+    with pytest.raises(ValueError, match="head dim must be even"):
+        lk.qk_norm_rope(torch.randn(1, 5, 2, 7), torch.ones(7), None, None)
+    with pytest.raises(ValueError, match="weight must have 46 input features"):
+        lk.gelu_linear(torch.randn(2, 40), torch.randn(13, 40), None, torch.randn(2, 6))
+    with pytest.raises(ValueError, match="emb must have shape"):
+        lk.ada_layernorm_continuous(x, torch.randn(2, 8))
