@@ -1,0 +1,65 @@
+"""Saved-for-backward byte counting and peak memory, on ops whose saved tensors are known exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapalign.profiling import PeakMemory, SavedTensorCounter, saved_tensor_bytes
+
+
+def test_counts_exactly_what_an_op_saves():
+    x = torch.randn(1000, requires_grad=True)
+    nbytes, y = saved_tensor_bytes(torch.exp, x)  # exp saves its result: 1000 float32
+    assert nbytes == 4000
+    nbytes, y = saved_tensor_bytes(lambda t: t.sin(), x.double())  # sin saves its input: 1000 float64
+    assert nbytes == 8000
+
+
+def test_unique_storages_counted_once():
+    x = torch.randn(256, requires_grad=True)
+    with SavedTensorCounter() as counter:
+        y = x.sin() + x.cos()  # both save x
+        z = x[:128].sin()  # a view of x: same storage
+    assert counter.count == 3
+    assert counter.bytes == 256 * 4
+    del y, z
+
+
+def test_parameters_and_their_views_are_excluded():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    with SavedTensorCounter() as counter:
+        out = lin(x)  # saves x and the weight (a Parameter)
+        out2 = x @ lin.weight.t()  # saves a view of the weight
+    assert counter.bytes == 8 * 64 * 4, counter.bytes
+    assert counter.by_dtype == {"float32": 8 * 64 * 4}
+    del out, out2
+
+
+def test_no_grad_saves_nothing_and_exclude_works():
+    x = torch.randn(100, requires_grad=True)
+    with torch.no_grad():
+        nbytes, _ = saved_tensor_bytes(torch.exp, x)
+    assert nbytes == 0
+    with SavedTensorCounter(exclude=[x]) as counter:
+        y = x.sin()
+    assert counter.bytes == 0 and counter.count == 1
+    del y
+
+
+def test_peak_memory_cpu_sees_a_large_allocation():
+    with PeakMemory("cpu") as pm:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB touched
+        del block
+    report = pm.report
+    assert report.peak_rss is not None and report.peak_rss > 0
+    if report.peak_rss_reset:  # the kernel let us reset the high-water mark: the delta is this block's
+        assert report.peak_delta >= 48 * 1024 * 1024, report
+
+
+@pytest.mark.cuda
+def test_peak_memory_cuda_allocator():
+    with PeakMemory("cuda") as pm:
+        block = torch.empty(32 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        del block
+    assert pm.report.peak_delta >= 32 * 1024 * 1024
