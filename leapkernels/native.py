@@ -1,0 +1,154 @@
+"""Native CPU backend: the C++ kernels in ``csrc/`` (ATen + OpenMP), registered as ``native``.
+
+``CMakeLists.txt`` builds ``leapkernels/_native/libleapkernels_native.so`` (``setup.py`` drives
+it on ``pip install``); the library registers its ops with the PyTorch dispatcher under
+``torch.ops.leapkernels_native`` and this module loads it with `torch.ops.load_library`. Each op's
+forward and backward *kernels* are then registered with `leapkernels.backend` under ``native``,
+following the op's kernel contract (the comment block in ``leapkernels/ops/<op>.py``); the op's
+own ``torch.autograd.Function`` is unchanged, so what is saved and recomputed is identical to
+every other backend.
+
+When the library is absent this module still imports: `status()` says why (no compiler, build
+failed — with the build log —, built against another torch, load error), nothing is registered,
+and asking for ``LEAPKERNELS_BACKEND=native`` fails loudly in `leapkernels.backend`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from leapkernels import backend
+
+LIBRARY_DIR = Path(__file__).resolve().parent / "_native"
+LIBRARY_PATH = LIBRARY_DIR / "libleapkernels_native.so"
+BUILD_RECORD = LIBRARY_DIR / "build.json"
+"""Written by ``setup.py`` on every build attempt: ``status`` (built|failed|skipped), ``reason``,
+``torch_version`` (the torch it compiled against), ``log`` (path of the CMake output)."""
+
+BUILD_HINT = (
+    "build it with `pip install -e . --no-build-isolation` (needs a C++20 compiler, cmake, and "
+    "torch importable at build time), or by hand as CMakeLists.txt explains"
+)
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    """Whether the native library is loaded, and if not, why (``reason`` is for humans)."""
+
+    available: bool
+    reason: str
+    library: Path | None = None
+
+
+def _build_record() -> dict | None:
+    try:
+        return json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _absent_reason() -> str:
+    record = _build_record()
+    if record is None:
+        return f"{LIBRARY_PATH} is missing and no build was recorded; {BUILD_HINT}"
+    reason = record.get("reason") or "no reason recorded"
+    log = record.get("log")
+    where = f" (build log: {log})" if log else ""
+    return f"the native build {record.get('status', 'did not run')}: {reason}{where}; {BUILD_HINT}"
+
+
+def _load() -> NativeStatus:
+    if os.environ.get("LEAPKERNELS_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return NativeStatus(False, "disabled by LEAPKERNELS_NATIVE=0")
+    if not LIBRARY_PATH.is_file():
+        return NativeStatus(False, _absent_reason())
+    record = _build_record() or {}
+    built_for = record.get("torch_version")
+    if built_for is not None and built_for != torch.__version__:
+        return NativeStatus(
+            False,
+            f"{LIBRARY_PATH.name} was built against torch {built_for} but torch {torch.__version__} is "
+            f"running (the C++ ABI may differ); rebuild: {BUILD_HINT}",
+        )
+    try:
+        torch.ops.load_library(str(LIBRARY_PATH))
+    except (OSError, RuntimeError) as exc:  # missing symbols, wrong architecture, ...
+        return NativeStatus(False, f"loading {LIBRARY_PATH} failed: {exc}")
+    return NativeStatus(True, "", LIBRARY_PATH)
+
+
+_STATUS = _load()
+
+
+def status() -> NativeStatus:
+    """The native backend's state, decided once at import."""
+    return _STATUS
+
+
+def available() -> bool:
+    """Whether the native kernels are loaded and registered with `leapkernels.backend`."""
+    return _STATUS.available
+
+
+def unavailable_reason() -> str | None:
+    """Why the native backend is absent (``None`` when it is available)."""
+    return None if _STATUS.available else _STATUS.reason
+
+
+def _ops():
+    return torch.ops.leapkernels_native
+
+
+# ----------------------------------------------------------------------------- kernel adapters
+# Each pair follows the kernel contract written in the op's module; full-size outputs come from
+# backend.empty (NaN under backend.poison_outputs, so an unwritten element fails a test).
+
+
+def _leap_connector_forward(x, v, c, x_true):
+    out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x_true is None:
+        _ops().leap_fwd(x, v, c, out)
+        return out, None
+    return out, _ops().leap_connector_fwd(x, v, c, x_true, out)
+
+
+def _leap_connector_backward(g, v, c, need_dc):
+    grad_v = backend.empty(g.shape, dtype=g.dtype, device=g.device)
+    if need_dc:
+        return grad_v, _ops().leap_bwd_dc(g, v, c, grad_v)
+    _ops().leap_bwd(g, c, grad_v)
+    return grad_v, None
+
+
+def _no_forward(*args):
+    raise AssertionError("grad_scale has no forward kernel: its forward is a view")
+
+
+def _grad_scale_backward(g, alpha, max_norm):
+    out = backend.empty(g.shape, dtype=g.dtype, device=g.device)
+    _ops().grad_scale_bwd(g, alpha, max_norm, out)
+    return out
+
+
+KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "leap_connector": (_leap_connector_forward, _leap_connector_backward),
+    "grad_scale": (_no_forward, _grad_scale_backward),
+}
+"""op name (as in ``leapkernels/ops/<op>.py``'s ``OP``) -> (forward, backward) kernel adapters."""
+
+
+def register_all() -> tuple[str, ...]:
+    """Register every native kernel pair with `leapkernels.backend` (no-op when unavailable)."""
+    if not _STATUS.available:
+        return ()
+    for op, (forward, backward) in KERNELS.items():
+        backend.register(op, "native", backend.KernelSet(forward, backward))
+    return tuple(KERNELS)
+
+
+register_all()
