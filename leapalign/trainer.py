@@ -166,6 +166,9 @@ class LeapAlignTrainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        from accelerate.utils import set_seed
+
+        set_seed(config.seed)  # LoRA init and anything else drawing from the global RNGs
 
         self.pipeline = None
         if _is_pipeline(model):
@@ -475,9 +478,10 @@ class LeapAlignTrainer:
                 "(%d in a row, %d total)", self.step, metrics.get("grad_norm"), self.nonfinite_in_row, self.nonfinite_total,
             )
             if self.nonfinite_in_row >= cfg.train_max_nonfinite_steps:
+                self.step += 1  # the skipped step is consumed
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_row} optimiser steps in a row had a NaN/Inf loss or gradient "
-                    f"(train_max_nonfinite_steps={cfg.train_max_nonfinite_steps}); stopping at step {self.step}. "
+                    f"(train_max_nonfinite_steps={cfg.train_max_nonfinite_steps}); stopping after step {self.step}. "
                     "Check the reward for NaNs, lower train_learning_rate, or use mixed_precision=no."
                 )
         else:
