@@ -15,6 +15,7 @@ in its arenas, so a later point in the same process would reuse it and under-rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,8 +26,9 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks import headline
+from leapalign.profiling import PeakMemory
 from benchmarks.machine import machine_info
-from benchmarks.measure import PeakMemory, is_oom, saved_bytes_of, saved_tensor_counter
+from benchmarks.measure import NvmlPeak, is_oom, saved_bytes_of, saved_tensor_counter, synchronizer
 from benchmarks.options import add_workload_args, default_paths, workload_config
 from benchmarks.report import Column, ResultDoc, format_bytes, format_float, render_table, write_json, write_markdown
 from benchmarks.workload import Method, WorkloadConfig, build_method_objective, build_workload, resolve_methods, run_iteration
@@ -53,11 +55,22 @@ def measure_point(method: Method, steps: int, config: WorkloadConfig) -> dict[st
         workload = build_workload(config, kernels=method.kernels)
         objective = build_method_objective(method, steps)
         record.update(workload.info)
-        sync = (lambda: torch.cuda.synchronize()) if workload.device.type == "cuda" else None
-        probe = PeakMemory(workload.device)
-        with probe:
+        sync = synchronizer(workload.device)
+        with contextlib.ExitStack() as stack:
+            nvml = _nvml_probe(workload.device, stack)
+            probe = stack.enter_context(PeakMemory(workload.device))
             result = run_iteration(objective, workload, saved_counter=saved_tensor_counter, sync=sync)
-        record.update(probe.as_record())
+        report = probe.report
+        record["peak_bytes"] = report.peak_delta
+        if workload.device.type == "cuda":
+            record["peak_source"] = "cuda_max_memory_allocated"
+            record["peak_allocated_bytes"] = report.peak_allocated
+            record["nvml_peak_bytes"] = None if nvml is None else nvml.peak - nvml.baseline
+        else:
+            record["peak_source"] = "rss_vmhwm" if report.peak_rss_reset else "rss_lifetime_peak"
+            record["rss_before_bytes"] = report.rss_before
+        record["metrics"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        record["note"] = getattr(objective, "benchmark_note", "")
         record["saved_bytes"] = saved_bytes_of(result.saved)
         record["seconds"] = result.seconds
         record["forward_s"] = result.forward_s
@@ -70,6 +83,16 @@ def measure_point(method: Method, steps: int, config: WorkloadConfig) -> dict[st
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return record
+
+
+def _nvml_probe(device: torch.device, stack: contextlib.ExitStack) -> NvmlPeak | None:
+    """Poll NVML during the iteration on CUDA (device-wide peak); None on CPU or without NVML."""
+    if device.type != "cuda":
+        return None
+    try:
+        return stack.enter_context(NvmlPeak(device.index or 0))
+    except Exception:  # noqa: BLE001 - nvidia-ml-py or the driver library missing: allocator figures stand
+        return None
 
 
 def _point_argv(args: argparse.Namespace, method: Method, steps: int) -> list[str]:
