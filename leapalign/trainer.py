@@ -604,6 +604,7 @@ class LeapAlignTrainer:
             state = {
                 "step": self.step, "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
                 "world_size": self.world_size, "train_mode": cfg.train_mode, "param_names": self.param_names,
+                "param_shapes": [list(t.shape) for t in trainable.values()],
                 "config": cfg.to_dict(),
             }
 
@@ -667,7 +668,8 @@ class LeapAlignTrainer:
         state = read_trainer_state(path)
         if state.get("train_mode") != self.config.train_mode:
             raise CheckpointError(f"{path} was trained with train_mode={state.get('train_mode')!r}, config says {self.config.train_mode!r}")
-        if state.get("param_names") != self.param_names:
+        shapes = [list(p.shape) for p in self.params]  # a DTensor's shape is the global one
+        if state.get("param_names") != self.param_names or state.get("param_shapes", shapes) != shapes:
             raise CheckpointError(f"{path} holds different trainable parameters than this model (LoRA targets/rank or model changed)")
         trainable = load_file(str(path / "trainable.safetensors"))
         for n, p in zip(self.param_names, self.params):
