@@ -7,6 +7,7 @@ weights, and writes one PNG grid.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +39,7 @@ def image_grid(images: torch.Tensor, ncols: int | None = None) -> torch.Tensor:
         images = images.expand(b, 3, h, w)
     elif c != 3:
         images = images[:, :3] if c > 3 else torch.cat([images, images[:, :1].expand(b, 3 - c, h, w)], 1)
-    ncols = ncols or min(b, max(1, int(round(b**0.5))))
+    ncols = ncols or max(1, math.ceil(b**0.5))
     rows = -(-b // ncols)
     grid = images.new_zeros(3, rows * h, ncols * w)
     for i in range(b):

@@ -1,0 +1,124 @@
+"""The ``leapalign`` command: user errors exit != 0 with one clear line and write nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leapalign import cli
+from trainer_fixtures import PROMPTS, save_tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("model") / "tiny-flux")
+
+
+def _write_config(tmp_path: Path, model_dir: Path, **overrides) -> Path:
+    data = dict(
+        output_dir=str(tmp_path / "out"), device="cpu", model_path=str(model_dir), model_dtype="float32",
+        model_height=16, model_width=16, model_max_sequence_length=8, prompts=list(PROMPTS),
+        objective={"num_steps": 3, "hinge_lambda": None}, reward_specs=[{"name": "brightness"}],
+        train_num_steps=1, train_batch_size=1, lora_rank=2, ckpt_every=0,
+    )
+    data.update(overrides)
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _bad_cases(tmp_path: Path, model_dir: Path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "broken.json").write_text('["a cat", ')
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    (tmp_path / "malformed.yaml").write_text("train_num_steps: [1\n")
+    return {
+        "missing config": ([str(tmp_path / "nope.yaml")], "does not exist"),
+        "malformed yaml": ([str(tmp_path / "malformed.yaml")], "not valid YAML"),
+        "unknown key": ([str(_write_config(tmp_path, model_dir)), "--train_stepz", "3"], "unknown override"),
+        "bad value": ([str(_write_config(tmp_path, model_dir)), "--train_batch_size", "0"], "train_batch_size"),
+        "empty prompt file": ([str(_write_config(tmp_path, model_dir, prompt_file=str(tmp_path / "empty.txt")))], "holds no prompts"),
+        "missing prompt file": ([str(_write_config(tmp_path, model_dir, prompt_file=str(tmp_path / "no.txt")))], "does not exist"),
+        "broken json prompts": ([str(_write_config(tmp_path, model_dir, prompt_file=str(tmp_path / "broken.json")))], "not valid JSON"),
+        "non-string prompts": ([str(_write_config(tmp_path, model_dir, prompt_file=str(tmp_path / "numbers.json")))], "non-empty string"),
+        "unknown reward": ([str(_write_config(tmp_path, model_dir, reward_specs=[{"name": "pikscore"}]))], "unknown reward name"),
+        "missing reward path": ([str(_write_config(tmp_path, model_dir, reward_specs=[{"name": "clip", "path": str(tmp_path / "x")}]))], "does not exist"),
+        "unknown objective": ([str(_write_config(tmp_path, model_dir, objective_name="leapalgn"))], "unknown objective"),
+        "bad objective option": ([str(_write_config(tmp_path, model_dir, objective={"alpah": 0.1}))], "alpah"),
+        "unsupported device": ([str(_write_config(tmp_path, model_dir, device="tpu"))], "device"),
+        "missing model": ([str(_write_config(tmp_path, model_dir, model_path=str(tmp_path / "no-model")))], "model_index.json"),
+        "missing resume": ([str(_write_config(tmp_path, model_dir, ckpt_resume_from=str(tmp_path / "ck")))], "not a checkpoint"),
+    }
+
+
+def test_train_user_errors_exit_2_and_write_nothing(tmp_path, model_dir, capsys):
+    cases = _bad_cases(tmp_path, model_dir)
+    if not __import__("torch").cuda.is_available():
+        cases["cuda without a GPU"] = ([str(_write_config(tmp_path, model_dir, device="cuda"))], "no CUDA device")
+    for name, (args, message) in cases.items():
+        code = cli.main(["train", *args])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert message in err, (name, err)
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_sample_user_errors(tmp_path, model_dir, capsys):
+    out = tmp_path / "s.png"
+    for args, message in [
+        (["--model_path", str(model_dir), "--output", str(out)], "no prompts"),
+        (["--model_path", str(tmp_path), "--prompt", "a cat", "--output", str(out)], "model_index.json"),
+        (["--model_path", str(model_dir), "--prompt", "a cat", "--output", str(tmp_path / "s.jpg")], ".png"),
+        (["--model_path", str(model_dir), "--prompt", "a", "--output", str(out), "--device", "mps"], "not supported"),
+        (["--model_path", str(model_dir), "--prompt", "a", "--output", str(out), "--checkpoint", str(tmp_path)], "lora/"),
+    ]:
+        assert cli.main(["sample", *args]) == 2, args
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_unknown_command_and_missing_optional_modules(capsys, monkeypatch):
+    assert cli.main(["trian"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    monkeypatch.setitem(cli._DISPATCH, "demo", ("leapalign.shapes.no_such_demo", "main"))
+    assert cli.main(["demo"]) == 2
+    assert "not available" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert cli.main(["train", "--help"]) == 0
+    assert "--train_learning_rate" in capsys.readouterr().out
+
+
+def test_dispatch_passes_argv_and_exit_code(monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("fake_bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setitem(cli._DISPATCH, "bench", ("fake_bench", "main"))
+    assert cli.main(["bench", "memory", "--json", "x"]) == 3
+    assert seen["argv"] == ["memory", "--json", "x"]
+
+
+def test_console_entry_trains_then_samples_from_the_checkpoint(tmp_path, model_dir):
+    """``python -m leapalign train`` end to end, then ``sample`` with the saved LoRA; a bad run exits 2."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    config = _write_config(tmp_path, model_dir, ckpt_save_final=True)
+    proc = subprocess.run([sys.executable, "-m", "leapalign", "train", str(config), "--train_num_steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "out" / "checkpoints" / "step-00000002"
+    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert cli.main(["sample", "--model_path", str(model_dir), "--checkpoint", str(ckpt), "--prompt", "a red cat",
+                     "--prompt", "a blue dog", "--output", str(tmp_path / "grid.png"), "--num_steps", "3",
+                     "--height", "16", "--width", "16", "--dtype", "float32", "--max_sequence_length", "8",
+                     "--device", "cpu"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (32, 16)
