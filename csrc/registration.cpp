@@ -14,4 +14,17 @@ TORCH_LIBRARY(leapkernels_native, m) {
   m.def("leap_bwd_dc(Tensor grad, Tensor v, Tensor c, Tensor(a!) grad_v) -> Tensor");
   // per-term gradient scaling (csrc/grad_scale.cpp)
   m.def("grad_scale_bwd(Tensor grad, Tensor alpha, float? max_norm, Tensor(a!) out) -> ()");
+  // LayerNorm + AdaLN modulation, gated residual (csrc/modulation.cpp)
+  m.def("mln_fwd(Tensor x, Tensor scale, Tensor shift, float eps, Tensor(a!) y) -> ()");
+  m.def("mln_bwd(Tensor grad, Tensor x, Tensor scale, float eps, Tensor(a!) dx, bool need_dx, bool need_dmod)"
+        " -> (Tensor, Tensor)");
+  m.def("gr_fwd(Tensor x, Tensor gate, Tensor y, Tensor(a!) out) -> ()");
+  m.def("gr_bwd(Tensor grad, Tensor gate, Tensor y, Tensor(a!) dy, bool need_dy, bool need_dgate) -> Tensor");
+  // per-head QK RMSNorm + interleaved RoPE (csrc/rmsnorm_rope.cpp)
+  m.def("qk_fwd(Tensor x, Tensor weight, Tensor? cos, Tensor? sin, float eps, Tensor(a!) out) -> ()");
+  m.def("qk_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? cos, Tensor? sin, float eps, Tensor(a!) dx,"
+        " bool need_dx, bool need_dw) -> Tensor");
+  // tanh-GELU (csrc/gelu.cpp)
+  m.def("gelu_fwd(Tensor h, Tensor(a!) out) -> ()");
+  m.def("gelu_bwd(Tensor grad, Tensor h, Tensor(a!) dh) -> ()");
 }

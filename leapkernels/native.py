@@ -135,9 +135,78 @@ def _grad_scale_backward(g, alpha, max_norm):
     return out
 
 
+def _unused_output(like: torch.Tensor) -> torch.Tensor:
+    """A placeholder for an output the kernel is told not to write."""
+    return like.new_empty(0)
+
+
+def _modulated_layernorm_forward(x, scale, shift, eps):
+    y = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops().mln_fwd(x, scale, shift, eps, y)
+    return y
+
+
+def _modulated_layernorm_backward(g, x, scale, eps, need_dx, need_dmod):
+    dx = backend.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else _unused_output(x)
+    dscale, dshift = _ops().mln_bwd(g, x, scale, eps, dx, need_dx, need_dmod)
+    if not need_dmod:
+        dscale = dshift = None
+    return (dx if need_dx else None), dscale, dshift
+
+
+def _gated_residual_forward(x, gate, y):
+    out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops().gr_fwd(x, gate, y, out)
+    return out
+
+
+def _gated_residual_backward(g, gate, y, need_dy, need_dgate):
+    dy = backend.empty(g.shape, dtype=y.dtype, device=g.device) if need_dy else _unused_output(g)
+    dgate = _ops().gr_bwd(g, gate, y, dy, need_dy, need_dgate)
+    return (dy if need_dy else None), (dgate if need_dgate else None)
+
+
+def _rope_tables(cos, sin, dtype):
+    """cos/sin in the kernel's accumulation dtype (a no-op for Flux's fp32 tables)."""
+    if cos is None:
+        return None, None
+    acc = backend.accumulator_dtype(dtype)
+    return cos.to(acc), sin.to(acc)
+
+
+def _qk_norm_rope_forward(x, weight, cos, sin, eps):
+    out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+    cos, sin = _rope_tables(cos, sin, x.dtype)
+    _ops().qk_fwd(x, weight, cos, sin, eps, out)
+    return out
+
+
+def _qk_norm_rope_backward(g, x, weight, cos, sin, eps, need_dx, need_dw):
+    dx = backend.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else _unused_output(x)
+    cos, sin = _rope_tables(cos, sin, x.dtype)
+    dw = _ops().qk_bwd(g, x, weight, cos, sin, eps, dx, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None)
+
+
+def _gelu_tanh_forward(h):
+    out = backend.empty(h.shape, dtype=h.dtype, device=h.device)
+    _ops().gelu_fwd(h, out)
+    return out
+
+
+def _gelu_tanh_backward(da, h):
+    dh = backend.empty(h.shape, dtype=h.dtype, device=h.device)
+    _ops().gelu_bwd(da, h, dh)
+    return dh
+
+
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "leap_connector": (_leap_connector_forward, _leap_connector_backward),
     "grad_scale": (_no_forward, _grad_scale_backward),
+    "modulated_layernorm": (_modulated_layernorm_forward, _modulated_layernorm_backward),
+    "gated_residual": (_gated_residual_forward, _gated_residual_backward),
+    "qk_norm_rope": (_qk_norm_rope_forward, _qk_norm_rope_backward),
+    "gelu_tanh": (_gelu_tanh_forward, _gelu_tanh_backward),
 }
 """op name (as in ``leapkernels/ops/<op>.py``'s ``OP``) -> (forward, backward) kernel adapters."""
 
