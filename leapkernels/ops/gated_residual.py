@@ -19,6 +19,10 @@ try:
     import triton.language as tl
 
     from leapkernels.ops.rounding import rounded
+
+    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
+    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
+    _sum = tl.standard._sum_combine
 except ImportError:
     triton = None
 
@@ -56,13 +60,13 @@ if triton is not None:
         stride_xb, stride_xs, stride_gb, stride_yb, stride_ys, n_progs,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             mask = (rows < S)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
             y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
@@ -76,14 +80,14 @@ if triton is not None:
         NEED_DY: tl.constexpr, NEED_DGATE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
         dgate = tl.zeros([BLOCK_D], dtype=ACC)
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             mask = (rows < S)[:, None] & cmask[None, :]
             g = tl.load(g_ptr + b * stride_g_b + rows[:, None] * stride_g_s + cols[None, :], mask=mask, other=0.0).to(ACC)
             if NEED_DY:
@@ -91,7 +95,7 @@ if triton is not None:
                 tl.store(dy_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dy, dy_ptr.dtype.element_ty, RTNE), mask=mask)
             if NEED_DGATE:
                 y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
-                dgate += tl.sum(g * y, axis=0)
+                dgate += tl.reduce(g * y, 0, _sum)
         if NEED_DGATE:
             tl.store(dgate_ptr + (b * n_progs + p) * D + cols, dgate, mask=cmask)
 

@@ -75,7 +75,7 @@ if triton is not None:
     def _gelu_fwd_kernel(h_ptr, out_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
         p = tl.program_id(0)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+            offs = tl.arange(0, BLOCK).to(tl.int64) + start
             mask = offs < N
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
             u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
@@ -88,7 +88,7 @@ if triton is not None:
     def _gelu_bwd_kernel(da_ptr, h_ptr, dh_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
         p = tl.program_id(0)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+            offs = tl.arange(0, BLOCK).to(tl.int64) + start
             mask = offs < N
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
             da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(ACC)

@@ -22,6 +22,10 @@ try:
     import triton.language as tl
 
     from leapkernels.ops.rounding import rounded
+
+    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
+    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
+    _sum = tl.standard._sum_combine
 except ImportError:
     triton = None
 
@@ -65,32 +69,32 @@ if triton is not None:
 
     @triton.jit
     def _sumsq_kernel(g_ptr, part_ptr, N, stride_g, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK).to(tl.int64)
         acc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + cols
+            offs = cols + start
             g = tl.load(g_ptr + b * stride_g + offs, mask=offs < N, other=0.0).to(ACC)
             acc += g * g
-        tl.store(part_ptr + b * n_progs + p, tl.sum(acc, axis=0))
+        tl.store(part_ptr + b * n_progs + p, tl.reduce(acc, 0, _sum))
 
     @triton.jit
     def _scale_kernel(
         g_ptr, alpha_ptr, part_ptr, out_ptr, N, stride_g, n_progs, max_norm,
         HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         factor = tl.load(alpha_ptr + b).to(ACC)
         if HAS_CAP:
             pcols = tl.arange(0, BLOCK_P)
-            sumsq = tl.sum(tl.load(part_ptr + b * n_progs + pcols, mask=pcols < n_progs, other=0.0), axis=0)
+            sumsq = tl.reduce(tl.load(part_ptr + b * n_progs + pcols, mask=pcols < n_progs, other=0.0), 0, _sum)
             norm = tl.abs(factor) * tl.sqrt(sumsq)
             factor = tl.where(norm > max_norm, factor * (max_norm / norm), factor)
-        cols = tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK).to(tl.int64)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + cols
+            offs = cols + start
             mask = offs < N
             g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(ACC)
             tl.store(out_ptr + b * N + offs, rounded(g * factor, out_ptr.dtype.element_ty, RTNE), mask=mask)

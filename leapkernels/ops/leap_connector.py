@@ -22,6 +22,10 @@ try:
     import triton.language as tl
 
     from leapkernels.ops.rounding import rounded
+
+    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
+    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
+    _sum = tl.standard._sum_combine
 except ImportError:  # CPU-only platforms without triton: the reference backend still works
     triton = None
 
@@ -76,13 +80,13 @@ if triton is not None:
         N, stride_x, stride_v, stride_t, n_progs,
         HAS_TRUE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         c = tl.load(c_ptr + b).to(ACC)
-        cols = tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK).to(tl.int64)
         dist = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + cols
+            offs = cols + start
             mask = offs < N
             x = tl.load(x_ptr + b * stride_x + offs, mask=mask, other=0.0).to(ACC)
             v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
@@ -94,7 +98,7 @@ if triton is not None:
             else:
                 tl.store(out_ptr + b * N + offs, rounded(leap, out_ptr.dtype.element_ty, RTNE), mask=mask)
         if HAS_TRUE:
-            tl.store(part_ptr + b * n_progs + p, tl.sum(dist, axis=0))
+            tl.store(part_ptr + b * n_progs + p, tl.reduce(dist, 0, _sum))
 
     @triton.jit
     def _leap_bwd_kernel(
@@ -102,13 +106,13 @@ if triton is not None:
         N, stride_g, stride_v, n_progs,
         NEED_DC: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         c = tl.load(c_ptr + b).to(ACC)
-        cols = tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK).to(tl.int64)
         dc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = start + cols
+            offs = cols + start
             mask = offs < N
             g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(ACC)
             tl.store(gv_ptr + b * N + offs, rounded(c * g, gv_ptr.dtype.element_ty, RTNE), mask=mask)
@@ -116,7 +120,7 @@ if triton is not None:
                 v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
                 dc += g * v
         if NEED_DC:
-            tl.store(part_ptr + b * n_progs + p, tl.sum(dc, axis=0))
+            tl.store(part_ptr + b * n_progs + p, tl.reduce(dc, 0, _sum))
 
 
 def _grid(batch: int, n: int, device: torch.device) -> tuple[int, int]:

@@ -24,6 +24,10 @@ try:
     import triton.language as tl
 
     from leapkernels.ops.rounding import rounded
+
+    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
+    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
+    _sum = tl.standard._sum_combine
 except ImportError:
     triton = None
 
@@ -81,19 +85,19 @@ if triton is not None:
         S, D, stride_xb, stride_xs, stride_sc, stride_sh, eps, n_progs,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         one_plus_scale = 1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cmask, other=0.0).to(ACC)
         shift = tl.load(shift_ptr + b * stride_sh + cols, mask=cmask, other=0.0).to(ACC)
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             mask = (rows < S)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.sum(x, axis=1) / D
+            mean = tl.reduce(x, 1, _sum) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _sum) / D + eps)
             y = xc * rstd[:, None] * one_plus_scale[None, :] + shift[None, :]
             tl.store(y_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(y, y_ptr.dtype.element_ty, RTNE), mask=mask)
 
@@ -104,7 +108,7 @@ if triton is not None:
         NEED_DX: tl.constexpr, NEED_DMOD: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
         p = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
@@ -112,21 +116,21 @@ if triton is not None:
         dscale = tl.zeros([BLOCK_D], dtype=ACC)
         dshift = tl.zeros([BLOCK_D], dtype=ACC)
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             mask = (rows < S)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + b * stride_gb + rows[:, None] * stride_gs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.sum(x, axis=1) / D
+            mean = tl.reduce(x, 1, _sum) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _sum) / D + eps)
             xhat = xc * rstd[:, None]
             if NEED_DMOD:
-                dscale += tl.sum(g * xhat, axis=0)
-                dshift += tl.sum(g, axis=0)
+                dscale += tl.reduce(g * xhat, 0, _sum)
+                dshift += tl.reduce(g, 0, _sum)
             if NEED_DX:
                 dxhat = g * one_plus_scale[None, :]
-                c1 = tl.sum(dxhat, axis=1) / D
-                c2 = tl.sum(dxhat * xhat, axis=1) / D
+                c1 = tl.reduce(dxhat, 1, _sum) / D
+                c2 = tl.reduce(dxhat * xhat, 1, _sum) / D
                 dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
                 tl.store(dx_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dx, dx_ptr.dtype.element_ty, RTNE), mask=mask)
         if NEED_DMOD:

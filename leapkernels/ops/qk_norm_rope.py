@@ -24,6 +24,10 @@ try:
     import triton.language as tl
 
     from leapkernels.ops.rounding import rounded
+
+    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
+    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
+    _sum = tl.standard._sum_combine
 except ImportError:
     triton = None
 
@@ -85,26 +89,26 @@ if triton is not None:
     @triton.jit
     def _qkr_fwd_kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
-        R, S, H, D, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
+        R, S, H, SH, D, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
         HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
         p = tl.program_id(0)
-        ev = 2 * tl.arange(0, HALF)
+        ev = tl.arange(0, HALF).to(tl.int64) * 2  # int64 offsets throughout
         od = ev + 1
         cmask = ev < D
         we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
         wo = tl.load(w_ptr + od, mask=cmask, other=0.0).to(ACC)
         for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             rmask = rows < R
             mask = rmask[:, None] & cmask[None, :]
-            b = rows // (S * H)
+            b = rows // SH
             s = (rows // H) % S
             h = rows % H
             base = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
             xe = tl.load(x_ptr + base + ev[None, :], mask=mask, other=0.0).to(ACC)
             xo = tl.load(x_ptr + base + od[None, :], mask=mask, other=0.0).to(ACC)
-            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / D + eps)
+            rstd = 1.0 / tl.sqrt((tl.reduce(xe * xe, 1, _sum) + tl.reduce(xo * xo, 1, _sum)) / D + eps)
             ne = xe * rstd[:, None] * we[None, :]
             no = xo * rstd[:, None] * wo[None, :]
             if HAS_ROPE:
@@ -125,12 +129,12 @@ if triton is not None:
     @triton.jit
     def _qkr_bwd_kernel(
         g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr,
-        R, S, H, D, stride_gb, stride_gs, stride_gh, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
+        R, S, H, SH, D, stride_gb, stride_gs, stride_gh, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
         HAS_ROPE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
         BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
         p = tl.program_id(0)
-        ev = 2 * tl.arange(0, HALF)
+        ev = tl.arange(0, HALF).to(tl.int64) * 2  # int64 offsets throughout
         od = ev + 1
         cmask = ev < D
         we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
@@ -138,10 +142,10 @@ if triton is not None:
         dwe = tl.zeros([HALF], dtype=ACC)
         dwo = tl.zeros([HALF], dtype=ACC)
         for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
+            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             rmask = rows < R
             mask = rmask[:, None] & cmask[None, :]
-            b = rows // (S * H)
+            b = rows // SH
             s = (rows // H) % S
             h = rows % H
             xbase = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
@@ -161,16 +165,16 @@ if triton is not None:
             else:
                 gne = ge
                 gno = go
-            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / D + eps)
+            rstd = 1.0 / tl.sqrt((tl.reduce(xe * xe, 1, _sum) + tl.reduce(xo * xo, 1, _sum)) / D + eps)
             xhe = xe * rstd[:, None]
             xho = xo * rstd[:, None]
             if NEED_DW:
-                dwe += tl.sum(gne * xhe, axis=0)
-                dwo += tl.sum(gno * xho, axis=0)
+                dwe += tl.reduce(gne * xhe, 0, _sum)
+                dwo += tl.reduce(gno * xho, 0, _sum)
             if NEED_DX:
                 dhe = gne * we[None, :]
                 dho = gno * wo[None, :]
-                c = (tl.sum(dhe * xhe, axis=1) + tl.sum(dho * xho, axis=1)) / D
+                c = (tl.reduce(dhe * xhe, 1, _sum) + tl.reduce(dho * xho, 1, _sum)) / D
                 dxe = (dhe - xhe * c[:, None]) * rstd[:, None]
                 dxo = (dho - xho * c[:, None]) * rstd[:, None]
                 obase = (rows * D)[:, None]
@@ -200,7 +204,7 @@ def _forward_triton(x, weight, cos, sin, eps):
     has_rope = cos is not None
     _qkr_fwd_kernel[(n_progs,)](
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
-        rows, seq, heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
+        rows, seq, heads, seq * heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
         HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
     )
     return out
@@ -215,7 +219,7 @@ def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
     has_rope = cos is not None
     _qkr_bwd_kernel[(n_progs,)](
         g, x, weight, cos if has_rope else weight, sin if has_rope else weight, dx, dw,
-        rows, seq, heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        rows, seq, heads, seq * heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if has_rope else 0, eps, n_progs,
         HAS_ROPE=has_rope, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_R=block_r, HALF=half,
         ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),

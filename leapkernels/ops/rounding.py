@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from leapkernels import backend
+
 try:
     import triton
     import triton.language as tl
@@ -23,11 +25,14 @@ def emulate_bf16_rtne(dtype: torch.dtype, device: torch.device) -> bool:
 
 if triton is not None:
 
-    @triton.jit
-    def rounded(x, out_dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    def _rounded(x, out_dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
         """``x`` (fp32/fp64) converted to ``out_dtype`` with round-to-nearest-even."""
         if EMULATE_RTNE:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
         return x.to(out_dtype)
+
+    # Compiled kernels need a jit function; interpreted ones call plain Python (a nested jit call
+    # costs the interpreter a full re-patch of triton.language, milliseconds per call).
+    rounded = _rounded if backend.interpreter_enabled() else triton.jit(_rounded)
