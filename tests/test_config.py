@@ -91,3 +91,16 @@ def test_round_trip_through_yaml(tmp_path):
     c.save_yaml(tmp_path / "out.yaml")
     assert LeapAlignConfig.from_file(tmp_path / "out.yaml") == c
     assert all(h for _, _, h in LeapAlignConfig.field_help())  # every field documents itself
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("flux_*.yaml"))
+    assert configs
+    for path in configs:
+        c = LeapAlignConfig.from_file(path)
+        assert c.model_path and c.reward_specs and c.prompt_file
+        from leapalign.objectives import build_objective
+
+        build_objective(c.objective_name, **c.objective)
