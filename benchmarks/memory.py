@@ -31,7 +31,7 @@ from benchmarks.machine import machine_info
 from benchmarks.measure import NvmlPeak, is_oom, saved_bytes_of, saved_tensor_counter, synchronizer
 from benchmarks.options import add_workload_args, default_paths, workload_config
 from benchmarks.report import Column, ResultDoc, format_bytes, format_float, render_table, write_json, write_markdown
-from benchmarks.workload import Method, WorkloadConfig, build_method_objective, build_workload, resolve_methods, run_iteration
+from benchmarks.workload import Method, Workload, WorkloadConfig, build_method_objective, build_workload, resolve_methods, run_iteration
 
 __all__ = ["main", "measure_point", "COLUMNS"]
 
@@ -47,12 +47,22 @@ COLUMNS = (
 )
 
 
-def measure_point(method: Method, steps: int, config: WorkloadConfig) -> dict[str, Any]:
-    """One (method, T) point in this process; never raises for OOM/errors, records them instead."""
+def measure_point(method: Method, steps: int, config: WorkloadConfig,
+                  workloads: dict[bool, Workload] | None = None) -> dict[str, Any]:
+    """One (method, T) point in this process; never raises for OOM/errors, records them instead.
+
+    ``workloads`` caches the eager and the patched workload across points (in-process mode: the
+    FLUX.1-dev build takes a while); without it each point builds its own.
+    """
     record: dict[str, Any] = {"method": method.name, "label": method.label, "steps": steps, "status": "ok",
                               "saved_bytes": None, "peak_bytes": None, "seconds": None}
     try:
-        workload = build_workload(config, kernels=method.kernels)
+        if workloads is not None and method.kernels in workloads:
+            workload = workloads[method.kernels]
+        else:
+            workload = build_workload(config, kernels=method.kernels)
+            if workloads is not None:
+                workloads[method.kernels] = workload
         objective = build_method_objective(method, steps)
         record.update(workload.info)
         sync = synchronizer(workload.device)
@@ -128,10 +138,11 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     methods = resolve_methods(args.methods)
     isolate = args.isolate if args.isolate is not None else config.device == "cpu"
     records = []
+    workloads: dict[bool, Workload] = {}
     for steps in args.steps:
         for method in methods:
             t0 = time.perf_counter()
-            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config)
+            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config, workloads)
             rec["isolated"] = isolate
             records.append(rec)
             print(f"  memory {method.name:>18} T={steps:<3} saved={format_bytes(rec.get('saved_bytes')):>9} MiB "

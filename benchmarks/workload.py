@@ -163,6 +163,15 @@ def add_lora(transformer: torch.nn.Module, rank: int) -> None:
                                        target_modules=list(FLUX_LORA_TARGET_MODULES)))
 
 
+def _apply_leapkernels(transformer: torch.nn.Module) -> None:
+    """``leapkernels.apply_leapkernels_to_flux`` (every fused op on), from the package or its flux module."""
+    try:
+        from leapkernels import apply_leapkernels_to_flux
+    except ImportError:
+        from leapkernels.flux import apply_leapkernels_to_flux
+    apply_leapkernels_to_flux(transformer)
+
+
 def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     """Build the model, conditioning and reward for ``config``; patch the transformer if ``kernels``.
 
@@ -189,9 +198,7 @@ def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     if config.lora_rank is not None:
         add_lora(transformer, config.lora_rank)
     if kernels:
-        import leapkernels
-
-        leapkernels.apply_leapkernels_to_flux(transformer)
+        _apply_leapkernels(transformer)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1000)
     cond = tiny_flux.random_flux_conditioning(
         transformer, config.batch_size, text_len=text_len, generator=gen, dtype=dtype, device=device
