@@ -178,6 +178,7 @@ class LeapAlignTrainer:
             model.to(self.device)
         self.model = model
         self.prompt_encoder = self._make_prompt_encoder(prompt_encoder)
+        self._precompute_prompts()  # before LoRA/upcasting/sharding: the text encoders leave memory first
 
         self.reward = reward if reward is not None else self._build_reward()
         self.objective = objective if objective is not None else self._build_objective()
@@ -344,6 +345,8 @@ class LeapAlignTrainer:
         else:
             self.state_module = _ParameterHolder(list(self.model.trainable_parameters()))
         vae = getattr(self.model, "vae", None)
+        if isinstance(vae, nn.Module) and not any(id(p) in trainable_ids for p in vae.parameters()):
+            vae.requires_grad_(False)  # frozen: no weight gradients computed or stored in the reward path
         if cfg.model_vae_gradient_checkpointing and vae is not None and hasattr(vae, "enable_gradient_checkpointing"):
             vae.enable_gradient_checkpointing()
         if cfg.model_gradient_checkpointing and self.pipeline is None and net is not None:
@@ -511,7 +514,6 @@ class LeapAlignTrainer:
         resume = resolve_resume(cfg.ckpt_resume_from, cfg.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
-        self._precompute_prompts()
         out = Path(cfg.output_dir)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
