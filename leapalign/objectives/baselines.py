@@ -92,7 +92,14 @@ class FullBackpropObjective(_Baseline):
     name = "full_backprop"
     config_class = FullBackpropConfig
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
@@ -123,7 +130,14 @@ class DraftKObjective(_Baseline):
     name = "draft_k"
     config_class = DraftKConfig
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
@@ -156,7 +170,14 @@ class DraftLVObjective(_Baseline):
     name = "draft_lv"
     config_class = DraftLVConfig
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
@@ -209,7 +230,14 @@ class ReFLObjective(_Baseline):
     name = "refl"
     config_class = ReFLConfig
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
@@ -245,7 +273,7 @@ class DRTuneObjective(_Baseline):
     ECCV 2024, arXiv 2405.00760): backprop through the whole sampling chain but stop the gradient
     at the denoiser's input (``v(sg(x_i))``), and train only K of the T steps, evenly spaced with a
     random offset. The gradient is ``sum_{i trained} (sigma_{i+1} - sigma_i) dv_i/dtheta`` and its
-    memory holds K forwards."""
+    memory holds K forwards. The chain always runs to the last step (no early stop before x0)."""
 
     name = "drtune"
     config_class = DRTuneConfig
@@ -259,7 +287,14 @@ class DRTuneObjective(_Baseline):
         offset = int(torch.randint(stride, (1,), generator=generator, device=device))
         return [offset + m * stride for m in range(cfg.k)]
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
@@ -301,7 +336,14 @@ class AlignPropObjective(_Baseline):
     name = "alignprop"
     config_class = AlignPropConfig
 
-    def __call__(self, model, cond, prompts, reward, generator=None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: Any,
+        cond: Any,
+        prompts: Sequence[str],
+        reward: RewardFn,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
         cfg = self.config
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
