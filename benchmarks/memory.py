@@ -48,21 +48,22 @@ COLUMNS = (
 
 
 def measure_point(method: Method, steps: int, config: WorkloadConfig,
-                  workloads: dict[bool, Workload] | None = None) -> dict[str, Any]:
+                  shared: list[Workload] | None = None) -> dict[str, Any]:
     """One (method, T) point in this process; never raises for OOM/errors, records them instead.
 
-    ``workloads`` caches the eager and the patched workload across points (in-process mode: the
-    FLUX.1-dev build takes a while); without it each point builds its own.
+    ``shared`` is one workload reused across points in in-process mode (the FLUX.1-dev build takes
+    a while), patched or reverted to suit the method; without it the point builds its own.
     """
     record: dict[str, Any] = {"method": method.name, "label": method.label, "steps": steps, "status": "ok",
                               "saved_bytes": None, "peak_bytes": None, "seconds": None}
     try:
-        if workloads is not None and method.kernels in workloads:
-            workload = workloads[method.kernels]
+        if shared:
+            workload = shared[0]
+            workload.use_kernels(method.kernels)
         else:
             workload = build_workload(config, kernels=method.kernels)
-            if workloads is not None:
-                workloads[method.kernels] = workload
+            if shared is not None:
+                shared.append(workload)
         objective = build_method_objective(method, steps)
         record.update(workload.info)
         sync = synchronizer(workload.device)
@@ -138,11 +139,11 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     methods = resolve_methods(args.methods)
     isolate = args.isolate if args.isolate is not None else config.device == "cpu"
     records = []
-    workloads: dict[bool, Workload] = {}
+    shared: list[Workload] = []
     for steps in args.steps:
         for method in methods:
             t0 = time.perf_counter()
-            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config, workloads)
+            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config, shared)
             rec["isolated"] = isolate
             records.append(rec)
             print(f"  memory {method.name:>18} T={steps:<3} saved={format_bytes(rec.get('saved_bytes')):>9} MiB "

@@ -82,9 +82,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     methods = resolve_methods(args.methods)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    workloads: dict[bool, Workload] = {}
-    for kernels in sorted({m.kernels for m in methods}):
-        workloads[kernels] = build_workload(config, kernels=kernels)
+    workload = build_workload(config)  # one model; kernel methods patch it and eager ones revert it
     records: list[dict[str, Any]] = []
     for steps in args.steps:
         failed: dict[str, dict[str, Any]] = {}
@@ -101,7 +99,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                 if m.name in failed:
                     continue
                 try:
-                    sample = _time_once(objectives[m.name], workloads[m.kernels])
+                    workload.use_kernels(m.kernels)
+                    sample = _time_once(objectives[m.name], workload)
                 except Exception as exc:  # noqa: BLE001 - OOM is a finding; keep the other methods running
                     failed[m.name] = {"status": "oom" if is_oom(exc) else "error",
                                       "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
@@ -121,7 +120,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                   f"{rec['status']}", flush=True)
     run_config = {**config.as_dict(), "steps": list(args.steps), "methods": [m.name for m in methods],
                   "warmup": args.warmup, "repeats": args.repeats, "order": "interleaved, rotated per repeat",
-                  "model_info": next(iter(workloads.values())).info}
+                  "model_info": workload.info}
     summary = headline.throughput_headline(records, args.steps)
     return ResultDoc("throughput", machine_info(["throughput", *argv]), run_config, records, summary)
 

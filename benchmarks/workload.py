@@ -137,6 +137,24 @@ class Workload:
         """A fresh generator from the workload seed: every iteration draws the same noise and the same (k, j)."""
         return torch.Generator(device=self.device).manual_seed(self.config.seed)
 
+    def use_kernels(self, on: bool) -> None:
+        """Patch (``on``) or revert the transformer in place, so eager and patched methods share one model.
+
+        Sharing matters on GPU: two copies of FLUX.1-dev (24 GB each in bf16) do not fit beside
+        the activations of an iteration on an 80 GB card.
+        """
+        if on == self.kernels:
+            return
+        if on:
+            _apply_leapkernels(self.model.transformer)
+        else:
+            try:
+                from leapkernels import revert_leapkernels
+            except ImportError:
+                from leapkernels.flux import revert_leapkernels
+            revert_leapkernels(self.model.transformer)
+        self.kernels = on
+
     def zero_grad(self) -> None:
         for p in self.model.trainable_parameters():
             p.grad = None

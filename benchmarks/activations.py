@@ -1,0 +1,212 @@
+"""``python -m benchmarks activations``: bytes saved for backward by one Flux forward, patched vs eager.
+
+One forward of a diffusers ``FluxTransformer2DModel`` (random weights, same weights for both
+variants) with autograd on; every tensor autograd saves is counted through
+``torch.autograd.graph.saved_tensors_hooks`` (unique storages once, parameters and views of them
+excluded: they are resident anyway). ``eager`` is diffusers as shipped; ``patched`` is the same
+model after ``leapkernels.apply_leapkernels_to_flux`` (all fusions on). DESIGN §3's target:
+patched <= 0.5x eager.
+
+``max_rel_err``: the largest ``max|x - truth| / max|truth|`` over the output and every parameter
+gradient (one fixed random cotangent), against the fp64 model with the same weights; eager's own
+figure is beside it, so the patched one can be read against the flash-attention rule (<= 2x).
+
+Default model (``--model cpu``): 4 heads x 64 (width 256), 2 double + 4 single blocks,
+1,024 image + 64 text = 1,088 tokens, batch 1. On CPU the fused ops run their PyTorch reference
+backend (the bytes saved do not depend on the backend: the autograd.Functions save the same
+tensors); on CUDA the compiled Triton kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks.machine import machine_info
+from benchmarks.options import RESULTS_DIR
+from benchmarks.report import Column, ResultDoc, format_bytes, render_table, write_json, write_markdown
+
+__all__ = ["main", "MODELS", "saved_bytes_of_forward"]
+
+MODELS: dict[str, dict[str, Any]] = {
+    "cpu": dict(config=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                            num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64,
+                            axes_dims_rope=[8, 28, 28]),
+                latent_side=32, text_tokens=64),
+    "tiny": dict(config=dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=[4, 4, 8]),
+                 latent_side=4, text_tokens=8),
+}
+
+
+class _SavedBytes:
+    """Fallback counter (same rules as ``leapalign.profiling.SavedTensorCounter``)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], int] = {}
+        self._hooks: Any = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = getattr(t, "_base", None)
+        if not isinstance(t, torch.nn.Parameter) and not isinstance(base, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            self._seen.setdefault((str(t.device), storage.data_ptr()), storage.nbytes())
+        return t
+
+    def __enter__(self) -> "_SavedBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _counter() -> Any:
+    try:
+        from leapalign.profiling import SavedTensorCounter
+
+        return SavedTensorCounter()
+    except ImportError:
+        return _SavedBytes()
+
+
+def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The model (weights ~ N(0, 0.05), seeded) and its inputs (batch 1)."""
+    from diffusers import FluxTransformer2DModel
+
+    spec = MODELS[name]
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**spec["config"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    side, n_txt, cfg = spec["latent_side"], spec["text_tokens"], spec["config"]
+    g = torch.Generator().manual_seed(seed + 1)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    inputs = dict(
+        hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(1, n_txt, cfg["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
+        timestep=torch.tensor([0.7]),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(n_txt, 3),
+    )
+    model = model.to(device=device, dtype=dtype)
+    inputs = {k: v.to(device=device, dtype=dtype if k not in ("img_ids", "txt_ids") else v.dtype) for k, v in inputs.items()}
+    return model, inputs
+
+
+def saved_bytes_of_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Bytes autograd saves in one forward of ``model(**inputs)``; also returns the output (graph alive)."""
+    counter = _counter()
+    with counter:
+        out = model(**inputs, return_dict=False)[0]
+    return counter.bytes, out
+
+
+def _grads(model: torch.nn.Module, out: torch.Tensor, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out.backward(cotangent.to(out.dtype))
+    return {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(x: torch.Tensor, truth: torch.Tensor) -> float:
+    x, truth = x.detach().double().cpu(), truth.detach().double().cpu()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return (x - truth).abs().max().item() / max(truth.abs().max().item(), 1e-30)
+
+
+def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) -> list[dict[str, Any]]:
+    """One eager and one patched record per dtype."""
+    from leapkernels.flux import apply_leapkernels_to_flux
+
+    records = []
+    for dtype in dtypes:
+        eager, inputs = _build(model_name, dtype, device)
+        patched = copy.deepcopy(eager)
+        apply_leapkernels_to_flux(patched)
+        truth = copy.deepcopy(eager).to(torch.float64)
+        truth_inputs = {k: (v.double() if v.is_floating_point() and "ids" not in k else v) for k, v in inputs.items()}
+        out_t = truth(**truth_inputs, return_dict=False)[0]
+        cot = torch.randn(out_t.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+        grads_t = _grads(truth, out_t, cot)
+        eager_bytes = None
+        for variant, model in (("eager", eager), ("patched", patched)):
+            nbytes, out = saved_bytes_of_forward(model, inputs)
+            grads = _grads(model, out, cot)
+            err = max([_rel(out, out_t)] + [_rel(grads[n], grads_t[n]) for n in grads_t])
+            eager_bytes = nbytes if variant == "eager" else eager_bytes
+            records.append(dict(
+                variant=variant, dtype=str(dtype).replace("torch.", ""), model=model_name,
+                tokens=inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1],
+                saved_bytes=nbytes, ratio_vs_eager=nbytes / eager_bytes, max_rel_err=err, status="ok",
+            ))
+            del out, grads
+    return records
+
+
+COLUMNS = [
+    Column("variant", "variant"),
+    Column("dtype", "dtype"),
+    Column("tokens", "tokens"),
+    Column("saved_bytes", "saved for backward (MiB)", format_bytes),
+    Column("ratio_vs_eager", "x eager", lambda x: f"{x:.3f}"),
+    Column("max_rel_err", "max rel err vs fp64 (output + all grads)", lambda x: f"{x:.2e}"),
+]
+
+NOTES = (
+    "saved bytes: torch.autograd.graph.saved_tensors_hooks over one forward; unique storages, parameters "
+    "and their views excluded. Target (DESIGN §3): patched <= 0.5x eager.",
+    "max rel err: max over output and every parameter gradient of max|x - fp64| / max|fp64|, same weights, "
+    "one fixed random cotangent; the patched figure should be <= 2x the eager one (flash-attention rule).",
+    "On CPU the fused ops run the PyTorch reference backend (same saved tensors as the Triton kernels).",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks activations", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="cpu", choices=sorted(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", default=None, help="default: benchmarks/results/activations_<device>.json")
+    parser.add_argument("--md", default=None, help="default: the JSON path with .md")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    records = run(args.model, dtypes, device)
+    spec = MODELS[args.model]
+    config = dict(model=args.model, **spec["config"], image_tokens=spec["latent_side"] ** 2,
+                  text_tokens=spec["text_tokens"], batch=1, device=args.device)
+    summary = {f"patched_over_eager_{r['dtype']}": r["ratio_vs_eager"] for r in records if r["variant"] == "patched"}
+    doc = ResultDoc("activations", machine_info(["activations", *argv]), config, records, summary)
+    json_path = args.json or os.path.join(RESULTS_DIR, f"activations_{args.device}.json")
+    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
+    write_json(json_path, doc)
+    write_markdown(md_path, doc, COLUMNS, title=f"Saved activations: leapkernels-patched vs eager Flux ({args.device})", notes=NOTES)
+    print(render_table(records, COLUMNS))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
