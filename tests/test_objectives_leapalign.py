@@ -342,3 +342,13 @@ def test_build_objective_rejects_unknown_names_and_fields():
     with pytest.raises(TypeError, match="valid fields"):
         build_objective("leapalign", alpa=0.3)
     assert isinstance(build_objective("LeapAlign", alpha=0.1), LeapAlignObjective)
+
+
+def test_reward_with_gradient_only_through_its_own_weights_is_detected():
+    """A trainable scorer fed detached images returns requires_grad=True rewards: still caught."""
+    model = ToyVelocity()
+    scorer = torch.nn.Linear(5, 1).double()  # unfrozen reward weights
+    sneaky = lambda images, prompts: scorer(images.detach()[:, 0, :, 0]).squeeze(1)  # noqa: E731
+    obj = build_objective("leapalign", num_steps=4)
+    with pytest.raises(RewardNotDifferentiableError, match="does not reach the images"):
+        obj(model, None, PROMPTS2, sneaky, torch.Generator().manual_seed(0))
