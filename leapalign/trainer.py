@@ -185,6 +185,8 @@ class LeapAlignTrainer:
 
         self.network = _network_of(model)
         self._setup_trainable()
+        if config.model_use_leapkernels:
+            self._apply_leapkernels()
         self.distributed = self._resolve_distributed()
         if self.distributed == "fsdp":
             self._apply_fsdp()
@@ -352,6 +354,18 @@ class LeapAlignTrainer:
         if cfg.model_gradient_checkpointing and self.pipeline is None and net is not None:
             if hasattr(net, "enable_gradient_checkpointing") and not getattr(net, "gradient_checkpointing", False):
                 net.enable_gradient_checkpointing()
+
+    def _apply_leapkernels(self) -> None:
+        """Swap leapkernels' fused Flux ops into the network (LoRA-wrapped projections keep working)."""
+        from leapkernels.flux import apply_leapkernels_to_flux
+
+        net = self.network
+        if net is None or not hasattr(net, "transformer_blocks") or not hasattr(net, "single_transformer_blocks"):
+            raise ConfigError(
+                f"model_use_leapkernels=true needs a diffusers FluxTransformer2DModel as the adapter's .transformer, "
+                f"got {type(net).__name__}"
+            )
+        apply_leapkernels_to_flux(net)
 
     def _resolve_distributed(self) -> str:
         from accelerate.utils import DistributedType

@@ -140,3 +140,18 @@ def test_works_with_a_non_flux_velocity_model_and_prompt_encoder(tmp_path):
     assert all("lora" in n and ("to_q" in n or "to_v" in n) for n in trainer.param_names)
     result = trainer.train()
     assert result.step == 2 and result.last_metrics["grad_norm"] > 0
+
+
+def test_leapkernels_patched_model_gives_the_same_gradients(tmp_path):
+    """model_use_leapkernels swaps the fused Flux ops in (LoRA still applies): same step-0 gradients."""
+    grads = []
+    for use in (False, True):
+        cfg = tiny_config(tmp_path / str(use), model_use_leapkernels=use, train_batch_size=1)
+        trainer = LeapAlignTrainer(cfg, tiny_flux_pipeline())
+        assert ("forward" in trainer.network.transformer_blocks[0].__dict__) == use  # patched per instance
+        finite, _ = trainer.compute_gradients(0)
+        assert finite
+        grads.append([p.grad.clone() for p in trainer.params])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
