@@ -201,10 +201,10 @@ def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     device = torch.device(config.device)
     dtype = parse_dtype(config.dtype)
     if config.model == "flux-dev":
-        from benchmarks.flux_dev import flux_dev_velocity_model
+        from benchmarks.flux_dev import FLUX_DEV_TEXT_LEN, flux_dev_velocity_model
 
         model = flux_dev_velocity_model(dtype=dtype, device=device, seed=config.seed)
-        text_len = 512
+        text_len = FLUX_DEV_TEXT_LEN
     else:
         spec = tiny_flux.tiny_flux_spec(config.model)
         model = tiny_flux.tiny_flux_velocity_model(config.model, dtype=dtype, seed=config.seed)

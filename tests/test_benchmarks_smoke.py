@@ -115,3 +115,30 @@ def test_plot_writes_pngs(results):
 def test_dispatcher_rejects_unknown_suite(capsys):
     assert bench_main(["nonsense"]) == 2
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_gpu_suite_plan_runs_cuda_tests_first_and_flux_dev_as_specified(tmp_path):
+    """The one-call GPU suite: CUDA tests compiled (not interpreted), FLUX.1-dev at bf16/LoRA/T=25, < 10 min."""
+    from benchmarks.gpu_suite import DEFAULT_BUDGET_S, stages
+
+    plan = stages(str(tmp_path))
+    assert plan[0].name == "cuda_tests" and plan[0].env == {"TRITON_INTERPRET": "0"} and "cuda" in plan[0].argv
+    flux = [s for s in plan if "flux-dev" in s.argv and "--model" in s.argv]
+    assert {s.name for s in flux} == {"memory_flux_dev", "throughput_flux_dev"}
+    for stage in flux:
+        args = " ".join(stage.argv)
+        assert "--dtype bfloat16" in args and "--lora-rank 16" in args and "--steps 25" in args
+    assert all(str(tmp_path) in " ".join(s.argv) for s in plan)
+    assert DEFAULT_BUDGET_S < 600
+
+
+def test_flux_dev_config_is_the_published_architecture():
+    """Built on the meta device (no memory): FLUX.1-dev has 11.90 B transformer parameters."""
+    from diffusers import FluxTransformer2DModel
+
+    from benchmarks.flux_dev import FLUX_DEV_TRANSFORMER
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+    assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
+    assert len(model.transformer_blocks) == 19 and len(model.single_transformer_blocks) == 38

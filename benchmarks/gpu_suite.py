@@ -1,0 +1,129 @@
+"""``python -m benchmarks gpu [--out DIR]``: the whole GPU suite in one call, under 10 minutes on one H100.
+
+Runs, each stage in its own process with its own time limit inside one global budget
+(``--budget``, default 570 s), every file written to one folder (``--out``):
+
+1. the CUDA tests: ``pytest -m cuda tests`` with ``TRITON_INTERPRET=0`` (compiled kernels);
+2. memory and throughput on the real FLUX.1-dev architecture with random weights
+   (``--model flux-dev``: 19 double + 38 single blocks, 24 x 128 heads, 512x512 -> 1024 image
+   tokens + 512 text tokens, bf16, LoRA rank 16, T = 25); naive BPTT is expected to run out of
+   memory there and is recorded as ``status: oom``;
+3. the fused-op kernels at FLUX.1-dev shapes (``triton.testing.do_bench``, GB/s);
+4. memory and throughput on the ``cpu-bench`` model on CUDA (T = 4..50), comparable to the CPU run;
+5. the activations suite (patched vs eager Flux forward);
+6. ``plot`` over the folder, and ``gpu_suite.json``: the machine block, each stage's command, exit
+   code, seconds and log file.
+
+Stages are ordered by value: when the budget runs short the later ones are skipped (recorded as
+``skipped``), never the tests. Needs a CUDA build of torch with triton, diffusers, peft and
+nvidia-ml-py installed in the running interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from benchmarks.machine import machine_info
+from benchmarks.options import RESULTS_DIR
+
+__all__ = ["main", "stages", "DEFAULT_BUDGET_S"]
+
+DEFAULT_BUDGET_S = 570.0  # the issue: one call under 10 minutes; 30 s left for start-up and copy-back
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    argv: list[str]
+    limit_s: float
+    env: dict[str, str] | None = None
+
+
+def stages(out: str, python: str = sys.executable) -> list[Stage]:
+    """The suite's stages in run order, every output under ``out``."""
+    bench = [python, "-m", "benchmarks"]
+    flux = ["--device", "cuda", "--model", "flux-dev", "--dtype", "bfloat16", "--lora-rank", "16", "--steps", "25"]
+    tiny = ["--device", "cuda", "--model", "cpu-bench", "--dtype", "float32"]
+    j = lambda name: os.path.join(out, name)  # noqa: E731 - a path helper local to this list
+    return [
+        Stage("cuda_tests", [python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+                             f"--junitxml={j('cuda_tests.xml')}", "tests"], 150, {"TRITON_INTERPRET": "0"}),
+        Stage("memory_flux_dev", [*bench, "memory", *flux, "--in-process", "--json", j("memory_cuda_flux-dev.json")], 120),
+        Stage("throughput_flux_dev", [*bench, "throughput", *flux, "--repeats", "2", "--warmup", "1",
+                                      "--json", j("throughput_cuda_flux-dev.json")], 150),
+        Stage("kernels_flux_dev_shapes", [*bench, "kernels", "--device", "cuda", "--shape", "flux-dev", "--dtype", "bfloat16",
+                                          "--json", j("kernels_cuda.json")], 75),
+        Stage("memory_cpu_bench", [*bench, "memory", *tiny, "--in-process", "--json", j("memory_cuda.json")], 45),
+        Stage("throughput_cpu_bench", [*bench, "throughput", *tiny, "--repeats", "3", "--warmup", "1",
+                                       "--json", j("throughput_cuda.json")], 60),
+        Stage("activations", [*bench, "activations", "--device", "cuda", "--json", j("activations_cuda.json")], 40),
+    ]
+
+
+def _run_stage(stage: Stage, limit: float, out: str) -> dict[str, object]:
+    log_path = os.path.join(out, f"{stage.name}.log")
+    env = {**os.environ, **(stage.env or {})}
+    record: dict[str, object] = {"stage": stage.name, "command": " ".join(stage.argv), "limit_s": round(limit, 1),
+                                 "log": os.path.basename(log_path)}
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            proc = subprocess.run(stage.argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+            record["rc"] = proc.returncode
+            record["status"] = "ok" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            record["rc"] = None
+            record["status"] = "timeout"
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "gpu"), help="folder for every result and log")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole suite (plot included)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these stages (names as in gpu_suite.json)")
+    argv = list(sys.argv[2:] if argv is None else argv)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("the GPU suite needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    plot_reserve = 20.0
+    records = []
+    for stage in stages(out):
+        if args.only and stage.name not in args.only:
+            continue
+        remaining = args.budget - plot_reserve - (time.perf_counter() - start)
+        if remaining < 15:
+            records.append({"stage": stage.name, "command": " ".join(stage.argv), "status": "skipped",
+                            "reason": f"budget of {args.budget}s spent"})
+            print(f"[gpu] {stage.name}: skipped (budget)", flush=True)
+            continue
+        rec = _run_stage(stage, min(stage.limit_s, remaining), out)
+        records.append(rec)
+        print(f"[gpu] {stage.name}: {rec['status']} in {rec['seconds']}s (log {rec['log']})", flush=True)
+    plot = _run_stage(Stage("plot", [sys.executable, "-m", "benchmarks", "plot", "--results", out], plot_reserve),
+                      plot_reserve, out)
+    records.append(plot)
+    summary = {"suite": "gpu", "machine": machine_info(["gpu", *argv]),
+               "config": {"out": out, "budget_s": args.budget}, "records": records,
+               "summary": {"wall_s": round(time.perf_counter() - start, 1),
+                           "failed": [r["stage"] for r in records if r.get("status") not in ("ok",)]}}
+    with open(os.path.join(out, "gpu_suite.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+        fh.write("\n")
+    print(json.dumps(summary["summary"]))
+    return 0 if not summary["summary"]["failed"] else 1
