@@ -98,6 +98,7 @@ def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "ram_bytes": _total_ram_bytes(),
         "gpu": _gpu_block(),
         "torch": torch.__version__,

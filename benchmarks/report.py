@@ -6,7 +6,8 @@ Shape of every JSON result (``tests/test_benchmarks_smoke.py`` checks it)::
      "records": [{"method": ..., "steps": ..., "status": "ok" | "oom" | "error" | "skipped", ...}],
      "summary": {...}}
 
-Records are flat dicts of JSON scalars so they load into any dataframe as they are.
+Records are flat dicts of JSON scalars (plus the list of repeat times and a small ``metrics`` dict)
+so they load into a dataframe as they are.
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
         f"- command: `{machine.get('command')}`",
         f"- when (UTC): {machine.get('utc')}; git commit: {machine.get('git_commit')}",
         f"- CPU: {machine.get('cpu')} ({machine.get('cpu_count')} cores visible, {machine.get('torch_threads')} torch threads); "
-        f"RAM: {format_bytes(machine.get('ram_bytes'))} MiB",
+        f"RAM: {format_bytes(machine.get('ram_bytes'))} MiB; load average at the end (1/5/15 min): "
+        f"{machine.get('load_average_1_5_15')}",
         f"- GPU: {gpu_text}",
         f"- torch {machine.get('torch')}, triton {machine.get('triton')}, diffusers {machine.get('diffusers')}, "
         f"python {machine.get('python')}, {machine.get('platform')}",
