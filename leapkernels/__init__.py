@@ -5,6 +5,8 @@ and recomputes intermediates, and a plain-PyTorch ``*_reference`` that tests use
 Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|native|auto``).
 """
 from leapkernels.backend import BackendUnavailableError, force_backend, select_backend
+from leapkernels.flux import apply_leapkernels_to_flux, revert_leapkernels
+from leapkernels.ops.gated_linear import gated_linear, gated_linear_reference
 from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
 from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
 from leapkernels.ops.grad_scale import grad_scale, grad_scale_reference
@@ -15,7 +17,12 @@ from leapkernels.ops.modulated_layernorm import (
     modulated_layernorm,
     modulated_layernorm_reference,
 )
-from leapkernels.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from leapkernels.ops.qk_norm_rope import (
+    linear_qk_norm_rope,
+    linear_qk_norm_rope_reference,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+)
 
 __all__ = [
     "BackendUnavailableError",
@@ -38,4 +45,10 @@ __all__ = [
     "gelu_tanh_reference",
     "gelu_linear",
     "gelu_linear_reference",
+    "gated_linear",
+    "gated_linear_reference",
+    "linear_qk_norm_rope",
+    "linear_qk_norm_rope_reference",
+    "apply_leapkernels_to_flux",
+    "revert_leapkernels",
 ]

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapkernels.ops.gated_linear import gated_linear
 from leapkernels.ops.gated_residual import gated_residual
 from leapkernels.ops.gelu import gelu_linear, gelu_tanh
 from leapkernels.ops.modulated_layernorm import modulated_layernorm
-from leapkernels.ops.qk_norm_rope import qk_norm_rope
+from leapkernels.ops.qk_norm_rope import linear_qk_norm_rope, qk_norm_rope
 
 _OPTIONS = "_leapkernels_options"
 _ORIGINAL_PROCESSOR = "_leapkernels_original_processor"
@@ -75,28 +76,57 @@ def _plain_linear(module: nn.Module) -> bool:
     )
 
 
-def _gelu_then(opts: FluxPatchOptions, h: torch.Tensor, down: nn.Module, prefix: torch.Tensor | None = None,
-               dropout: nn.Module | None = None) -> torch.Tensor:
-    """``down(cat([prefix, dropout(gelu(h))]))`` with as much fused as the modules allow."""
-    inactive_dropout = dropout is None or not dropout.training or dropout.p == 0
-    fusable = prefix is None or _same(prefix, h)
-    if opts.gelu and _plain_linear(down) and inactive_dropout and fusable and _same(h, down.weight):
-        return gelu_linear(h, down.weight, down.bias, prefix)
-    a = gelu_tanh(h) if opts.gelu else F.gelu(h, approximate="tanh")
-    if dropout is not None:
-        a = dropout(a)
-    if prefix is not None:
-        a = torch.cat([prefix, a], dim=-1)
-    return down(a)
+def _inactive(dropout: nn.Module | None) -> bool:
+    return dropout is None or not dropout.training or dropout.p == 0
 
 
-def _feed_forward(opts: FluxPatchOptions, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """diffusers ``FeedForward(activation_fn="gelu-approximate")``: net = [GELU(proj), Dropout, Linear, ...]."""
+def _branch_out(
+    opts: FluxPatchOptions,
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    linear: nn.Module,
+    *,
+    gelu: bool = False,
+    prefix: torch.Tensor | None = None,
+    dropout: nn.Module | None = None,
+) -> torch.Tensor:
+    """``residual + gate * linear(cat([prefix, dropout(gelu?(x))]))`` with as much fused as allowed.
+
+    Plain Linear + gated_residual on: one `gated_linear` (saves neither GELU's output nor the
+    projection's). Otherwise `gelu_linear` (GELU + projection), else module calls; then the gate.
+    """
+    operands = (x, linear.weight) + ((prefix,) if prefix is not None else ())
+    fusable = _plain_linear(linear) and _inactive(dropout) and _same(*operands)
+    if opts.gated_residual and fusable and _same(residual, gate, x) and residual.shape[:2] == x.shape[:2]:
+        if gelu and not opts.gelu:
+            x, gelu = F.gelu(x, approximate="tanh"), False
+        return gated_linear(residual, gate, x, linear.weight, linear.bias, prefix, gelu)
+    if gelu and opts.gelu and fusable:
+        y = gelu_linear(x, linear.weight, linear.bias, prefix)
+    else:
+        a = (gelu_tanh(x) if opts.gelu else F.gelu(x, approximate="tanh")) if gelu else x
+        if dropout is not None:
+            a = dropout(a)
+        if prefix is not None:
+            a = torch.cat([prefix, a], dim=-1)
+        y = linear(a)
+    return _gate(opts, residual, gate, y)
+
+
+def _feed_forward_residual(opts: FluxPatchOptions, ff: nn.Module, residual: torch.Tensor, gate: torch.Tensor,
+                           x: torch.Tensor) -> torch.Tensor:
+    """``residual + gate * FeedForward(x)`` for diffusers' tanh-GELU FeedForward
+    (net = [GELU(proj), Dropout, Linear] + optional extras, which are then called as modules)."""
     net = ff.net
-    out = _gelu_then(opts, net[0].proj(x), net[2], dropout=net[1])
+    h = net[0].proj(x)
+    if len(net) == 3:
+        return _branch_out(opts, residual, gate, h, net[2], gelu=True, dropout=net[1])
+    a = gelu_tanh(h) if opts.gelu else F.gelu(h, approximate="tanh")
+    out = net[2](net[1](a))
     for module in net[3:]:
         out = module(out)
-    return out
+    return _gate(opts, residual, gate, out)
 
 
 def _ada_zero(opts: FluxPatchOptions, norm: nn.Module, x: torch.Tensor, temb: torch.Tensor, chunks: int):
@@ -122,7 +152,10 @@ def _double_block_forward(
     norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_zero(
         opts, self.norm1_context, encoder_hidden_states, temb, 6
     )
-    joint_attention_kwargs = joint_attention_kwargs or {}
+    joint_attention_kwargs = dict(joint_attention_kwargs or {})
+    defer = opts.gated_residual and isinstance(self.attn.processor, LeapFluxAttnProcessor)
+    if defer:  # the processor returns the attention before to_out / to_add_out: fused below
+        joint_attention_kwargs["leap_defer_out_projection"] = True
     attention_outputs = self.attn(
         hidden_states=norm_hidden_states,
         encoder_hidden_states=norm_encoder_hidden_states,
@@ -134,17 +167,25 @@ def _double_block_forward(
     elif len(attention_outputs) == 3:
         attn_output, context_attn_output, ip_attn_output = attention_outputs
 
-    hidden_states = _gate(opts, hidden_states, gate_msa, attn_output)
+    if defer:
+        hidden_states = _branch_out(opts, hidden_states, gate_msa, attn_output, self.attn.to_out[0],
+                                    dropout=self.attn.to_out[1])
+    else:
+        hidden_states = _gate(opts, hidden_states, gate_msa, attn_output)
     norm_hidden_states = _modulate(opts, self.norm2, hidden_states, scale_mlp, shift_mlp)
-    ff_output = _feed_forward(opts, self.ff, norm_hidden_states)
-    hidden_states = _gate(opts, hidden_states, gate_mlp, ff_output)
+    hidden_states = _feed_forward_residual(opts, self.ff, hidden_states, gate_mlp, norm_hidden_states)
     if len(attention_outputs) == 3:
         hidden_states = hidden_states + ip_attn_output
 
-    encoder_hidden_states = _gate(opts, encoder_hidden_states, c_gate_msa, context_attn_output)
+    if defer:
+        encoder_hidden_states = _branch_out(opts, encoder_hidden_states, c_gate_msa, context_attn_output,
+                                            self.attn.to_add_out)
+    else:
+        encoder_hidden_states = _gate(opts, encoder_hidden_states, c_gate_msa, context_attn_output)
     norm_encoder_hidden_states = _modulate(opts, self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
-    context_ff_output = _feed_forward(opts, self.ff_context, norm_encoder_hidden_states)
-    encoder_hidden_states = _gate(opts, encoder_hidden_states, c_gate_mlp, context_ff_output)
+    encoder_hidden_states = _feed_forward_residual(
+        opts, self.ff_context, encoder_hidden_states, c_gate_mlp, norm_encoder_hidden_states
+    )
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
     return encoder_hidden_states, hidden_states
@@ -167,8 +208,7 @@ def _single_block_forward(
     mlp_pre_activation = self.proj_mlp(norm_hidden_states)
     joint_attention_kwargs = joint_attention_kwargs or {}
     attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **joint_attention_kwargs)
-    projected = _gelu_then(opts, mlp_pre_activation, self.proj_out, prefix=attn_output)
-    hidden_states = _gate(opts, residual, gate, projected)
+    hidden_states = _branch_out(opts, residual, gate, mlp_pre_activation, self.proj_out, gelu=True, prefix=attn_output)
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     encoder_hidden_states, hidden_states = hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
@@ -185,12 +225,16 @@ def _norm_out_forward(self: nn.Module, x: torch.Tensor, conditioning_embedding: 
 
 
 # ----------------------------------------------------------------------------- attention processor
+def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice):
+    return (rope[0][rows], rope[1][rows]) if rope is not None else (None, None)
+
+
 def _norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
     """``apply_rotary_emb(norm(x), rope[rows])`` fused (RMSNorm + interleaved RoPE)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     weight = norm.weight if norm.weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-    cos, sin = (rope[0][rows], rope[1][rows]) if rope is not None else (None, None)
+    cos, sin = _rope_rows(rope, rows)
     if _same(x, weight) and (cos is None or (cos.device == x.device and cos.shape[0] == x.shape[1])):
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         return qk_norm_rope(x, weight, cos, sin, eps)
@@ -198,11 +242,30 @@ def _norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch
     return apply_rotary_emb(x, (cos, sin), sequence_dim=1) if cos is not None else x
 
 
+def _project_norm_rope(proj: nn.Module, norm: nn.Module, x: torch.Tensor, head_dim: int,
+                       rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
+    """``apply_rotary_emb(norm(proj(x) as heads), rope[rows])``; plain Linear: the projection is
+    recomputed in backward instead of saved (`linear_qk_norm_rope`)."""
+    cos, sin = _rope_rows(rope, rows)
+    weight = norm.weight
+    if (_plain_linear(proj) and weight is not None and _same(x, proj.weight, weight)
+            and (cos is None or (cos.device == x.device and cos.shape[0] == x.shape[1]))):
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        return linear_qk_norm_rope(x, proj.weight, proj.bias, weight, cos, sin, eps, head_dim)
+    return _norm_rope(norm, proj(x).unflatten(-1, (-1, head_dim)), rope, rows)
+
+
 class LeapFluxAttnProcessor:
-    """diffusers' FluxAttnProcessor (0.42) with q/k RMSNorm + RoPE fused; attention dispatch unchanged."""
+    """diffusers' FluxAttnProcessor (0.42) with the q/k path fused (projection + RMSNorm + RoPE,
+    when ``fuse_qk``); attention still goes through ``dispatch_attention_fn`` with this processor's
+    backend. ``leap_defer_out_projection=True`` (joint attention only) returns the attention output
+    before ``to_out`` / ``to_add_out`` so the block can fuse them with its gated residual."""
 
     _attention_backend = None
     _parallel_config = None
+
+    def __init__(self, fuse_qk: bool = True) -> None:
+        self.fuse_qk = fuse_qk
 
     def __call__(
         self,
@@ -211,31 +274,41 @@ class LeapFluxAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        leap_defer_out_projection: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        joint = attn.added_kv_proj_dim is not None and isinstance(encoder_query, torch.Tensor)
-        if joint:
-            txt = encoder_query.shape[1]
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([_norm_rope(attn.norm_added_q, encoder_query, image_rotary_emb, slice(0, txt)),
-                               _norm_rope(attn.norm_q, query, image_rotary_emb, slice(txt, None))], dim=1)
-            key = torch.cat([_norm_rope(attn.norm_added_k, encoder_key, image_rotary_emb, slice(0, txt)),
-                             _norm_rope(attn.norm_k, key, image_rotary_emb, slice(txt, None))], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        else:
-            query = _norm_rope(attn.norm_q, query, image_rotary_emb, slice(None))
-            key = _norm_rope(attn.norm_k, key, image_rotary_emb, slice(None))
+        hd = attn.head_dim
+        joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
+        txt = encoder_hidden_states.shape[1] if joint else 0
+        img_rows, txt_rows = slice(txt, None), slice(0, txt)
+        if self.fuse_qk and not attn.fused_projections:
+            value = attn.to_v(hidden_states).unflatten(-1, (-1, hd))
+            query = _project_norm_rope(attn.to_q, attn.norm_q, hidden_states, hd, image_rotary_emb, img_rows)
+            key = _project_norm_rope(attn.to_k, attn.norm_k, hidden_states, hd, image_rotary_emb, img_rows)
+            if joint:
+                e = encoder_hidden_states
+                query = torch.cat([_project_norm_rope(attn.add_q_proj, attn.norm_added_q, e, hd, image_rotary_emb, txt_rows), query], dim=1)
+                key = torch.cat([_project_norm_rope(attn.add_k_proj, attn.norm_added_k, e, hd, image_rotary_emb, txt_rows), key], dim=1)
+                value = torch.cat([attn.add_v_proj(e).unflatten(-1, (-1, hd)), value], dim=1)
+        else:  # diffusers' own q/k path
+            query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+                attn, hidden_states, encoder_hidden_states
+            )
+            query, key, value = (t.unflatten(-1, (-1, hd)) for t in (query, key, value))
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if attn.added_kv_proj_dim is not None:
+                encoder_query, encoder_key, encoder_value = (
+                    t.unflatten(-1, (-1, hd)) for t in (encoder_query, encoder_key, encoder_value)
+                )
+                query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
+                key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
+                value = torch.cat([encoder_value, value], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
@@ -248,6 +321,8 @@ class LeapFluxAttnProcessor:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
             )
+            if leap_defer_out_projection:
+                return hidden_states, encoder_hidden_states
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
@@ -319,12 +394,12 @@ def apply_leapkernels_to_flux(
     for block in transformer.single_transformer_blocks:
         setattr(block, _OPTIONS, opts)
         block.forward = types.MethodType(_single_block_forward, block)
-    if qk_norm_rope:
+    if qk_norm_rope or gated_residual:
         for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
             original = block.attn.processor
             if type(original) is not FluxAttnProcessor:
                 continue  # IP-adapter and custom processors keep their own q/k path
-            processor = LeapFluxAttnProcessor()
+            processor = LeapFluxAttnProcessor(fuse_qk=qk_norm_rope)
             processor._attention_backend = original._attention_backend
             processor._parallel_config = original._parallel_config
             setattr(block.attn, _ORIGINAL_PROCESSOR, original)

@@ -289,3 +289,87 @@ def qk_norm_rope(
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
     return QKNormRopeFunction.apply(x, weight, cos, sin, float(eps))
+
+
+# ----------------------------------------------------------------------------- with the projection
+def linear_qk_norm_rope_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float = 1e-6, head_dim: int = 64,
+) -> torch.Tensor:
+    """diffusers' arithmetic: ``to_q(x).unflatten(-1, (-1, head_dim))`` -> RMSNorm -> RoPE."""
+    q = F.linear(x, weight, bias).unflatten(-1, (-1, head_dim))
+    return qk_norm_rope_reference(q, norm_weight, cos, sin, eps)
+
+
+class LinearQKNormRopeFunction(torch.autograd.Function):
+    """Saves the projection's input (which ``to_v`` saves anyway), never the projected q/k:
+    backward recomputes ``q = x W^T + b`` (one matmul of forward size) before the norm/RoPE kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, norm_weight, cos, sin, eps, head_dim):
+        q = F.linear(x, weight, bias).unflatten(-1, (-1, head_dim))
+        norm_weight = norm_weight.contiguous()
+        if cos is not None:
+            cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+        out = backend.kernels_for(OP, x.device).forward(q, norm_weight, cos, sin, eps)
+        ctx.save_for_backward(x, weight, bias, norm_weight, cos, sin)
+        ctx.eps, ctx.head_dim = eps, head_dim
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, norm_weight, cos, sin = ctx.saved_tensors
+        need_x, need_w, need_b, need_nw = ctx.needs_input_grad[:4]
+        q = F.linear(x, weight, bias).unflatten(-1, (-1, ctx.head_dim))
+        dq, dnw = backend.kernels_for(OP, g.device).backward(
+            _unit_last_stride(g), q, norm_weight, cos, sin, ctx.eps, need_x or need_w or need_b, need_nw
+        )
+        grad_x = grad_w = grad_b = None
+        if dq is not None:
+            dq2 = dq.reshape(-1, weight.shape[0])
+            if need_x:
+                grad_x = (dq2 @ weight).reshape(x.shape)
+            if need_w:
+                grad_w = dq2.t() @ x.reshape(-1, x.shape[-1])
+            if need_b and bias is not None:
+                grad_b = dq2.sum(0)
+        return grad_x, grad_w, grad_b, dnw, None, None, None, None
+
+
+def linear_qk_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    head_dim: int,
+) -> torch.Tensor:
+    """`qk_norm_rope` of ``F.linear(x, weight, bias)`` split into heads of ``head_dim``, without
+    saving the projection (for plain ``nn.Linear`` to_q / to_k; call the module for LoRA).
+
+    ``x``: ``[B, S, K]``; ``weight``: ``[H * head_dim, K]``; returns ``[B, S, H, head_dim]``.
+    """
+    check_tensor("x", x, ndim=3)
+    check_tensor("weight", weight, like=x, like_name="x", ndim=2)
+    if weight.shape[1] != x.shape[-1] or weight.shape[0] % head_dim:
+        raise ValueError(
+            f"weight must have shape (heads * {head_dim}, {x.shape[-1]}) for x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, like=x, like_name="x", ndim=1)
+        check_shape("bias", bias, (weight.shape[0],), "the output features of weight")
+    check_tensor("norm_weight", norm_weight, like=x, like_name="x", ndim=1)
+    check_shape("norm_weight", norm_weight, (head_dim,), "head_dim")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for interleaved RoPE, got {head_dim}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be tensors or both be None")
+    if cos is not None:
+        check_tensor("cos", cos, like=x, like_name="x", ndim=2, same_dtype=False)
+        check_tensor("sin", sin, like=x, like_name="x", ndim=2, same_dtype=False)
+        check_shape("cos", cos, (x.shape[1], head_dim), "(sequence of x, head_dim)")
+        check_shape("sin", sin, (x.shape[1], head_dim), "(sequence of x, head_dim)")
+        cos, sin = cos.detach(), sin.detach()
+    return LinearQKNormRopeFunction.apply(x, weight, bias, norm_weight, cos, sin, float(eps), int(head_dim))

@@ -108,6 +108,40 @@ def test_gelu_linear_matches_fp64_reference(device, backend_name, dtype, with_pr
     )
 
 
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["attention-out", "ff-gelu", "single-block"])
+def test_gated_linear_matches_fp64_reference(device, backend_name, dtype, variant):
+    """residual + gate * linear(cat([prefix, gelu?(x)])): Flux's to_out, FF down and proj_out closings."""
+    cuda_or_skip(device)
+    gelu, p = {"attention-out": (False, 0), "ff-gelu": (True, 0), "single-block": (True, 6)}[variant]
+    b, s, k, n = 2, 9, 40, 13
+    inputs = {"residual": _randn(b, s, n, seed=40), "gate": _randn(b, n, seed=41), "x": _randn(b, s, k, seed=42) * 2,
+              "weight": _randn(n, p + k, seed=43) / 7, "bias": _randn(n, seed=44)}
+    if p:
+        inputs["prefix"] = _randn(b, s, p, seed=45)
+    run_and_compare(
+        lk.gated_linear, lk.gated_linear_reference, inputs, grad_inputs=list(inputs), dtype=dtype, device=device,
+        backend_name=backend_name, layout="rows", extra={"gelu": gelu},
+    )
+
+
+@pytest.mark.parametrize("device,backend_name", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_qk_norm_rope_matches_fp64_reference(device, backend_name, dtype):
+    """to_q/to_k projection + RMSNorm + RoPE with the projection recomputed in backward."""
+    cuda_or_skip(device)
+    b, s, k, heads, hd = 2, 7, 24, 3, 10
+    cos, sin = _rope_tables(s, hd)
+    inputs = {"x": _randn(b, s, k, seed=50), "weight": _randn(heads * hd, k, seed=51) / 4, "bias": _randn(heads * hd, seed=52),
+              "norm_weight": 1 + 0.3 * _randn(hd, seed=53), "cos": cos, "sin": sin}
+    run_and_compare(
+        lk.linear_qk_norm_rope, lk.linear_qk_norm_rope_reference, inputs,
+        grad_inputs=["x", "weight", "bias", "norm_weight"], dtype=dtype, device=device, backend_name=backend_name,
+        layout="transposed", fp32_inputs=["cos", "sin"], extra={"eps": 1e-6, "head_dim": hd},
+    )
+
+
 # ----------------------------------------------------------------------------- fp64 gradcheck
 def _gradcheck_cases():
     d = 10
@@ -118,6 +152,10 @@ def _gradcheck_cases():
         "qk_norm_rope": (lambda x, w: lk.qk_norm_rope(x, w, cos, sin), (_randn(1, 3, 2, d, seed=26), _randn(d, seed=27))),
         "gelu_tanh": (lk.gelu_tanh, (_randn(3, 7, seed=28),)),
         "gelu_linear": (lambda h, w, b, pre: lk.gelu_linear(h, w, b, pre), (_randn(2, 3, 5, seed=29), _randn(4, 7, seed=30), _randn(4, seed=31), _randn(2, 3, 2, seed=32))),
+        "gated_linear": (lambda r, g, x, w, b, pre: lk.gated_linear(r, g, x, w, b, pre, gelu=True),
+                         (_randn(2, 3, 4, seed=33), _randn(2, 4, seed=34), _randn(2, 3, 5, seed=35), _randn(4, 7, seed=36), _randn(4, seed=37), _randn(2, 3, 2, seed=38))),
+        "linear_qk_norm_rope": (lambda x, w, b, nw: lk.linear_qk_norm_rope(x, w, b, nw, cos, sin, 1e-6, d),
+                                (_randn(1, 3, 4, seed=39), _randn(2 * d, 4, seed=40), _randn(2 * d, seed=41), _randn(d, seed=42))),
     }
 
 
@@ -140,6 +178,15 @@ def test_gelu_linear_saves_the_pre_activation_not_the_activation():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         lk.gelu_linear(h, w, None, prefix)
     assert sorted(tuple(t.shape) for t in saved) == sorted([(2, 9, 40), (13, 46), (2, 9, 6)])
+
+
+def test_gated_linear_saves_neither_activation_nor_projection():
+    r, x, pre = torch.randn(2, 9, 13, requires_grad=True), torch.randn(2, 9, 40, requires_grad=True), torch.randn(2, 9, 6)
+    g, w = torch.randn(2, 13, requires_grad=True), torch.randn(13, 46, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lk.gated_linear(r, g, x, w, None, pre, gelu=True)
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(2, 9, 40), (2, 9, 6), (2, 13), (13, 46)])
 
 
 def test_modulated_layernorm_saves_only_x_and_scale():
