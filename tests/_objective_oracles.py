@@ -87,7 +87,15 @@ def velocity_vjp(model: Any, x: torch.Tensor, sigma: Any, cond: Any, cotangent: 
     return torch.cat([g.flatten() for g in g_params]), g_x
 
 
-def leap_oracle(model: Any, cond: Any, trajectory: list[torch.Tensor], sigmas: torch.Tensor, steps: Sequence[int], alpha: float, g0: torch.Tensor) -> torch.Tensor:
+def leap_oracle(
+    model: Any,
+    cond: Any,
+    trajectory: list[torch.Tensor],
+    sigmas: torch.Tensor,
+    steps: Sequence[int],
+    alpha: float,
+    g0: torch.Tensor,
+) -> torch.Tensor:
     """LeapAlign's parameter gradient for leaps through ``steps`` (then to sigma = 0), assembled by hand.
 
     Leap m: ``xhat_{m+1} = x_m' + c_m v(x_in_m)``, ``c_m = sigma_{next} - sigma_m``; ``x_m'`` has the

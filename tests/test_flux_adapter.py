@@ -27,7 +27,8 @@ def pipe():
     transformer = tiny_flux_transformer("test")
     vae = tiny_flux_vae("test")
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
     )
     return FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -136,7 +137,8 @@ def test_gradient_checkpointing_same_gradients_fewer_saved_bytes(cond):
     """Per-block checkpointing through diffusers' hook: identical gradients, less saved for backward."""
     results = {}
     for ckpt in (False, True):
-        model = FluxVelocityModel(tiny_flux_transformer("test", dtype=torch.float64), height=8, width=8, gradient_checkpointing=ckpt)
+        transformer = tiny_flux_transformer("test", dtype=torch.float64)
+        model = FluxVelocityModel(transformer, height=8, width=8, gradient_checkpointing=ckpt)
         assert model.transformer.gradient_checkpointing is ckpt
         x = model.noise(2, torch.Generator().manual_seed(0))
         c = cond.to(dtype=torch.float64)

@@ -117,7 +117,9 @@ class FluxVelocityModel:
         self.guidance = float(guidance)
         self.dynamic_shift = dynamic_shift
         self.clamp_images = clamp_images
-        self._shift = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift, max_shift=max_shift)
+        self._shift = dict(
+            base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift, max_shift=max_shift
+        )
         self.mu = mu
 
         cfg = transformer.config
@@ -146,7 +148,9 @@ class FluxVelocityModel:
 
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block)
+            transformer.enable_gradient_checkpointing(
+                gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block
+            )
         self._img_ids: torch.Tensor | None = None
 
     @classmethod
@@ -208,7 +212,9 @@ class FluxVelocityModel:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance, dtype=t_dtype, device=x.device)
-        ids = cond.text_ids if cond.text_ids is not None else text_ids(cond.prompt_embeds.shape[1], device=x.device, dtype=x.dtype)
+        ids = cond.text_ids
+        if ids is None:
+            ids = text_ids(cond.prompt_embeds.shape[1], device=x.device, dtype=x.dtype)
         out = self.transformer(
             hidden_states=x,
             encoder_hidden_states=cond.prompt_embeds,

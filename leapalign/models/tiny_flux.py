@@ -151,7 +151,10 @@ def _seeded_init(module: torch.nn.Module, seed: int) -> None:
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``module.to(dtype)`` without diffusers' warning meant for ``from_pretrained`` users (no fp32-kept modules here)."""
+    """``module.to(dtype)`` without diffusers' warning meant for ``from_pretrained`` users.
+
+    (None of these tiny models has modules that must stay in float32.)
+    """
     from diffusers.utils import logging as diffusers_logging
 
     logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
@@ -173,7 +176,9 @@ def tiny_flux_transformer(name: str = "test", dtype: torch.dtype = torch.float32
     config = dict(tiny_flux_spec(name).transformer)
     unknown = set(overrides) - set(config) - {"out_channels"}
     if unknown:
-        raise ValueError(f"unknown FluxTransformer2DModel config override(s) {sorted(unknown)}; known: {sorted(config)}")
+        raise ValueError(
+            f"unknown FluxTransformer2DModel config override(s) {sorted(unknown)}; known: {sorted(config)}"
+        )
     config.update(overrides)
     model = FluxTransformer2DModel(**config)
     _seeded_init(model, seed)

@@ -264,7 +264,9 @@ class DRTuneConfig(BaselineConfig):
         if self.fixed_steps is not None:
             steps = tuple(sorted(int(i) for i in self.fixed_steps))
             if len(set(steps)) != self.k or steps[0] < 0 or steps[-1] >= self.num_steps:
-                raise ValueError(f"fixed_steps must be k={self.k} distinct steps in [0, {self.num_steps}), got {self.fixed_steps}")
+                raise ValueError(
+                    f"fixed_steps must be k={self.k} distinct steps in [0, {self.num_steps}), got {self.fixed_steps}"
+                )
             self.fixed_steps = steps
 
 

@@ -92,7 +92,9 @@ class LeapAlignObjectiveConfig:
             if any(b <= a for a, b in zip(steps, steps[1:])):
                 raise ValueError(f"fixed_steps must be strictly increasing, got {steps}")
             if steps[0] < self.min_idx or steps[-1] >= self.max_idx:
-                raise ValueError(f"fixed_steps {steps} must lie in [min_idx, max_idx) = [{self.min_idx}, {self.max_idx})")
+                raise ValueError(
+                    f"fixed_steps {steps} must lie in [min_idx, max_idx) = [{self.min_idx}, {self.max_idx})"
+                )
             self.fixed_steps = steps
 
 
@@ -150,7 +152,10 @@ class LeapAlignObjective(Objective):
         with torch.enable_grad():
             c0 = sigmas[-1] - pending["sigma"]
             x0_connected, d_0 = ops.leap_connector(pending["x_from"], pending["v"], c0, result.x0)
-            latents = x0_connected if cfg.reward_on == "x0" else leap(pending["x_from"], pending["v"], pending["sigma"], sigmas[-1])
+            if cfg.reward_on == "x0":
+                latents = x0_connected
+            else:
+                latents = leap(pending["x_from"], pending["v"], pending["sigma"], sigmas[-1])
             rewards, images = decode_and_score(model, latents, prompts, reward)
             weight = trajectory_weight(intermediate, d_0, cfg.tau, cfg.weighting).to(rewards.device)
             per_sample = hinge_loss(rewards, cfg.hinge_lambda) * weight
