@@ -3,8 +3,9 @@
 - :class:`SavedTensorCounter` / :func:`saved_tensor_bytes`: bytes autograd saves for backward,
   counted through ``torch.autograd.graph.saved_tensors_hooks``. Exact and device-independent (works
   on CPU), unique storages counted once, parameters (and views of them) excluded, since they are
-  resident anyway. Caveat: tensors saved inside non-reentrant ``torch.utils.checkpoint`` regions are
-  handled by checkpoint's own hooks and are not seen; the checkpoint's inputs are.
+  resident anyway. Inside a non-reentrant ``torch.utils.checkpoint`` region the activations are
+  dropped (checkpoint's own hooks) and not counted; the inputs the checkpoint keeps are saved
+  through autograd and are counted, which is what the checkpoint really holds.
 - :class:`PeakMemory`: peak memory over a region. CUDA: ``torch.cuda.max_memory_allocated`` after a
   reset, and device-wide used memory from NVML when ``nvidia-ml-py`` is importable. CPU: the process
   high-water RSS from ``/proc/self/status`` (``VmHWM``, reset through ``/proc/self/clear_refs``

@@ -63,3 +63,15 @@ def test_peak_memory_cuda_allocator():
         block = torch.empty(32 * 1024 * 1024, dtype=torch.uint8, device="cuda")
         del block
     assert pm.report.peak_delta >= 32 * 1024 * 1024
+
+
+def test_checkpoint_inputs_are_counted_instead_of_activations():
+    """Non-reentrant checkpoint: its activations are not kept (not counted), its input is (counted)."""
+    x = torch.randn(1000, requires_grad=True)
+    plain, _ = saved_tensor_bytes(lambda t: t.sin().exp(), x)  # sin saves x, exp saves its result
+    assert plain == 8000
+    with SavedTensorCounter() as counter:
+        y = torch.utils.checkpoint.checkpoint(lambda t: t.sin().exp(), x * 2, use_reentrant=False)
+    assert counter.bytes == 4000  # the checkpoint's input x * 2 only
+    y.sum().backward()
+    assert torch.allclose(x.grad, 2 * torch.cos(2 * x) * torch.exp(torch.sin(2 * x)))
