@@ -62,6 +62,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD (results from a dirty tree say so)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def _gpu_block() -> dict[str, Any] | None:
     import torch
 
@@ -107,5 +118,7 @@ def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
+        "source_dir": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
     }
