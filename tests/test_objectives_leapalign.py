@@ -5,6 +5,8 @@ assembled from ``torch.func.vjp`` of the velocity at the rollout's own states (t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -315,6 +317,14 @@ def test_saved_bytes_constant_in_T():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LeapAlignObjectiveConfig(**kwargs)
+
+
+def test_default_range_follows_num_steps():
+    cfg = LeapAlignObjectiveConfig(num_steps=25)
+    assert cfg.upper_idx == 25
+    assert dataclasses.replace(cfg, num_steps=50).upper_idx == 50
+    with pytest.raises(ValueError, match="max_idx must be <= num_steps=10"):
+        dataclasses.replace(LeapAlignObjectiveConfig(num_steps=25, max_idx=20), num_steps=10)
 
 
 def test_non_differentiable_reward_is_detected():

@@ -210,15 +210,23 @@ class ReFLConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_idx is None:
-            self.max_idx = self.num_steps
-        if self.min_idx is None:
-            self.min_idx = max(0, self.max_idx - max(1, self.num_steps // 4))
-        if not 0 <= self.min_idx < self.max_idx <= self.num_steps:
+        low, high = self.lower_idx, self.upper_idx
+        if not 0 <= low < high <= self.num_steps:
             raise ValueError(
-                f"need 0 <= min_idx < max_idx <= num_steps={self.num_steps}, got min_idx={self.min_idx}, "
-                f"max_idx={self.max_idx}"
+                f"need 0 <= min_idx < max_idx <= num_steps={self.num_steps}, got min_idx={low}, max_idx={high}"
             )
+
+    @property
+    def upper_idx(self) -> int:
+        """``max_idx``, or ``num_steps`` when None."""
+        return self.num_steps if self.max_idx is None else self.max_idx
+
+    @property
+    def lower_idx(self) -> int:
+        """``min_idx``, or the start of the last quarter of ``[0, upper_idx)`` when None."""
+        if self.min_idx is not None:
+            return self.min_idx
+        return max(0, self.upper_idx - max(1, self.num_steps // 4))
 
 
 class ReFLObjective(_Baseline):
@@ -242,7 +250,7 @@ class ReFLObjective(_Baseline):
         batch = check_batch(model, cond, prompts)
         sigmas = model.sigmas(cfg.num_steps)
         noise = model.noise(batch, generator)
-        (t,) = sample_sorted_steps(cfg.min_idx, cfg.max_idx, 1, generator)
+        (t,) = sample_sorted_steps(cfg.lower_idx, cfg.upper_idx, 1, generator)
         x_t = rollout(model, cond, noise, sigmas, stop=t).x0
         with torch.enable_grad():
             x0_hat = leap(x_t, model.velocity(x_t, sigmas[t], cond), sigmas[t], sigmas[-1])

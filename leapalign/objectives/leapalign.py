@@ -62,18 +62,17 @@ class LeapAlignObjectiveConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.num_leaps not in (1, 2, 3):
             raise ValueError(f"num_leaps must be 1, 2 or 3, got {self.num_leaps}")
-        if self.max_idx is None:
-            self.max_idx = self.num_steps
+        max_idx = self.upper_idx
         if not 0 <= self.min_idx:
             raise ValueError(f"min_idx must be >= 0, got {self.min_idx}")
-        if self.min_idx >= self.max_idx:
-            raise ValueError(f"min_idx must be < max_idx, got min_idx={self.min_idx} >= max_idx={self.max_idx}")
-        if self.max_idx > self.num_steps:
-            raise ValueError(f"max_idx must be <= num_steps={self.num_steps}, got {self.max_idx}")
-        if self.max_idx - self.min_idx < self.num_leaps:
+        if self.min_idx >= max_idx:
+            raise ValueError(f"min_idx must be < max_idx, got min_idx={self.min_idx} >= max_idx={max_idx}")
+        if max_idx > self.num_steps:
+            raise ValueError(f"max_idx must be <= num_steps={self.num_steps}, got {max_idx}")
+        if max_idx - self.min_idx < self.num_leaps:
             raise ValueError(
                 f"{self.num_leaps} leaps need at least {self.num_leaps} distinct steps in [min_idx, max_idx) = "
-                f"[{self.min_idx}, {self.max_idx}), which has {self.max_idx - self.min_idx}"
+                f"[{self.min_idx}, {max_idx}), which has {max_idx - self.min_idx}"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
@@ -91,11 +90,14 @@ class LeapAlignObjectiveConfig:
                 raise ValueError(f"fixed_steps must hold num_leaps={self.num_leaps} steps, got {steps}")
             if any(b <= a for a, b in zip(steps, steps[1:])):
                 raise ValueError(f"fixed_steps must be strictly increasing, got {steps}")
-            if steps[0] < self.min_idx or steps[-1] >= self.max_idx:
-                raise ValueError(
-                    f"fixed_steps {steps} must lie in [min_idx, max_idx) = [{self.min_idx}, {self.max_idx})"
-                )
+            if steps[0] < self.min_idx or steps[-1] >= max_idx:
+                raise ValueError(f"fixed_steps {steps} must lie in [min_idx, max_idx) = [{self.min_idx}, {max_idx})")
             self.fixed_steps = steps
+
+    @property
+    def upper_idx(self) -> int:
+        """The exclusive upper bound of the leap steps: ``max_idx``, or ``num_steps`` when it is None."""
+        return self.num_steps if self.max_idx is None else self.max_idx
 
 
 class LeapAlignObjective(Objective):
@@ -116,7 +118,7 @@ class LeapAlignObjective(Objective):
         cfg = self.config
         if cfg.fixed_steps is not None:
             return list(cfg.fixed_steps)
-        return sample_sorted_steps(cfg.min_idx, cfg.max_idx, cfg.num_leaps, generator)
+        return sample_sorted_steps(cfg.min_idx, cfg.upper_idx, cfg.num_leaps, generator)
 
     def __call__(
         self,
