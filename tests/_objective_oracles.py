@@ -5,8 +5,9 @@ gradients from ``torch.func.vjp`` of the velocity at the rollout's states (DESIG
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,20 @@ from leapalign.flow import uniform_sigmas
 from leapalign.models.tiny_flux import random_flux_conditioning, tiny_flux_velocity_model
 
 PROMPTS2 = ["a red cube", "two blue spheres"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread while a module using these tiny models runs, then restore.
+
+    The models are too small to gain from threads, and under ``pytest -n 2`` on 2 cores two workers
+    with 2 threads each oversubscribe the CPU (measured: ~4x more CPU time for these tests).
+    Import this fixture into a test module to apply it there.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def flux_model(dtype: torch.dtype = torch.float64, with_vae: bool = True, seed: int = 0, **kw: Any):

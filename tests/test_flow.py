@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
-from _objective_oracles import ToyVelocity, manual_trajectory
+from _objective_oracles import ToyVelocity, manual_trajectory, single_torch_thread  # noqa: F401 (autouse fixture)
 from leapalign.flow import (
     differentiable_rollout,
     euler_step,

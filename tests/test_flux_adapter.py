@@ -7,6 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from _objective_oracles import single_torch_thread  # noqa: F401 (autouse fixture)
 from leapalign.adapters.base import VelocityModel
 from leapalign.adapters.flux import FluxConditioning, FluxVelocityModel
 from leapalign.flow import latent_image_ids, pack_latents

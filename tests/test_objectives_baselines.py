@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from _objective_oracles import (
+from _objective_oracles import (  # single_torch_thread: autouse fixture
+    single_torch_thread,  # noqa: F401
     PROMPTS2,
     flux_model,
     image_cotangent,

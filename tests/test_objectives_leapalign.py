@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from _objective_oracles import (
+from _objective_oracles import (  # single_torch_thread: autouse fixture
+    single_torch_thread,  # noqa: F401
     PROMPTS2,
     ToyVelocity,
     flux_model,
