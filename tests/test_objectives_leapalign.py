@@ -170,6 +170,16 @@ def test_reward_on_xhat0_scores_the_leap(flux64, flux64_reference):
     assert not torch.allclose(seen[0], model.decode(traj[-1]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_leaps", [1, 2, 3])
+def test_leapalign_reuses_the_rollout_forwards(num_leaps):
+    """Exactly T velocity evaluations per call: the leap steps reuse the rollout's own forwards."""
+    model = ToyVelocity()
+    obj = build_objective("leapalign", num_steps=7, num_leaps=num_leaps, hinge_lambda=None)
+    model.calls = 0
+    obj(model, None, PROMPTS2, smooth_reward, torch.Generator().manual_seed(0)).loss.backward()
+    assert model.calls == 7
+
+
 # -- weighting and hinge on hand-built latents ------------------------------------------------------------
 
 
