@@ -107,6 +107,17 @@ def test_sigmas_equal_pipeline_schedule(pipe, model):
     assert torch.allclose(model.sigmas(num_steps).float(), pipe.scheduler.sigmas, rtol=0, atol=2e-7)
 
 
+def test_from_pipeline_static_shift_matches_scheduler(pipe):
+    """A scheduler without dynamic shifting (shift=3, SD3-style) gives its static-shift sigmas."""
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    num_steps = 6
+    static.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu")
+    wrapped = FluxVelocityModel.from_pipeline(
+        FluxPipeline(static, pipe.vae, None, None, None, None, pipe.transformer), height=H, width=W
+    )
+    assert torch.allclose(wrapped.sigmas(num_steps).float(), static.sigmas, rtol=0, atol=2e-7)
+
+
 def test_decode_equals_pipeline_postprocess(pipe, model):
     """unpack -> / scaling + shift -> vae.decode -> (x / 2 + 0.5).clamp(0, 1), bit for bit."""
     latents = model.noise(2, torch.Generator().manual_seed(3))

@@ -18,6 +18,7 @@ What the adapter owns, so objectives never see Flux specifics:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -155,16 +156,25 @@ class FluxVelocityModel:
 
     @classmethod
     def from_pipeline(cls, pipe: Any, height: int = 1024, width: int = 1024, **kwargs: Any) -> "FluxVelocityModel":
-        """Wrap a diffusers ``FluxPipeline``'s transformer and VAE, reading the shift from its scheduler."""
+        """Wrap a diffusers ``FluxPipeline``'s transformer and VAE, reading the shift from its scheduler.
+
+        Dynamic shifting (FLUX.1-dev) uses the scheduler's base/max sequence lengths and shifts; a
+        static scheduler ``shift`` s (``use_dynamic_shifting=False``) becomes ``mu = ln s`` (the same
+        map ``s sigma / (1 + (s - 1) sigma)``). ``kwargs`` override any of these.
+        """
         sched = getattr(pipe, "scheduler", None)
         scfg = getattr(sched, "config", {}) or {}
-        defaults = dict(
+        dynamic = bool(scfg.get("use_dynamic_shifting", True))
+        defaults: dict[str, Any] = dict(
             base_seq_len=scfg.get("base_image_seq_len", 256),
             max_seq_len=scfg.get("max_image_seq_len", 4096),
             base_shift=scfg.get("base_shift", 0.5),
             max_shift=scfg.get("max_shift", 1.15),
-            dynamic_shift=scfg.get("use_dynamic_shifting", True),
+            dynamic_shift=dynamic,
         )
+        static_shift = float(scfg.get("shift", 1.0))
+        if not dynamic and static_shift != 1.0:
+            defaults["mu"] = math.log(static_shift)
         defaults.update(kwargs)
         return cls(pipe.transformer, vae=getattr(pipe, "vae", None), height=height, width=width, **defaults)
 
