@@ -108,7 +108,6 @@ def _prepare_train(config_path: str, overrides: list[str]):
 
     from leapalign.config import ConfigError, LeapAlignConfig
     from leapalign.prompts import PromptFileError, load_prompts
-    from leapalign.rewards.registry import UnknownRewardError, check_reward_name
 
     try:
         config = LeapAlignConfig.from_file(config_path, overrides)
@@ -123,19 +122,9 @@ def _prepare_train(config_path: str, overrides: list[str]):
         raise UsageError(str(exc)) from exc
     if not config.reward_specs:
         raise UsageError("reward_specs is empty: name at least one reward (e.g. [{name: pickscore, path: /models/pickscore}])")
-    for spec in config.reward_specs:
-        try:
-            check_reward_name(spec.name)
-        except UnknownRewardError as exc:
-            raise UsageError(str(exc)) from exc
+    for spec in config.reward_specs:  # names and the objective were checked by the config itself
         if spec.path is not None and not Path(spec.path).exists():
             raise UsageError(f"reward {spec.name!r}: path={spec.path!r} does not exist")
-    try:
-        from leapalign.objectives import build_objective
-
-        build_objective(config.objective_name, **config.objective)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"objective_name={config.objective_name!r}, objective={config.objective}: {exc}") from exc
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={config.device!r} but no CUDA device is available; use device=cpu or auto")
     if not config.model_path:

@@ -205,6 +205,19 @@ class LeapAlignConfig:
             if not p.strip():
                 raise ConfigError(f"prompts[{i}] is empty; every prompt needs text")
         need(bool(self.output_dir), "output_dir", "a directory path")
+        from leapalign.rewards.registry import UnknownRewardError, check_reward_name
+
+        for i, spec in enumerate(self.reward_specs):
+            try:
+                check_reward_name(spec.name)
+            except UnknownRewardError as exc:
+                raise ConfigError(f"reward_specs[{i}].name: {exc}") from exc
+        from leapalign.objectives import build_objective
+
+        try:
+            build_objective(self.objective_name, **self.objective)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"objective_name={self.objective_name!r} / objective={self.objective}: {exc}") from exc
 
     # ------------------------------------------------------------------------------------------
     @classmethod

@@ -56,6 +56,9 @@ def test_cli_overrides_scalar_nested_and_list(tmp_path):
         (dict(reward_specs=[{"path": "/x"}]), "reward_specs[0]"),
         (dict(reward_specs=[{"name": "clip", "lambda": 1}]), "reward_specs[0]"),
         (dict(prompts=["ok", "  "]), "prompts[1]"),
+        (dict(reward_specs=[{"name": "brightness"}, {"name": "pikscore"}]), "reward_specs[1].name"),
+        (dict(objective_name="leapalgn"), "objective_name"),
+        (dict(objective={"alpha": 2.0}), "alpha"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

@@ -47,6 +47,8 @@ def test_lora_raises_the_reward_and_the_saved_lora_loads_into_a_fresh_pipeline(t
     for n, p in trainer.network.named_parameters():
         if "lora" not in n:
             assert torch.equal(p, base_params[n]), n
+    assert trainer.model.vae.decoder.gradient_checkpointing  # the reward path's VAE decode recomputes
+    assert not any(p.requires_grad for p in trainer.model.vae.parameters())
     assert (tmp_path / "run" / "samples" / "step-00000006.png").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 6
 
