@@ -323,6 +323,7 @@ def test_saved_bytes_constant_in_T():
         (dict(max_idx=30), "max_idx must be <= num_steps=25"),
         (dict(fixed_steps=(3, 3)), "strictly increasing"),
         (dict(fixed_steps=(1,)), "must hold num_leaps=2 steps"),
+        (dict(discount_max_norm=0.0), "discount_max_norm must be > 0 or None, got 0.0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -386,3 +387,29 @@ def test_block_checkpointing_keeps_the_gradient_and_cuts_saved_bytes():
         results[ckpt] = (torch.cat([p.grad.flatten() for p in model.trainable_parameters()]), nbytes)
     assert rel(results[True][0], results[False][0]) < 1e-12
     assert results[True][1] < results[False][1]
+
+
+# -- the fused leapkernels ops behind the objective ---------------------------------------------------
+
+
+def test_fused_ops_are_the_default_and_match_the_reference(flux64):
+    """use_kernels=True (default) runs leapkernels' ops and gives the reference ops' gradient and image."""
+    model, cond = flux64
+    fused, plain = leapalign(fixed_steps=(1, 4), alpha=0.3), leapalign(fixed_steps=(1, 4), alpha=0.3, use_kernels=False)
+    assert fused.ops.name == "leapkernels" and plain.ops.name == "reference"
+    g_fused, out_fused = objective_grad(fused, model, cond, seed=SEED)
+    g_plain, out_plain = objective_grad(plain, model, cond, seed=SEED)
+    assert torch.equal(out_fused.images, out_plain.images)
+    assert rel(g_fused, g_plain) < 1e-12
+
+
+def test_discount_max_norm_caps_only_the_nested_term(flux64):
+    """A tiny cap on the discounted input's gradient leaves g(0) (no nested term) and moves g(1) towards it."""
+    model, cond = flux64
+    g = {a: objective_grad(leapalign(fixed_steps=(1, 4), alpha=a), model, cond, seed=SEED)[0] for a in (0.0, 1.0)}
+    capped = objective_grad(leapalign(fixed_steps=(1, 4), alpha=1.0, discount_max_norm=1e-12), model, cond, seed=SEED)[0]
+    # the cap kills the gradient through the model input at x_j, so only the single-step terms remain
+    assert rel(capped, g[0.0]) < 1e-8
+    assert rel(capped, g[1.0]) > 1e-3
+    loose = objective_grad(leapalign(fixed_steps=(1, 4), alpha=1.0, discount_max_norm=1e12), model, cond, seed=SEED)[0]
+    assert rel(loose, g[1.0]) < 1e-10

@@ -68,12 +68,18 @@ def leap_connector(
     return connected, distance
 
 
-def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
     """Identity forward (bit for bit), gradient times ``alpha`` (scalar or ``[B]``): LeapAlign's discount.
 
-    Equals ``alpha x + (1 - alpha) sg(x)`` in value and gradient, without its rounding.
+    Equals ``alpha x + (1 - alpha) sg(x)`` in value and gradient, without its rounding. With
+    ``max_norm`` each sample's scaled gradient is also capped at that L2 norm (soft alternative to
+    dropping the term); that needs a backward hook, so the plain form above is kept when it is off.
     """
-    return x.detach() + _per_sample(alpha, x) * (x - x.detach())
+    if max_norm is None:
+        return x.detach() + _per_sample(alpha, x) * (x - x.detach())
+    import leapkernels
+
+    return leapkernels.grad_scale_reference(x, alpha, max_norm)
 
 
 @dataclass(frozen=True)
@@ -81,25 +87,26 @@ class LeapOps:
     """The swappable implementations: reference PyTorch here, fused Triton in ``leapkernels``."""
 
     leap_connector: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    grad_scale: Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]
+    grad_scale: Callable[..., torch.Tensor]
     name: str = "reference"
 
 
 REFERENCE_OPS = LeapOps(leap_connector=leap_connector, grad_scale=grad_scale, name="reference")
 
 
-def leap_ops(use_kernels: bool = False) -> LeapOps:
+def leap_ops(use_kernels: bool = True) -> LeapOps:
     """Pick the leap/connector/discount implementation.
 
-    ``use_kernels=True`` is reserved for the fused ``leapkernels.leap_connector`` /
-    ``leapkernels.grad_scale`` (same signatures); until they land it raises rather than silently
-    running the reference.
+    ``use_kernels=True`` (the default) runs the fused ``leapkernels.leap_connector`` /
+    ``leapkernels.grad_scale``; their backend follows ``leapkernels.backend`` (compiled Triton on
+    CUDA, native or PyTorch reference on CPU, the interpreter under ``TRITON_INTERPRET=1``).
+    ``False`` runs the plain-PyTorch ops above, the reference the tests compare against.
     """
     if not use_kernels:
         return REFERENCE_OPS
-    # The swap, once leapkernels ships the ops:
-    # import leapkernels; return LeapOps(leapkernels.leap_connector, leapkernels.grad_scale, "leapkernels")
-    raise NotImplementedError("use_kernels=True needs leapkernels.leap_connector/grad_scale, not wired in yet")
+    import leapkernels
+
+    return LeapOps(leap_connector=leapkernels.leap_connector, grad_scale=leapkernels.grad_scale, name="leapkernels")
 
 
 def trajectory_weight(

@@ -55,7 +55,11 @@ class LeapAlignObjectiveConfig:
     fixed_steps: tuple[int, ...] | None = field(
         default=None, metadata={"help": "fixed leap steps (tests, ablations) instead of sampling"}
     )
-    use_kernels: bool = field(default=False, metadata={"help": "fused leapkernels ops for leap/connector/discount"})
+    use_kernels: bool = field(default=True, metadata={"help": "fused leapkernels ops for leap/connector/discount"})
+    discount_max_norm: float | None = field(
+        default=None,
+        metadata={"help": "cap each sample's nested-term gradient norm at this bound (after alpha); None = off"},
+    )
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -76,6 +80,8 @@ class LeapAlignObjectiveConfig:
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.discount_max_norm is not None and not self.discount_max_norm > 0:
+            raise ValueError(f"discount_max_norm must be > 0 or None, got {self.discount_max_norm}")
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.weighting not in WEIGHTINGS:
@@ -145,7 +151,7 @@ class LeapAlignObjective(Objective):
             else:  # arrive at x_i by the pending leap: connector, then the discounted model input
                 x_from, d = ops.leap_connector(pending["x_from"], pending["v"], sigma - pending["sigma"], x)
                 intermediate.append(d)
-                x_in = ops.grad_scale(x_from, cfg.alpha)
+                x_in = ops.grad_scale(x_from, cfg.alpha, cfg.discount_max_norm)
             v = model.velocity(x_in, sigma, cond)
             pending.update(x_from=x_from, v=v, sigma=sigma)
             return v
