@@ -14,6 +14,7 @@ from benchmarks.__main__ import main as bench_main
 from benchmarks.workload import METHODS
 
 TINY = ["--model", "test", "--steps", "2", "3", "--methods", "all"]
+TINY_THROUGHPUT = ["--model", "test", "--steps", "3", "--methods", "all", "--repeats", "1", "--warmup", "0"]
 RESULT_KEYS = {"suite", "machine", "config", "records", "summary"}
 MACHINE_KEYS = {"command", "cpu", "gpu", "torch", "triton", "diffusers", "utc"}
 
@@ -46,8 +47,7 @@ def results(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LEAPKERNELS_BACKEND", "reference")
             assert bench_main(["memory", *TINY, "--in-process", "--json", str(paths["memory"])]) == 0
-            assert bench_main(["throughput", *TINY, "--repeats", "1", "--warmup", "0",
-                               "--json", str(paths["throughput"])]) == 0
+            assert bench_main(["throughput", *TINY_THROUGHPUT, "--json", str(paths["throughput"])]) == 0
             assert bench_main(["kernels", "--shape", "tiny", "--no-compile", "--min-run-time", "0.001",
                                "--json", str(paths["kernels"])]) == 0
     finally:
@@ -78,7 +78,7 @@ def test_throughput_split_matches_each_methods_structure(results):
     _, paths = results
     doc = _load(paths["throughput"])
     points = _by_point(doc)
-    assert set(points) == {(m, t) for m in METHODS for t in (2, 3)}
+    assert set(points) == {(m, 3) for m in METHODS}
     for rec in doc["records"]:
         assert rec["status"] == "ok", rec
         assert rec["seconds"] > 0 and rec["images_per_s"] > 0
