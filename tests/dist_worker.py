@@ -58,7 +58,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def run(mode: str, train_mode: str, out_dir: Path, objective: str = "deterministic") -> dict[str, Any] | None:
+def run(mode: str, train_mode: str, out_dir: Path, objective: str = "deterministic", accumulation: int = 1,
+        train: bool = True) -> dict[str, Any] | None:
     from leapalign.config import LeapAlignConfig
     from leapalign.models.tiny_flux import tiny_flux_velocity_model
     from leapalign.trainer import LeapAlignTrainer
@@ -66,8 +67,9 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = tiny_flux_velocity_model("test", with_vae=True)
     cfg = LeapAlignConfig(
-        output_dir=str(out_dir / f"{mode}-{train_mode}-{objective}"), device="cpu", model_dtype="float32", prompts=PROMPTS,
-        train_batch_size=GLOBAL_BATCH // world, train_distributed=mode, train_mode=train_mode, lora_rank=4,
+        output_dir=str(out_dir / f"{mode}-{train_mode}-{objective}-{accumulation}"), device="cpu", model_dtype="float32",
+        prompts=PROMPTS, train_batch_size=GLOBAL_BATCH // world // accumulation, train_gradient_accumulation_steps=accumulation,
+        train_distributed=mode, train_mode=train_mode, lora_rank=4,
         train_learning_rate=1e-2, train_num_steps=2 if objective == "deterministic" else 1, train_ema_decay=0.5,
         reward_specs=[{"name": "brightness"}], objective={"num_steps": 3, "hinge_lambda": None},
         ckpt_every=0, ckpt_save_final=objective != "deterministic",
@@ -77,6 +79,8 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
     finite, metrics = trainer.compute_gradients(0)
     grads = {n: _full(p.grad) for n, p in zip(trainer.param_names, trainer.params)}
     trainer.optimizer.zero_grad(set_to_none=True)
+    if not train:
+        return {"finite": finite, "grads": grads}
     result = trainer.train()
     weights = {n: _full(p) for n, p in zip(trainer.param_names, trainer.params)}
     return {"finite": finite, "grads": grads, "weights": weights, "metrics": result.last_metrics,

@@ -59,3 +59,11 @@ def test_fsdp2_runs_a_leapalign_step_and_saves_a_gathered_checkpoint(dist_result
     saved = load_file(str(ckpt / "trainable.safetensors"))
     _close(saved, got["weights"], rtol=0, atol=0)  # full (unsharded) tensors on disk
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Two micro-batches of 2 accumulate to the gradient of one batch of 4 (loss / A per micro-batch)."""
+    big = dist_worker.run("none", "lora", tmp_path, accumulation=1, train=False)
+    acc = dist_worker.run("none", "lora", tmp_path, accumulation=2, train=False)
+    assert any(g.abs().sum() > 0 for g in big["grads"].values())
+    _close(acc["grads"], big["grads"], rtol=1e-4, atol=1e-7)
