@@ -177,6 +177,7 @@ class LeapAlignTrainer:
         elif hasattr(model, "to") and callable(model.to):
             model.to(self.device)
         self.model = model
+        self._rollout_model = _VelocityInInputDtype(model) if config.mixed_precision != "no" else model
         self.prompt_encoder = self._make_prompt_encoder(prompt_encoder)
         self._precompute_prompts()  # before LoRA/upcasting/sharding: the text encoders leave memory first
 
@@ -242,6 +243,13 @@ class LeapAlignTrainer:
                 if index >= torch.cuda.device_count():
                     raise ConfigError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
                 torch.cuda.set_device(index)
+        from accelerate.state import AcceleratorState
+
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, cfg.mixed_precision):
+            # a previous trainer in this process used another precision: accelerate's state is a
+            # process-wide singleton; reset it (not the process group) so this config applies
+            AcceleratorState._reset_state(reset_partial_state=False)
         kwargs: dict[str, Any] = dict(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, project_dir=cfg.output_dir)
         if cfg.log_with:
             kwargs["log_with"] = list(cfg.log_with)
@@ -431,7 +439,7 @@ class LeapAlignTrainer:
             prompts = self.micro_batch_prompts(step, micro)
             cond = self.prompt_encoder.encode(prompts)
             with self.accelerator.autocast():
-                out = self.objective(self.model, cond, prompts, self.reward, generator=self.micro_batch_generator(step, micro))
+                out = self.objective(self._rollout_model, cond, prompts, self.reward, generator=self.micro_batch_generator(step, micro))
             loss = out.loss
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.requires_grad:
                 raise RuntimeError(f"the objective must return a scalar loss with a gradient, got {loss!r}")
@@ -590,7 +598,7 @@ class LeapAlignTrainer:
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         swap = self.ema.swapped_in() if (self.ema is not None and cfg.sample_use_ema) else _null()
         with swap, self.accelerator.autocast():
-            images = euler_sample(self.model, cond, len(prompts), cfg.sample_num_steps, gen)
+            images = euler_sample(self._rollout_model, cond, len(prompts), cfg.sample_num_steps, gen)
         if not self.is_main:
             return None
         path = Path(cfg.output_dir) / "samples" / f"step-{self.step:08d}.png"
@@ -712,6 +720,23 @@ class LeapAlignTrainer:
         self.nonfinite_total = int(state["nonfinite_total"])
         self._last_saved_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
+
+
+class _VelocityInInputDtype:
+    """Delegates to a VelocityModel; ``velocity`` returns ``x``'s dtype.
+
+    Under bf16 autocast the network returns bf16 while the rollout state stays in its own dtype
+    (fp32 master weights in full fine-tunes); the objective's leap/connector ops need one dtype.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def velocity(self, x: torch.Tensor, sigma: Any, cond: Any) -> torch.Tensor:
+        return self._model.velocity(x, sigma, cond).to(x.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 class _MethodEncoder:

@@ -157,3 +157,15 @@ def test_leapkernels_patched_model_gives_the_same_gradients(tmp_path):
     assert any(g.abs().sum() > 0 for g in grads[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_trainer_after_an_fp32_one_in_the_same_process(tmp_path):
+    """mixed_precision=bf16 runs the rollout under autocast; trainable weights and EMA stay fp32."""
+    LeapAlignTrainer(tiny_config(tmp_path / "fp32", train_num_steps=1), tiny_flux_pipeline())
+    trainer = LeapAlignTrainer(tiny_config(tmp_path / "bf16", mixed_precision="bf16", train_num_steps=1), tiny_flux_pipeline())
+    assert trainer.accelerator.mixed_precision == "bf16"
+    start = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.training_step()
+    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in trainer.params) and trainer.ema.shadow[0].dtype == torch.float32
+    assert any(not torch.equal(a, p) for a, p in zip(start, trainer.params))
