@@ -196,6 +196,10 @@ class LeapAlignTrainer:
         self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        if self.distributed == "ddp":  # every replica starts from rank 0's weights, as DDP does
+            with torch.no_grad():
+                for p in self.params:
+                    torch.distributed.broadcast(p.data, src=0)
 
         cfg = config
         self.optimizer = torch.optim.AdamW(

@@ -71,6 +71,15 @@ def test_full_finetune_trains_every_weight_and_exports_a_loadable_transformer(tm
     trainer = LeapAlignTrainer(cfg, tiny_flux_pipeline())
     start = [p.detach().clone() for p in trainer.params]
     assert len(trainer.params) == len(list(trainer.network.parameters()))
+    # text encoders ran once per distinct prompt, then left; the cache matches encode_prompt exactly
+    assert trainer.pipeline.text_encoder is None and trainer.pipeline.text_encoder_2 is None
+    assert len(trainer.prompt_encoder) == len(PROMPTS)
+    embeds, pooled, _ = tiny_flux_pipeline().encode_prompt(["a blue dog", "a red cat"], prompt_2=None, max_sequence_length=8)
+    cond = trainer.prompt_encoder.encode(["a blue dog", "a red cat"])
+    torch.testing.assert_close(cond.prompt_embeds, embeds, rtol=1e-5, atol=1e-6)  # batch composition differs
+    torch.testing.assert_close(cond.pooled_prompt_embeds, pooled, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="never encoded"):
+        trainer.prompt_encoder.encode(["a prompt nobody gave"])
     result = trainer.train()
     moved = sum(not torch.equal(a, p) for a, p in zip(start, trainer.params))
     assert moved > 0.8 * len(start)
