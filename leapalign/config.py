@@ -270,8 +270,13 @@ def load_config_mapping(path: str | Path) -> dict[str, Any]:
         if suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
         elif suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                try:
+                    import tomli as tomllib  # type: ignore[no-redef]
+                except ModuleNotFoundError:
+                    raise ConfigError(f"reading {str(path)!r} needs Python >= 3.11 or `pip install tomli`; or use YAML") from None
             data = tomllib.loads(text)
         else:
             raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .toml, got {suffix or 'no suffix'!r}")
