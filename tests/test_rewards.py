@@ -115,3 +115,41 @@ def test_composite_hinge_is_exact_per_term_hinge():
     torch.testing.assert_close(torch.relu(comp.hinge - R), expected)
     assert set(comp.last_components) == {"reward/a", "reward/b"}
     assert CompositeReward([RewardTerm("a", lambda x, p: r1)]).hinge is None
+
+
+def test_hps_wrapper_against_a_stand_in_open_clip(tmp_path, monkeypatch):
+    """HPSv2Reward's own logic (checkpoint loading, torch preprocessing, cosine, text cache) with a
+    tiny stand-in for open_clip's ViT-H-14, since the real package and weights are not available."""
+    import sys
+    import types
+
+    class TinyClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3 * 8 * 8, 4)
+            self.visual.image_size = (8, 8)
+            self.text = torch.nn.Embedding(10, 4)
+
+        def encode_image(self, pixels):
+            return self.visual(pixels.flatten(1))
+
+        def encode_text(self, ids):
+            return self.text(ids).sum(1)
+
+    fake = types.ModuleType("open_clip")
+    fake.create_model = lambda arch, pretrained=None, precision="fp32": TinyClip()
+    fake.get_tokenizer = lambda arch: (lambda texts: torch.tensor([[len(t) % 10, 1] for t in texts]))
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    torch.manual_seed(0)
+    ref = TinyClip()
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "hps.pt")
+    reward = build_reward("hps", path=str(tmp_path / "hps.pt"))
+    images = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    prompts = ["a cat", "two dogs"]
+    scores = call_reward(reward, images, prompts)
+    img = ref.encode_image(clip_preprocess(images.detach(), 8))
+    txt = ref.encode_text(fake.get_tokenizer("x")(prompts))
+    expected = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    torch.testing.assert_close(scores.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0
