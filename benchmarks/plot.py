@@ -47,9 +47,15 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list
     return {m: ([t for t, _ in sorted(pts)], [v for _, v in sorted(pts)]) for m, pts in by_method.items()}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
+_STYLES = ("-", "--", "-.", ":")
+
+
 def _line_panel(ax: Any, records: Sequence[dict[str, Any]], key: str, scale: float, ylabel: str, title: str) -> None:
-    for method, (ts, vs) in _series(records, key).items():
-        ax.plot(ts, [v / scale for v in vs], marker="o", label=method)
+    """One line per method; distinct markers and dashes so methods with equal values stay visible."""
+    for i, (method, (ts, vs)) in enumerate(_series(records, key).items()):
+        ax.plot(ts, [v / scale for v in vs], marker=_MARKERS[i % len(_MARKERS)], linestyle=_STYLES[i % len(_STYLES)],
+                markersize=7 - (i % 3), label=method)
     steps = sorted({rec["steps"] for rec in records})
     ax.set_xscale("log", base=2)
     ax.set_xticks(steps)
