@@ -89,12 +89,16 @@ def _train(argv: list[str]) -> int:
         print(_train_help(), end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USAGE
     config, pipe_loader = _prepare_train(argv[0], argv[1:])
+    from leapalign.checkpoint import CheckpointError
+    from leapalign.config import ConfigError
     from leapalign.trainer import LeapAlignTrainer, NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         trainer = LeapAlignTrainer(config, pipe_loader())
         result = trainer.train()
+    except (ConfigError, CheckpointError) as exc:  # raised before the first file is written
+        raise UsageError(str(exc)) from exc
     except NonFiniteLossError as exc:
         print(f"leapalign train: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -53,6 +53,7 @@ def _bad_cases(tmp_path: Path, model_dir: Path):
         "bad objective option": ([str(_write_config(tmp_path, model_dir, objective={"alpah": 0.1}))], "alpah"),
         "unsupported device": ([str(_write_config(tmp_path, model_dir, device="tpu"))], "device"),
         "missing model": ([str(_write_config(tmp_path, model_dir, model_path=str(tmp_path / "no-model")))], "model_index.json"),
+        "lora targets not in the model": ([str(_write_config(tmp_path, model_dir, lora_target_modules=["to_nothing"]))], "lora_target_modules"),
         "missing resume": ([str(_write_config(tmp_path, model_dir, ckpt_resume_from=str(tmp_path / "ck")))], "not a checkpoint"),
     }
 
