@@ -6,7 +6,8 @@
   loss is a mean over samples), so the gradient of a global batch does not depend on how it is
   split: rank 0 saves the gathered gradients of step 0 and the weights after two optimiser steps;
 - ``fsdp``/LoRA with the real LeapAlign objective for one step (several forwards with autograd
-  before one backward through sharded blocks) plus a checkpoint save (gathers every shard).
+  before one backward through sharded blocks), an EMA sample grid and a checkpoint save (gathers
+  every shard).
 
 ``reference(mode, train_mode, out_dir)`` runs the same thing in one process with the whole batch.
 """
@@ -73,6 +74,7 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
         train_learning_rate=1e-2, train_num_steps=2 if objective == "deterministic" else 1, train_ema_decay=0.5,
         reward_specs=[{"name": "brightness"}], objective={"num_steps": 3, "hinge_lambda": None},
         ckpt_every=0, ckpt_save_final=objective != "deterministic",
+        sample_every=0 if objective == "deterministic" else 1, sample_num_images=2, sample_num_steps=2,
     )
     trainer = LeapAlignTrainer(cfg, model, prompt_encoder=SeededEncoder(model),
                                objective=DeterministicObjective() if objective == "deterministic" else None)

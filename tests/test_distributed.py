@@ -59,6 +59,8 @@ def test_fsdp2_runs_a_leapalign_step_and_saves_a_gathered_checkpoint(dist_result
     saved = load_file(str(ckpt / "trainable.safetensors"))
     _close(saved, got["weights"], rtol=0, atol=0)  # full (unsharded) tensors on disk
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # the EMA-weight sample grid ran on both ranks (sharded forwards are collective), rank 0 wrote it
+    assert (ckpt.parents[1] / "samples" / "step-00000001.png").is_file()
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
