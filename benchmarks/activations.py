@@ -98,7 +98,7 @@ def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
         hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g),
         encoder_hidden_states=torch.randn(1, n_txt, cfg["joint_attention_dim"], generator=g),
         pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
-        timestep=torch.tensor([0.7]),
+        timestep=torch.tensor([0.5]),  # 500 after the x1000: exact in bf16, so the fp64 truth sees the same input
         img_ids=img_ids,
         txt_ids=torch.zeros(n_txt, 3),
     )
