@@ -90,14 +90,15 @@ def _branch_out(
     gelu: bool = False,
     prefix: torch.Tensor | None = None,
     dropout: nn.Module | None = None,
+    dropout_after: nn.Module | None = None,
 ) -> torch.Tensor:
-    """``residual + gate * linear(cat([prefix, dropout(gelu?(x))]))`` with as much fused as allowed.
+    """``residual + gate * dropout_after(linear(cat([prefix, dropout(gelu?(x))])))``, as fused as allowed.
 
     Plain Linear + gated_residual on: one `gated_linear` (saves neither GELU's output nor the
     projection's). Otherwise `gelu_linear` (GELU + projection), else module calls; then the gate.
     """
     operands = (x, linear.weight) + ((prefix,) if prefix is not None else ())
-    fusable = _plain_linear(linear) and _inactive(dropout) and _same(*operands)
+    fusable = _plain_linear(linear) and _inactive(dropout) and _inactive(dropout_after) and _same(*operands)
     if opts.gated_residual and fusable and _same(residual, gate, x) and residual.shape[:2] == x.shape[:2]:
         if gelu and not opts.gelu:
             x, gelu = F.gelu(x, approximate="tanh"), False
@@ -110,7 +111,9 @@ def _branch_out(
             a = dropout(a)
         if prefix is not None:
             a = torch.cat([prefix, a], dim=-1)
-        y = linear(a)
+        y = linear(a.contiguous())
+        if dropout_after is not None:
+            y = dropout_after(y)
     return _gate(opts, residual, gate, y)
 
 
@@ -169,7 +172,7 @@ def _double_block_forward(
 
     if defer:
         hidden_states = _branch_out(opts, hidden_states, gate_msa, attn_output, self.attn.to_out[0],
-                                    dropout=self.attn.to_out[1])
+                                    dropout_after=self.attn.to_out[1])
     else:
         hidden_states = _gate(opts, hidden_states, gate_msa, attn_output)
     norm_hidden_states = _modulate(opts, self.norm2, hidden_states, scale_mlp, shift_mlp)

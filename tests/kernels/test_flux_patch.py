@@ -142,12 +142,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_lora_wrapped_flux_matches_unpatched():
-    """peft LoRA on projections the patch reads directly otherwise (proj_out, ff.net.2): it must
-    call the wrapped modules, so the LoRA weights get the same gradients as unpatched."""
+    """peft LoRA on projections the patch reads directly otherwise (to_q, to_out.0, proj_out,
+    ff.net.2): it must call the wrapped modules, so the LoRA weights get the same gradients."""
     peft = pytest.importorskip("peft")
     model, inputs = _model("tiny")
     model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                      target_modules=["to_q", "add_k_proj", "proj_out", "ff.net.2", "proj_mlp"]))
+                                      target_modules=["to_q", "add_k_proj", "to_out.0", "proj_out", "ff.net.2", "proj_mlp"]))
     patched = copy.deepcopy(model)
     cot = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out0, g0 = _run(model, inputs, torch.float32, cot)
