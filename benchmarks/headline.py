@@ -52,6 +52,15 @@ def throughput_headline(records: Sequence[dict[str, Any]], steps: Sequence[int],
             lookup(records, "bptt_ckpt", t, "seconds"), lookup(records, "leapalign", t, "seconds")),
         f"leapalign_over_kernels_time_T{t}": _ratio(
             lookup(records, "leapalign", t, "seconds"), lookup(records, "leapalign+kernels", t, "seconds")),
+        # The most any method that still rolls out T no-grad forwards can win over naive BPTT on this
+        # machine and model: BPTT's cost per step (forward with grad + backward) over one no-grad forward.
+        f"ceiling_bptt_step_over_nograd_forward_T{t}": _ratio(
+            _per(records, "bptt", t, "gradient_s", "grad_calls"), _per(records, "leapalign", t, "rollout_s", "rollout_calls")),
         "targets": {f"bptt_over_leapalign_time_T{t}": ">= 4"},
     }
     return out
+
+
+def _per(records: Sequence[dict[str, Any]], method: str, steps: int, key: str, count: str) -> float | None:
+    total, calls = lookup(records, method, steps, key), lookup(records, method, steps, count)
+    return None if total is None or not calls else total / calls
