@@ -73,7 +73,7 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
         train_distributed=mode, train_mode=train_mode, lora_rank=4,
         train_learning_rate=1e-2, train_num_steps=2 if objective == "deterministic" else 1, train_ema_decay=0.5,
         reward_specs=[{"name": "brightness"}], objective={"num_steps": 3, "hinge_lambda": None},
-        ckpt_every=0, ckpt_save_final=objective != "deterministic",
+        ckpt_every=0, ckpt_save_final=mode != "none",
         sample_every=0 if objective == "deterministic" else 1, sample_num_images=2, sample_num_steps=2,
     )
     trainer = LeapAlignTrainer(cfg, model, prompt_encoder=SeededEncoder(model),

@@ -69,3 +69,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     acc = dist_worker.run("none", "lora", tmp_path, accumulation=2, train=False)
     assert any(g.abs().sum() > 0 for g in big["grads"].values())
     _close(acc["grads"], big["grads"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_full_finetune_exports_the_gathered_ema_transformer(dist_results):
+    from safetensors.torch import load_file
+
+    results, _ = dist_results
+    ckpt = Path(results["fsdp-full"]["checkpoint"])
+    exported = load_file(str(ckpt / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    assert exported.keys() == ema.keys()  # every weight trains in a full fine-tune
+    _close(exported, ema, rtol=0, atol=0)
+    assert (ckpt / "transformer" / "config.json").is_file()
