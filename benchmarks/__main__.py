@@ -17,6 +17,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "activations": ("benchmarks.activations", "saved activations of patched vs eager Flux"),
     "plot": ("benchmarks.plot", "PNG charts from the JSON results"),
     "gpu": ("benchmarks.gpu_suite", "the whole GPU suite in one call (CUDA tests + every suite, tiny and FLUX.1-dev)"),
+    "study": ("benchmarks.study", "shapes world: LeapAlign vs baselines at equal wall-clock, alpha and leap sweeps"),
 }
 
 
