@@ -89,6 +89,31 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
             "checkpoint": str(result.checkpoint) if result.checkpoint else None, "distributed": trainer.distributed}
 
 
+def resume_fsdp(out_dir: Path) -> dict[str, Any]:
+    """Reload the fsdp/LoRA/LeapAlign checkpoint into freshly sharded weights, then train one more step."""
+    from leapalign.checkpoint import latest_checkpoint
+    from leapalign.config import LeapAlignConfig
+    from leapalign.models.tiny_flux import tiny_flux_velocity_model
+    from leapalign.trainer import LeapAlignTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = tiny_flux_velocity_model("test", with_vae=True)
+    cfg = LeapAlignConfig(
+        output_dir=str(out_dir / "fsdp-lora-leapalign-1"), device="cpu", model_dtype="float32", prompts=PROMPTS,
+        train_batch_size=GLOBAL_BATCH // world, train_distributed="fsdp", train_mode="lora", lora_rank=4,
+        train_learning_rate=1e-2, train_num_steps=2, train_ema_decay=0.5, reward_specs=[{"name": "brightness"}],
+        objective={"num_steps": 3, "hinge_lambda": None}, ckpt_every=0, ckpt_save_final=True,
+    )
+    trainer = LeapAlignTrainer(cfg, model, prompt_encoder=SeededEncoder(model))
+    trainer.load_checkpoint(latest_checkpoint(cfg.output_dir))
+    loaded = {n: _full(p) for n, p in zip(trainer.param_names, trainer.params)}
+    loaded_ema = {n: _full(s) for n, s in zip(trainer.param_names, trainer.ema.shadow)}
+    step = trainer.step
+    result = trainer.train()
+    return {"loaded": loaded, "loaded_ema": loaded_ema, "loaded_step": step, "step": result.step,
+            "metrics": result.last_metrics}
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     rank = int(os.environ.get("RANK", "0"))
@@ -97,6 +122,7 @@ def main(out_dir: str) -> None:
         "fsdp-full": run("fsdp", "full", out),
         "fsdp-lora-leapalign": run("fsdp", "lora", out, objective="leapalign"),
     }
+    results["fsdp-resume"] = resume_fsdp(out)
     if rank == 0:
         torch.save(results, out / "dist_results.pt")
 

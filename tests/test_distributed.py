@@ -82,3 +82,16 @@ def test_fsdp2_full_finetune_exports_the_gathered_ema_transformer(dist_results):
     assert exported.keys() == ema.keys()  # every weight trains in a full fine-tune
     _close(exported, ema, rtol=0, atol=0)
     assert (ckpt / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_resume_reshards_weights_ema_and_optimizer(dist_results):
+    from safetensors.torch import load_file
+
+    results, _ = dist_results
+    first = results["fsdp-lora-leapalign"]
+    ckpt = Path(first["checkpoint"])
+    res = results["fsdp-resume"]
+    assert res["loaded_step"] == 1 and res["step"] == 2 and res["metrics"]["skipped"] == 0.0
+    _close(res["loaded"], first["weights"], rtol=0, atol=0)
+    _close(res["loaded_ema"], load_file(str(ckpt / "ema.safetensors")), rtol=0, atol=0)
