@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,6 +69,27 @@ inline void check_per_sample(const at::Tensor& t, const char* name, int64_t batc
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == batch,
               "leapkernels_native: ", name, " must be a float32 CPU tensor of shape [", batch,
               "] (one per sample), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// ---------------------------------------------------------------------------- element access
+// Loads and stores in the accumulation type. bf16 goes through its bits (a shift in, round to
+// nearest even out, NaN kept) so loops over bf16 vectorise; c10::BFloat16's own conversions
+// (a struct temporary per element) stop the vectoriser. Other dtypes use the c10 conversions.
+template <typename T>
+inline acc_type<T> ld(const T* p, int64_t i) {
+  return static_cast<acc_type<T>>(p[i]);
+}
+inline float ld(const c10::BFloat16* p, int64_t i) {
+  return std::bit_cast<float>(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16);
+}
+template <typename T>
+inline void st(T* p, int64_t i, acc_type<T> v) {
+  p[i] = static_cast<T>(v);
+}
+inline void st(c10::BFloat16* p, int64_t i, float v) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
 }
 
 // exp for float that the compiler can vectorise (Cephes polynomial, ~1 ulp on the clamped range
@@ -134,7 +156,9 @@ inline int64_t chunks_per_row(int64_t n) { return std::max<int64_t>(1, ceil_div(
 template <typename F>
 void for_each_chunk(int64_t batch, int64_t n, const F& body) {
   const int64_t chunks = chunks_per_row(n);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t t0, int64_t t1) {
+  // A task takes >= 4 chunks (64K elements): small latents stay on one thread, where a parallel
+  // region would cost more than it saves.
+  at::parallel_for(0, batch * chunks, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / chunks;
       const int64_t begin = (t % chunks) * kReduceChunk;

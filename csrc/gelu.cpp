@@ -18,12 +18,12 @@ void gelu_fwd_kernel(const scalar_t* h, scalar_t* out, int64_t begin, int64_t en
   const acc_t k0 = static_cast<acc_t>(kK0), k1 = static_cast<acc_t>(kK1);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t x = static_cast<acc_t>(h[i]);
+    const acc_t x = ld(h, i);
     const acc_t u = k0 * (x + k1 * x * x * x);
     const acc_t e = vexp(acc_t(-2) * std::abs(u));
     const acc_t inv = acc_t(1) / (acc_t(1) + e);
     const acc_t sig = u >= 0 ? inv : e * inv;
-    out[i] = static_cast<scalar_t>(x * sig);
+    st(out, i, x * sig);
   }
 }
 
@@ -33,14 +33,14 @@ void gelu_bwd_kernel(const scalar_t* da, const scalar_t* h, scalar_t* dh, int64_
   const acc_t k0 = static_cast<acc_t>(kK0), k1 = static_cast<acc_t>(kK1);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t x = static_cast<acc_t>(h[i]);
+    const acc_t x = ld(h, i);
     const acc_t u = k0 * (x + k1 * x * x * x);
     const acc_t e = vexp(acc_t(-2) * std::abs(u));
     const acc_t inv = acc_t(1) / (acc_t(1) + e);
     const acc_t sig = u >= 0 ? inv : e * inv;
     const acc_t sig_c = u >= 0 ? e * inv : inv;
     const acc_t d = sig + acc_t(2) * x * sig * sig_c * k0 * (acc_t(1) + acc_t(3) * k1 * x * x);
-    dh[i] = static_cast<scalar_t>(static_cast<acc_t>(da[i]) * d);
+    st(dh, i, ld(da, i) * d);
   }
 }
 

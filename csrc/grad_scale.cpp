@@ -16,7 +16,7 @@ double sumsq_kernel(const scalar_t* gp, int64_t begin, int64_t end) {
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = static_cast<acc_t>(gp[i]);
+    const acc_t gi = ld(gp, i);
     sum += static_cast<double>(gi * gi);
   }
   return sum;
@@ -24,9 +24,8 @@ double sumsq_kernel(const scalar_t* gp, int64_t begin, int64_t end) {
 
 template <typename scalar_t>
 void scale_kernel(const scalar_t* gp, acc_type<scalar_t> factor, scalar_t* op, int64_t begin, int64_t end) {
-  using acc_t = acc_type<scalar_t>;
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(factor * static_cast<acc_t>(gp[i]));
+  for (int64_t i = begin; i < end; ++i) st(op, i, factor * ld(gp, i));
 }
 
 void grad_scale_bwd(const at::Tensor& g, const at::Tensor& alpha, std::optional<double> max_norm,

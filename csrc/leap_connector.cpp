@@ -31,7 +31,7 @@ void leap_kernel(const RowsView<scalar_t>& x, const RowsView<scalar_t>& v, const
   const acc_t cb = c[b];
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    op[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) + cb * static_cast<acc_t>(vp[i]));
+    st(op, i, ld(xp, i) + cb * ld(vp, i));
   }
 }
 
@@ -48,10 +48,10 @@ double connector_kernel(const RowsView<scalar_t>& x, const RowsView<scalar_t>& v
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t ti = tp[i];
-    op[i] = ti;
-    const acc_t leap = static_cast<acc_t>(xp[i]) + cb * static_cast<acc_t>(vp[i]);
-    sum += static_cast<double>(std::abs(static_cast<acc_t>(ti) - leap));
+    const acc_t ti = ld(tp, i);  // exact: every input dtype widens losslessly to acc_t
+    st(op, i, ti);
+    const acc_t leap = ld(xp, i) + cb * ld(vp, i);
+    sum += static_cast<double>(std::abs(ti - leap));
   }
   return sum;
 }
@@ -66,16 +66,16 @@ double leap_bwd_kernel(const RowsView<scalar_t>& g, const RowsView<scalar_t>* v,
   const acc_t cb = c[b];
   if (v == nullptr) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) op[i] = static_cast<scalar_t>(cb * static_cast<acc_t>(gp[i]));
+    for (int64_t i = begin; i < end; ++i) st(op, i, cb * ld(gp, i));
     return 0;
   }
   const scalar_t* vp = v->row(b);
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = static_cast<acc_t>(gp[i]);
-    op[i] = static_cast<scalar_t>(cb * gi);
-    sum += static_cast<double>(gi * static_cast<acc_t>(vp[i]));
+    const acc_t gi = ld(gp, i);
+    st(op, i, cb * gi);
+    sum += static_cast<double>(gi * ld(vp, i));
   }
   return sum;
 }

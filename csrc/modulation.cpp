@@ -57,12 +57,12 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> row_moments(const scalar_t* xr
   using acc_t = acc_type<scalar_t>;
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < d; ++j) sum += static_cast<acc_t>(xr[j]);
+  for (int64_t j = 0; j < d; ++j) sum += ld(xr, j);
   const acc_t mean = sum / static_cast<acc_t>(d);
   acc_t var = 0;
 #pragma omp simd reduction(+ : var)
   for (int64_t j = 0; j < d; ++j) {
-    const acc_t c = static_cast<acc_t>(xr[j]) - mean;
+    const acc_t c = ld(xr, j) - mean;
     var += c * c;
   }
   const acc_t rstd = acc_t(1) / std::sqrt(var / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
@@ -121,7 +121,7 @@ void mln_fwd_kernel(const at::Tensor& x, const at::Tensor& scale, const at::Tens
       scalar_t* yr = yp + r * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
-        yr[j] = static_cast<scalar_t>((static_cast<acc_t>(xr[j]) - mean) * rstd * sc[j] + sh[j]);
+        st(yr, j, (ld(xr, j) - mean) * rstd * sc[j] + sh[j]);
       }
     }
   });
@@ -150,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor> mln_bwd_kernel(const at::Tensor& g, const at:
       if (need_dmod) {
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
-          const acc_t gj = static_cast<acc_t>(gr[j]);
-          dsc[j] += gj * (static_cast<acc_t>(xr[j]) - mean) * rstd;
+          const acc_t gj = ld(gr, j);
+          dsc[j] += gj * (ld(xr, j) - mean) * rstd;
           dsh[j] += gj;
         }
       }
@@ -159,17 +159,17 @@ std::tuple<at::Tensor, at::Tensor> mln_bwd_kernel(const at::Tensor& g, const at:
         acc_t c1 = 0, c2 = 0;
 #pragma omp simd reduction(+ : c1, c2)
         for (int64_t j = 0; j < d; ++j) {
-          const acc_t dxhat = static_cast<acc_t>(gr[j]) * sc[j];
+          const acc_t dxhat = ld(gr, j) * sc[j];
           c1 += dxhat;
-          c2 += dxhat * (static_cast<acc_t>(xr[j]) - mean) * rstd;
+          c2 += dxhat * (ld(xr, j) - mean) * rstd;
         }
         c1 *= inv_d;
         c2 *= inv_d;
         scalar_t* dxr = dxp + (b * seq + s) * d;
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
-          const acc_t xhat = (static_cast<acc_t>(xr[j]) - mean) * rstd;
-          dxr[j] = static_cast<scalar_t>((static_cast<acc_t>(gr[j]) * sc[j] - c1 - xhat * c2) * rstd);
+          const acc_t xhat = (ld(xr, j) - mean) * rstd;
+          st(dxr, j, (ld(gr, j) * sc[j] - c1 - xhat * c2) * rstd);
         }
       }
     }
@@ -220,7 +220,7 @@ void gr_fwd_kernel(const at::Tensor& x, const at::Tensor& gate, const at::Tensor
       scalar_t* orow = op + r * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
-        orow[j] = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + gt[j] * static_cast<acc_t>(yr[j]));
+        st(orow, j, ld(xr, j) + gt[j] * ld(yr, j));
       }
     }
   });
@@ -244,12 +244,12 @@ at::Tensor gr_bwd_kernel(const at::Tensor& g, const at::Tensor& gate, const at::
       if (need_dy) {
         scalar_t* dyr = dyp + (b * seq + s) * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dyr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * gt[j]);
+        for (int64_t j = 0; j < d; ++j) st(dyr, j, ld(gr, j) * gt[j]);
       }
       if (need_dgate) {
         const scalar_t* yr = yv.row(b, s);
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dgt[j] += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(yr[j]);
+        for (int64_t j = 0; j < d; ++j) dgt[j] += ld(gr, j) * ld(yr, j);
       }
     }
   });

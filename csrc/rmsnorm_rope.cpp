@@ -56,7 +56,7 @@ acc_type<scalar_t> row_rstd(const scalar_t* xr, int64_t d, double eps) {
   acc_t sumsq = 0;
 #pragma omp simd reduction(+ : sumsq)
   for (int64_t j = 0; j < d; ++j) {
-    const acc_t v = static_cast<acc_t>(xr[j]);
+    const acc_t v = ld(xr, j);
     sumsq += v * v;
   }
   return acc_t(1) / std::sqrt(sumsq / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
@@ -82,7 +82,7 @@ void qk_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, const std::opt
       const acc_t rstd = row_rstd(xr, d, eps);
       if (cp == nullptr) {
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) * rstd * w[j]);
+        for (int64_t j = 0; j < d; ++j) st(orow, j, ld(xr, j) * rstd * w[j]);
         continue;
       }
       const int64_t s = hx.seq_index(r);
@@ -90,10 +90,10 @@ void qk_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, const std::opt
       const acc_t* sn = sp + s * ss;
 #pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
-        const acc_t ne = static_cast<acc_t>(xr[2 * i]) * rstd * w[2 * i];
-        const acc_t no = static_cast<acc_t>(xr[2 * i + 1]) * rstd * w[2 * i + 1];
-        orow[2 * i] = static_cast<scalar_t>(ne * c[2 * i] - no * sn[2 * i]);
-        orow[2 * i + 1] = static_cast<scalar_t>(no * c[2 * i + 1] + ne * sn[2 * i + 1]);
+        const acc_t ne = ld(xr, 2 * i) * rstd * w[2 * i];
+        const acc_t no = ld(xr, 2 * i + 1) * rstd * w[2 * i + 1];
+        st(orow, 2 * i, ne * c[2 * i] - no * sn[2 * i]);
+        st(orow, 2 * i + 1, no * c[2 * i + 1] + ne * sn[2 * i + 1]);
       }
     }
   });
@@ -126,15 +126,15 @@ at::Tensor qk_bwd_kernel(const at::Tensor& g, const at::Tensor& x, const at::Ten
         const scalar_t* gr = gp + hg.offset(r);
         if (cp == nullptr) {
 #pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dn[j] = static_cast<acc_t>(gr[j]);
+          for (int64_t j = 0; j < d; ++j) dn[j] = ld(gr, j);
         } else {
           const int64_t s = hx.seq_index(r);
           const acc_t* c = cp + s * cs;
           const acc_t* sn = sp + s * ss;
 #pragma omp simd
           for (int64_t i = 0; i < half; ++i) {
-            const acc_t ge = static_cast<acc_t>(gr[2 * i]);
-            const acc_t go = static_cast<acc_t>(gr[2 * i + 1]);
+            const acc_t ge = ld(gr, 2 * i);
+            const acc_t go = ld(gr, 2 * i + 1);
             dn[2 * i] = ge * c[2 * i] + go * sn[2 * i + 1];
             dn[2 * i + 1] = go * c[2 * i + 1] - ge * sn[2 * i];
           }
@@ -142,18 +142,18 @@ at::Tensor qk_bwd_kernel(const at::Tensor& g, const at::Tensor& x, const at::Ten
         const acc_t rstd = row_rstd(xr, d, eps);
         if (need_dw) {
 #pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dwt[j] += dn[j] * static_cast<acc_t>(xr[j]) * rstd;
+          for (int64_t j = 0; j < d; ++j) dwt[j] += dn[j] * ld(xr, j) * rstd;
         }
         if (need_dx) {
           acc_t c2 = 0;
 #pragma omp simd reduction(+ : c2)
-          for (int64_t j = 0; j < d; ++j) c2 += dn[j] * w[j] * static_cast<acc_t>(xr[j]) * rstd;
+          for (int64_t j = 0; j < d; ++j) c2 += dn[j] * w[j] * ld(xr, j) * rstd;
           c2 *= inv_d;
           scalar_t* dxr = dxp + r * d;
 #pragma omp simd
           for (int64_t j = 0; j < d; ++j) {
-            const acc_t xhat = static_cast<acc_t>(xr[j]) * rstd;
-            dxr[j] = static_cast<scalar_t>((dn[j] * w[j] - xhat * c2) * rstd);
+            const acc_t xhat = ld(xr, j) * rstd;
+            st(dxr, j, (dn[j] * w[j] - xhat * c2) * rstd);
           }
         }
       }

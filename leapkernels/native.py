@@ -8,9 +8,11 @@ following the op's kernel contract (the comment block in ``leapkernels/ops/<op>.
 own ``torch.autograd.Function`` is unchanged, so what is saved and recomputed is identical to
 every other backend.
 
+`register_all()` adds the kernels to the registry (importing this module only loads the library).
 When the library is absent this module still imports: `status()` says why (no compiler, build
-failed — with the build log —, built against another torch, load error), nothing is registered,
-and asking for ``LEAPKERNELS_BACKEND=native`` fails loudly in `leapkernels.backend`.
+failed — with the build log —, built against another torch, load error), `register_all()`
+registers nothing, and asking for ``LEAPKERNELS_BACKEND=native`` fails loudly in
+`leapkernels.backend`.
 """
 from __future__ import annotations
 
@@ -212,7 +214,12 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
 
 
 def register_all() -> tuple[str, ...]:
-    """Register every native kernel pair with `leapkernels.backend` (no-op when unavailable)."""
+    """Register every native kernel pair with `leapkernels.backend`; returns the ops registered.
+
+    Idempotent; a no-op (returns ``()``) when the library is unavailable. Importing this module
+    does not register anything: the package (or a test, a benchmark) decides when native joins
+    the registry.
+    """
     if not _STATUS.available:
         return ()
     for op, (forward, backward) in KERNELS.items():
@@ -220,4 +227,8 @@ def register_all() -> tuple[str, ...]:
     return tuple(KERNELS)
 
 
-register_all()
+def unregister_all() -> None:
+    """Remove the native kernels from the registry again (tests that need a registry without them)."""
+    # backend has no public unregister; its registry is a dict of dicts keyed op -> backend.
+    for op in KERNELS:
+        backend._registry.get(op, {}).pop("native", None)

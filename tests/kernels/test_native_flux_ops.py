@@ -20,6 +20,14 @@ from .op_harness import DTYPES, run_and_compare
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native backend absent: {native.unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True)
+def native_registered():
+    """Native joins the registry for these tests only (other tests see the registry they expect)."""
+    native.register_all()
+    yield
+    native.unregister_all()
+
+
 def test_native_kernels_are_registered_for_every_flux_op():
     for op in ("modulated_layernorm", "gated_residual", "qk_norm_rope", "gelu_tanh"):
         assert "native" in backend.registered(op), op

@@ -16,6 +16,14 @@ from .op_harness import DTYPES, rel_err, run_and_compare
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native backend absent: {native.unavailable_reason()}")
 
+
+@pytest.fixture(autouse=True)
+def native_registered():
+    """Native joins the registry for these tests only (other tests see the registry they expect)."""
+    native.register_all()
+    yield
+    native.unregister_all()
+
 CHUNK = 16384  # kReduceChunk in csrc/common.h
 CASES = [((1, 4, 9, 11), "transposed"), ((3, 5, 33), "rows"), ((2, 3 * CHUNK + 17), "contiguous")]
 
