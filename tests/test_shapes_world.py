@@ -24,7 +24,7 @@ from leapalign.shapes.world import (
 
 @pytest.fixture(scope="module")
 def specs() -> list[PromptSpec]:
-    return eval_prompts(240, seed=7)
+    return eval_prompts(120, seed=7)
 
 
 def test_ground_truth_renders_are_judged_correct(specs):
@@ -51,7 +51,7 @@ def test_noise_is_judged_wrong(specs, kind):
 def test_every_corruption_is_judged_wrong(category):
     g = torch.Generator().manual_seed(5)
     for kind in CORRUPTIONS[category]:
-        originals = [s for s in sample_specs(12, g, categories=(category,))]
+        originals = sample_specs(8, g, categories=(category,))
         corrupted = [corrupt_spec(s, g, kind)[0] for s in originals]
         images = render_batch(corrupted, seed=g)
         verdicts = evaluate(images, originals)
@@ -82,9 +82,20 @@ def test_wrong_colour_pixels_are_not_matched():
 def test_shape_classification_of_drawn_shapes(shape, size):
     img = torch.zeros(3, 32, 32)
     draw_shape(img, shape, (1.0, 1.0, 1.0), 3, 4, size)
-    ys, xs = (img[0] > 0).nonzero(as_tuple=True)
-    w, h = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-    assert classify_shape(int((img[0] > 0).sum()), w, h) == shape
+    mask = img[0] > 0
+    ys, xs = mask.nonzero(as_tuple=True)
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    assert classify_shape(crop) == shape
+    # Ragged edges (a few pixels flipped on the outline) do not change the verdict.
+    ragged = crop.clone()
+    ragged[0, ragged.shape[1] // 2] = ~ragged[0, ragged.shape[1] // 2]
+    ragged[-1, 0] = ~ragged[-1, 0]
+    assert classify_shape(ragged) == shape
+    # A thin bar and a plus sign are no shape at all.
+    assert classify_shape(torch.ones(2, 9, dtype=torch.bool)) == "unknown"
+    plus = torch.zeros(9, 9, dtype=torch.bool)
+    plus[4, :] = plus[:, 4] = True
+    assert classify_shape(plus) == "unknown"
 
 
 def test_prompts_round_trip_and_bad_prompts_raise():

@@ -16,6 +16,7 @@ weights.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -27,7 +28,14 @@ from tqdm import tqdm
 
 from leapalign.shapes.evaluator import accuracy_by_category, evaluate
 from leapalign.shapes.grid import save_image_grid
-from leapalign.shapes.model import DEFAULT_MODEL_NAME, ShapesModelConfig, ShapesVelocityModel, build_shapes_model, save_shapes_model
+from leapalign.shapes.model import (
+    DEFAULT_MODEL_NAME,
+    ShapesModelConfig,
+    ShapesVelocityModel,
+    build_shapes_model,
+    load_shapes_model,
+    save_shapes_model,
+)
 from leapalign.shapes.world import eval_prompts, render_batch, sample_specs
 
 __all__ = ["build_parser", "main", "evaluate_model"]
@@ -46,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-layers", type=int, default=2, help="Flux double-stream blocks")
     p.add_argument("--num-single-layers", type=int, default=2, help="Flux single-stream blocks")
+    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (its config wins over the size flags)")
     p.add_argument("--eval-n", type=int, default=240, help="evaluation prompts (balanced over categories)")
     p.add_argument("--eval-steps", type=int, default=16, help="Euler steps when sampling for evaluation")
     p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of 48 evaluation samples here")
+    p.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint at --out/--name and update its JSON")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return p
 
@@ -71,13 +81,36 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _reevaluate(args: argparse.Namespace) -> int:
+    """Score the saved checkpoint with the current evaluator; rewrite ``meta.eval`` in its JSON."""
+    weights = args.out / f"{args.name}.safetensors"
+    model = load_shapes_model(weights)
+    acc, images, prompts = evaluate_model(model, args.eval_n, args.eval_steps)
+    print("rule-based accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    cfg_path = weights.with_suffix(".json")
+    data = json.loads(cfg_path.read_text())
+    data["meta"]["eval"] = {"n": args.eval_n, "euler_steps": args.eval_steps, "seed": 1234, "accuracy": {k: round(v, 4) for k, v in acc.items()}}
+    cfg_path.write_text(json.dumps(data, indent=2) + "\n")
+    if args.grid is not None:
+        save_image_grid(images[:48], args.grid, nrow=8)
+        args.grid.with_suffix(".txt").write_text("\n".join(prompts[:48]) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pretrain, evaluate, save. Returns a process exit code."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ShapesModelConfig(num_layers=args.num_layers, num_single_layers=args.num_single_layers)
-    model = build_shapes_model(config, seed=args.seed, train_text_encoder=True).train()
+    if args.eval_only:
+        return _reevaluate(args)
+    previous = None
+    if args.init is not None:
+        model = load_shapes_model(args.init, train_text_encoder=True).train()
+        previous = json.loads(Path(args.init).with_suffix(".json").read_text())["meta"]
+    else:
+        config = ShapesModelConfig(num_layers=args.num_layers, num_single_layers=args.num_single_layers)
+        model = build_shapes_model(config, seed=args.seed, train_text_encoder=True).train()
     params = model.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_minutes": round(train_s / 60, 2),
         "final_loss": round(final_loss, 5),
         "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 5) for i in range(0, len(losses), 50)],
+        "init": str(args.init) if args.init is not None else None,
+        "previous_stage": previous,
         "eval": {"n": args.eval_n, "euler_steps": args.eval_steps, "seed": 1234, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
     }
     path = save_shapes_model(model, args.out, args.name, meta)
