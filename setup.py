@@ -137,6 +137,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],

@@ -1,2 +1,33 @@
-"""leapalign: LeapAlign post-training of flow-matching text-to-image models on fused kernels."""
+"""leapalign: LeapAlign post-training of flow-matching text-to-image models on fused kernels.
+
+The main entry points are re-exported lazily (importing ``leapalign`` stays cheap for the CLI):
+
+    from leapalign import LeapAlignConfig, LeapAlignTrainer
+    trainer = LeapAlignTrainer(LeapAlignConfig(...), pipeline, reward)
+    trainer.train()
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LeapAlignConfig": "leapalign.config",
+    "LeapAlignTrainer": "leapalign.trainer",
+    "build_objective": "leapalign.objectives",
+    "LeapAlignObjective": "leapalign.objectives.leapalign",
+    "LeapAlignObjectiveConfig": "leapalign.objectives.leapalign",
+    "FluxVelocityModel": "leapalign.adapters.flux",
+    "FluxConditioning": "leapalign.adapters.flux",
+    "build_reward": "leapalign.rewards",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'leapalign' has no attribute {name!r}")

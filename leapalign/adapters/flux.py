@@ -235,7 +235,8 @@ class FluxVelocityModel:
             guidance=guidance,
             return_dict=False,
         )[0]
-        return out
+        # under autocast the network answers in bf16; the rollout state keeps its own dtype
+        return out.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         unpacked = unpack_latents(latents, self.latent_height, self.latent_width)
