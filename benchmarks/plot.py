@@ -36,7 +36,9 @@ def _machine_caption(doc: dict[str, Any]) -> str:
     gpu = (m.get("gpu") or {}).get("name")
     where = gpu or f"{m.get('cpu')} ({m.get('torch_threads')} threads)"
     cfg = doc["config"]
-    return f"{cfg.get('model')} {cfg.get('dtype')} batch {cfg.get('batch_size')} | {where} | torch {m.get('torch')}"
+    what = (f"{cfg.get('model')} {cfg.get('dtype')} batch {cfg.get('batch_size')}" if "model" in cfg
+            else f"shape {cfg.get('shape')} {cfg.get('dtype')}")
+    return f"{what} | {where} | torch {m.get('torch')}"
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
