@@ -5,7 +5,7 @@ and recomputes intermediates, and a plain-PyTorch ``*_reference`` that tests use
 Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|native|auto``).
 """
 from leapkernels.backend import BackendUnavailableError, force_backend, select_backend
-from leapkernels.flux import apply_leapkernels_to_flux, revert_leapkernels
+from leapkernels.flux import FluxPatchOptions, apply_leapkernels_to_flux, is_patched, revert_leapkernels
 from leapkernels.ops.gated_linear import gated_linear, gated_linear_reference
 from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
 from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
@@ -51,4 +51,6 @@ __all__ = [
     "linear_qk_norm_rope_reference",
     "apply_leapkernels_to_flux",
     "revert_leapkernels",
+    "is_patched",
+    "FluxPatchOptions",
 ]

@@ -2,19 +2,26 @@
 
 `apply_leapkernels_to_flux` replaces, per instance (never per class):
     * each ``FluxTransformerBlock.forward`` and ``FluxSingleTransformerBlock.forward`` by a copy
-      of diffusers' own that calls the fused ops (modulated LayerNorm, gated residual, GELU +
-      down projection) where its switches say so and diffusers' eager arithmetic elsewhere;
-    * each block's attention processor (plain ``FluxAttnProcessor`` only) by one whose q/k path is
-      the fused RMSNorm + RoPE; attention itself still goes through diffusers'
+      of diffusers' 0.42 code that calls the fused ops where its switches say so and diffusers'
+      eager arithmetic elsewhere: modulated LayerNorm for every AdaLN(-Zero) and ``norm2``;
+      `gated_linear` for every branch closing ``residual + gate * proj(...)`` (attention
+      ``to_out``/``to_add_out``, the FeedForward down projections with their GELU, the single
+      blocks' ``proj_out`` over ``cat([attention, gelu(mlp)])``), saving neither GELU's output
+      nor the projection's;
+    * each block's attention processor (plain ``FluxAttnProcessor`` only) by
+      `LeapFluxAttnProcessor`: q/k projection + RMSNorm + RoPE in one Function that recomputes
+      the projection in backward; attention itself still goes through diffusers'
       ``dispatch_attention_fn`` with the processor's backend;
-    * ``norm_out.forward`` (AdaLayerNormContinuous) by the fused modulated LayerNorm.
+    * ``norm_out.forward`` (AdaLayerNormContinuous, chunks scale, shift) by the modulated LayerNorm.
 `revert_leapkernels` deletes the instance attributes and restores the processors, so the model
 is the unpatched one again, bit for bit.
 
-Projections are always *called* as modules (LoRA / hooks keep working); the one place a weight
-is read directly is the GELU + down projection fusion, and only when that Linear is a plain
-``nn.Linear`` with no hooks; otherwise GELU alone is fused and the module is called. Any input
-the fused ops cannot take (mixed dtypes, say from layerwise casting) runs the eager arithmetic.
+Cost of the memory saved (DESIGN §3: <= 0.5x eager's saved bytes): backward recomputes the q/k
+projections and each gated projection's output (one extra forward-size matmul each) and GELU.
+
+Projections are always *called* as modules (LoRA / hooks keep working) unless they are a plain
+``nn.Linear`` with no hooks: only then is the weight read directly by a fused op. Any input the
+fused ops cannot take (mixed dtypes, say from layerwise casting) runs the eager arithmetic.
 Works under diffusers' gradient checkpointing (the patched forwards are deterministic).
 """
 from __future__ import annotations

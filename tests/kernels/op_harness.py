@@ -10,7 +10,6 @@ NaN/inf never pass. The op runs with every kernel-allocated buffer poisoned with
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import pytest
@@ -170,4 +169,3 @@ def cuda_or_skip(device: str) -> None:
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
