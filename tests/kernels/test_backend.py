@@ -41,15 +41,17 @@ def test_cuda_without_triton_is_an_error_not_a_fallback(monkeypatch):
 
 
 def test_native_is_a_registry_hook(monkeypatch):
-    """No op ships `native` yet: forcing it names the op; registering one makes it the choice."""
-    x = torch.randn(2, 5, 7)
-    with backend.force_backend("native"):
-        with pytest.raises(backend.BackendUnavailableError, match="'modulated_layernorm' has no 'native' backend"):
-            lk.modulated_layernorm(x, torch.zeros(2, 7), torch.zeros(2, 7))
-    calls = []
+    """An op without a `native` kernel set names itself when native is forced; registering one
+    makes it the choice (isolated from whatever `leapkernels.native.register_all()` added)."""
     reference = backend._registry["gated_residual"]["reference"]
+    monkeypatch.setitem(backend._registry, "_probe_op", {"reference": reference})
+    with backend.force_backend("native"):
+        with pytest.raises(backend.BackendUnavailableError, match="'_probe_op' has no 'native' backend"):
+            backend.kernels_for("_probe_op", CPU)
+    calls = []
     fake = backend.KernelSet(lambda *a: calls.append("fwd") or reference.forward(*a), reference.backward)
-    monkeypatch.setitem(backend._registry["gated_residual"], "native", fake)
+    monkeypatch.setitem(backend._registry, "gated_residual", {**backend._registry["gated_residual"], "native": fake})
+    x = torch.randn(2, 5, 7)
     with backend.force_backend("native"):
         lk.gated_residual(x, torch.ones(2, 7), x)
     assert calls == ["fwd"]
