@@ -1,6 +1,6 @@
 """``python -m benchmarks SUITE [ARGS...]`` — one entry point, one module per suite.
 
-Suites: memory, throughput, kernels, activations, plot, gpu. ``python -m benchmarks SUITE --help``
+Suites: memory, throughput, kernels, kernels_native, activations, plot, gpu. ``python -m benchmarks SUITE --help``
 lists each suite's options. Suite modules are imported only when chosen, so ``plot`` never imports
 the model code and ``activations`` (owned by the kernels work) stays independent.
 """
@@ -14,6 +14,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "memory": ("benchmarks.memory", "bytes saved for backward and peak memory per method x T"),
     "throughput": ("benchmarks.throughput", "iteration time, images/s, rollout vs gradient split per method x T"),
     "kernels": ("benchmarks.kernels", "each fused op vs eager PyTorch vs torch.compile"),
+    "kernels_native": ("benchmarks.kernels_native", "the native C++ CPU backend of the fused ops, measured on CPU"),
     "activations": ("benchmarks.activations", "saved activations of patched vs eager Flux"),
     "plot": ("benchmarks.plot", "PNG charts from the JSON results"),
     "gpu": ("benchmarks.gpu_suite", "the whole GPU suite in one call (CUDA tests + every suite, tiny and FLUX.1-dev)"),
