@@ -1,6 +1,7 @@
 """``python -m benchmarks SUITE [ARGS...]`` — one entry point, one module per suite.
 
-Suites: memory, throughput, kernels, kernels_native, activations, plot, gpu. ``python -m benchmarks SUITE --help``
+Suites: memory, throughput, kernels, kernels_native, activations, plot, gpu, study.
+``python -m benchmarks SUITE --help``
 lists each suite's options. Suite modules are imported only when chosen, so ``plot`` never imports
 the model code and ``activations`` (owned by the kernels work) stays independent.
 """
@@ -24,7 +25,8 @@ SUITES: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: python -m benchmarks SUITE [ARGS...]", "", "suites:"]
-    lines += [f"  {name:<12} {what}" for name, (_, what) in SUITES.items()]
+    width = max(len(name) for name in SUITES) + 2
+    lines += [f"  {name:<{width}} {what}" for name, (_, what) in SUITES.items()]
     return "\n".join(lines)
 
 
