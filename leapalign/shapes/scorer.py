@@ -1,16 +1,28 @@
 """A small learned, differentiable reward for the shapes world: the HPS/PickScore analogue.
 
-``ShapesScorer(images [B, 3, H, W] in [0, 1], prompts) -> [B]`` in (0, 1): the predicted
-probability that the image shows what the prompt says. A CNN (with two coordinate channels, so
-positions are easy to read) is modulated by a prompt embedding (FiLM) and read out through a
-flattened -- not pooled -- feature map, so "left of" and "above" stay learnable.
+``ShapesScorer(images [B, 3, H, W] in [0, 1], prompts) -> [B]`` in (0, 1): how well the image
+matches the prompt. Two parts:
 
-It is trained by ``python -m leapalign.shapes.scorer --train`` on ground-truth renders (positive),
-near-miss renders from :func:`leapalign.shapes.world.corrupt_spec` and renders of other prompts
-(negative), plus samples of the pretrained shapes model labelled by the rule-based evaluator (so it
-has seen the model's own textures). Like HPS or PickScore it is a learned proxy: it generalises
-imperfectly and can be hacked by an optimiser; the rule-based evaluator, which never trains, is the
-judge it is compared against.
+- a learned **soft detector**: a CNN (with two coordinate channels) whose flattened feature map
+  predicts, for each of the 15 (colour, shape) pairs, a distribution over the number of such
+  objects (0-4) and their mean centre;
+- a **soft judge** built from the prompt's parsed spec: P(each named group has its count) --
+  colour-free groups sum the counts over colours by convolving the distributions --, P(the total
+  number of objects is right), and for position prompts a sigmoid of the centre offset along the
+  named axis (learned temperature); the score is their product, recalibrated by a learned affine map
+  in logit space.
+
+Why this shape: an unstructured "CNN + prompt embedding -> MLP" scorer sat on the chance plateau
+(BCE 0.69) for the few hundred CPU steps we can afford; the structured judge learns in minutes.
+
+It is trained by ``python -m leapalign.shapes.scorer --train`` with BCE on image-prompt pairs --
+ground-truth renders (positive), near misses from :func:`leapalign.shapes.world.corrupt_spec` and
+renders of other prompts (negative), plus samples of the pretrained shapes model labelled by the
+rule-based evaluator (so it has seen the model's textures) -- and an auxiliary detection loss
+(counts and centres of the objects the exact detector finds). Like HPS or PickScore it is a learned
+proxy: the CNN generalises imperfectly and an optimiser can hack it (pixel patterns it reads as a
+red circle that are not one); the rule-based evaluator, which never trains, is the judge it is
+compared against.
 """
 from __future__ import annotations
 
@@ -29,9 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from leapalign.shapes.evaluator import evaluate
-from leapalign.shapes.text import VOCAB, ShapesTokenizer
-from leapalign.shapes.world import IMAGE_SIZE, corrupt_spec, render_batch, sample_specs
+from leapalign.shapes.evaluator import detect_objects, evaluate
+from leapalign.shapes.world import COLORS, COUNT_WORDS, IMAGE_SIZE, SHAPES, corrupt_spec, parse_prompt, render_batch, sample_specs
 
 __all__ = [
     "DEFAULT_SCORER_NAME",
@@ -45,6 +56,8 @@ __all__ = [
 ]
 
 DEFAULT_SCORER_NAME = "shapes_scorer"
+_PAIRS: tuple[tuple[str, str], ...] = tuple((c, sh) for c in COLORS for sh in SHAPES)
+_MAX_COUNT = max(COUNT_WORDS)
 _ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -53,12 +66,7 @@ class ScorerConfig:
     """Sizes of :class:`ShapesScorer`."""
 
     image_size: int = IMAGE_SIZE
-    vocab_size: int = len(VOCAB)
-    max_length: int = 8
-    token_dim: int = 32
-    text_dim: int = 128
     channels: int = 32
-    hidden: int = 128
 
 
 class ShapesScorer(nn.Module):
@@ -67,41 +75,115 @@ class ShapesScorer(nn.Module):
     def __init__(self, config: ScorerConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or ScorerConfig()
-        self.tokenizer = ShapesTokenizer(c.max_length)
-        self.token_embedding = nn.Embedding(c.vocab_size, c.token_dim)
-        self.text_mlp = nn.Sequential(nn.Linear(c.max_length * c.token_dim, c.text_dim), nn.GELU(), nn.Linear(c.text_dim, c.text_dim))
         ch = c.channels
         self.stem = nn.Sequential(
-            nn.Conv2d(5, ch, 3, padding=1), nn.GELU(),
-            nn.Conv2d(ch, ch, 3, stride=2, padding=1), nn.GELU(),  # 16x16
+            nn.Conv2d(5, ch, 3, stride=2, padding=1), nn.GELU(),  # 16x16
+            nn.Conv2d(ch, ch, 3, padding=1), nn.GELU(),
             nn.Conv2d(ch, ch, 3, stride=2, padding=1), nn.GELU(),  # 8x8
         )
-        self.film = nn.Linear(c.text_dim, 2 * ch)
-        self.head_conv = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.GELU())
         side = c.image_size // 4
-        self.head = nn.Sequential(nn.Linear(ch * side * side + c.text_dim, c.hidden), nn.GELU(), nn.Linear(c.hidden, 1))
+        n_feat = ch * side * side
+        # A soft detector: per (colour, shape), how many objects (0-4) and where (mean centre).
+        self.count_head = nn.Linear(n_feat, len(_PAIRS) * (_MAX_COUNT + 1))
+        self.center_head = nn.Linear(n_feat, len(_PAIRS) * 2)
+        # The judge's learned scalars: relation temperature, and a logit-space recalibration.
+        self.log_temperature = nn.Parameter(torch.tensor(-2.0))
+        self.calib = nn.Parameter(torch.tensor([1.0, 0.0]))
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, c.image_size), torch.linspace(-1, 1, c.image_size), indexing="ij")
         self.register_buffer("coords", torch.stack([xs, ys]).unsqueeze(0), persistent=False)
 
-    def logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Pre-sigmoid scores ``[B]`` (what training uses, with BCE)."""
+    def detections(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(count_logits [B, 15, 5], centres [B, 15, 2] in [-1, 1])`` per (colour, shape) pair."""
         s = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"images must be [B, 3, {s}, {s}] in [0, 1], got shape {tuple(images.shape)}")
+        x = images.to(self.coords.device, self.coords.dtype) * 2.0 - 1.0
+        h = self.stem(torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)).flatten(1)
+        b = images.shape[0]
+        return self.count_head(h).view(b, len(_PAIRS), _MAX_COUNT + 1), torch.tanh(self.center_head(h)).view(b, len(_PAIRS), 2)
+
+    def logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Pre-sigmoid scores ``[B]`` (what training uses, with BCE)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; they must match")
-        dev = self.coords.device
-        ids = self.tokenizer.encode(list(prompts)).to(dev)
-        text = self.text_mlp(self.token_embedding(ids).flatten(1))
-        x = images.to(dev, self.coords.dtype) * 2.0 - 1.0
-        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
-        h = self.stem(x)
-        gamma, beta = self.film(text).chunk(2, dim=1)
-        h = self.head_conv(h * (1.0 + gamma[..., None, None]) + beta[..., None, None])
-        return self.head(torch.cat([h.flatten(1), text], 1)).squeeze(1)
+        return self.judge(*self.detections(images), prompts)
+
+    def judge(self, count_logits: torch.Tensor, centres: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Match logits ``[B]`` from soft detections and the prompts (parsed by the world's grammar)."""
+        probs = count_logits.softmax(-1)  # [B, 15, 5]
+        rules = _Rules.of(prompts, probs.device)
+        everything = torch.ones_like(rules.group_masks[:, 0])
+        logp = _log_prob_sum(probs, everything, rules.total)
+        for g in range(2):
+            logp = logp + rules.group_valid[:, g] * _log_prob_sum(probs, rules.group_masks[:, g], rules.group_counts[:, g])
+        rows = torch.arange(len(prompts), device=probs.device)
+        d = centres[rows, rules.pair_b] - centres[rows, rules.pair_a]  # offset from the first object to the second
+        along, across = (d * rules.axis).sum(-1), (d * rules.axis.flip(-1)).sum(-1)
+        logp = logp + rules.has_relation * F.logsigmoid((along - across.abs()) / self.log_temperature.exp())
+        logp = logp.clamp(max=-1e-6)
+        logit = logp - torch.log1p(-logp.exp())  # log(p / (1 - p))
+        return self.calib[0] * logit + self.calib[1]
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return torch.sigmoid(self.logits(images, prompts))
+
+
+def _log_prob_sum(probs: torch.Tensor, masks: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``log P(sum of the masked pairs' counts == n)`` per sample, counts independent.
+
+    ``probs [B, K, 5]`` count distributions, ``masks [B, K]`` in {0, 1}, ``n [B]`` int64 in [0, 4].
+    A masked-out pair contributes a point mass at 0; the sum's distribution is the convolution.
+    """
+    b, k, m = probs.shape
+    delta = torch.zeros(m, device=probs.device, dtype=probs.dtype)
+    delta[0] = 1.0
+    dist = delta.expand(b, m)
+    for i in range(k):
+        p = masks[:, i : i + 1] * probs[:, i] + (1.0 - masks[:, i : i + 1]) * delta
+        conv = torch.zeros_like(dist)
+        for j in range(m):
+            conv = conv + F.pad(dist[:, : m - j], (j, 0)) * p[:, j : j + 1]
+        dist = conv  # truncated at m - 1 = 4: prompts never ask for more
+    return dist.gather(1, n.view(-1, 1)).squeeze(1).clamp_min(1e-12).log()
+
+
+@dataclass
+class _Rules:
+    """A batch of prompts as tensors the soft judge reads (see :meth:`ShapesScorer.judge`)."""
+
+    total: torch.Tensor  # [B] objects in the image
+    group_masks: torch.Tensor  # [B, 2, 15] which (colour, shape) pairs each group counts
+    group_counts: torch.Tensor  # [B, 2]
+    group_valid: torch.Tensor  # [B, 2] float: the prompt has this group
+    pair_a: torch.Tensor  # [B] pair of the relation's first object (position prompts)
+    pair_b: torch.Tensor  # [B]
+    axis: torch.Tensor  # [B, 2] unit vector: the direction the second object must lie in
+    has_relation: torch.Tensor  # [B] float
+
+    @classmethod
+    def of(cls, prompts: Sequence[str], device: torch.device) -> "_Rules":
+        index = {pair: i for i, pair in enumerate(_PAIRS)}
+        # Offset from the first object to the second, in image coordinates (y down).
+        axes = {"left of": (1.0, 0.0), "right of": (-1.0, 0.0), "above": (0.0, 1.0), "below": (0.0, -1.0)}
+        b = len(prompts)
+        total = torch.zeros(b, dtype=torch.long)
+        masks = torch.zeros(b, 2, len(_PAIRS))
+        counts = torch.zeros(b, 2, dtype=torch.long)
+        valid = torch.zeros(b, 2)
+        pair_a, pair_b = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+        axis, has_rel = torch.zeros(b, 2), torch.zeros(b)
+        for i, prompt in enumerate(prompts):
+            spec = parse_prompt(prompt)
+            total[i] = spec.total_objects
+            for g, o in enumerate(spec.objects):
+                for c in [o.color] if o.color is not None else COLORS:
+                    masks[i, g, index[(c, o.shape)]] = 1.0
+                counts[i, g], valid[i, g] = o.count, 1.0
+            if spec.relation is not None:
+                pair_a[i], pair_b[i] = (index[(o.color, o.shape)] for o in spec.objects)
+                axis[i], has_rel[i] = torch.tensor(axes[spec.relation]), 1.0
+        t = (total, masks, counts, valid, pair_a, pair_b, axis, has_rel)
+        return cls(*(x.to(device) for x in t))
 
 
 def save_shapes_scorer(scorer: ShapesScorer, out_dir: str | Path, name: str = DEFAULT_SCORER_NAME, meta: dict | None = None) -> Path:
@@ -147,6 +229,24 @@ def _pairs(n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str], torch.T
     return images, [s.text for s in specs], labels
 
 
+def _detection_targets(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Auxiliary targets from the exact detector: per (colour, shape) the count (capped at 4, int64
+    ``[B, 15]``), the mean centre in [-1, 1] (``[B, 15, 2]``) and where a centre exists (``[B, 15]``)."""
+    index = {pair: i for i, pair in enumerate(_PAIRS)}
+    b, size = images.shape[0], images.shape[-1]
+    counts = torch.zeros(b, len(_PAIRS), dtype=torch.long)
+    centres = torch.zeros(b, len(_PAIRS), 2)
+    for i, objs in enumerate(detect_objects(images)):
+        for o in objs:
+            if (o.color, o.shape) in index:
+                k = index[(o.color, o.shape)]
+                counts[i, k] += 1
+                centres[i, k] += torch.tensor(o.centroid) / size * 2.0 - 1.0
+    present = counts > 0
+    centres = centres / counts.clamp_min(1).unsqueeze(-1)
+    return counts.clamp_max(_MAX_COUNT), centres, present
+
+
 @torch.no_grad()
 def ranking_accuracy(scorer: ShapesScorer, n: int = 600, seed: int = 98765) -> dict[str, float]:
     """Held-out: how often the ground-truth render outscores a near miss / another prompt's render."""
@@ -176,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=6000, help="rendered image-prompt pairs to train on")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary object-count loss")
     p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint to draw samples from (default: shipped)")
     p.add_argument("--model-samples", type=int, default=240, help="model samples labelled by the evaluator (0: none)")
     p.add_argument("--model-steps", type=int, default=16, help="Euler steps for those samples")
@@ -212,24 +314,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model samples: {args.model_samples}, evaluator-correct {float(extra[2].mean()):.3f} ({time.time() - start:.0f} s)")
     opt = torch.optim.AdamW(scorer.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    n_extra = args.batch_size // 8 if extra is not None else 0
+    # A fixed pool of pairs, reused for a few epochs: rendering, not the CNN, is the cost on CPU.
+    images, prompts, labels = _pairs(args.pool, g)
+    if extra is not None:
+        images, prompts, labels = torch.cat([images, extra[0]]), prompts + extra[1], torch.cat([labels, extra[2]])
+    counts, centres, present = _detection_targets(images)
+    print(f"pool: {len(prompts)} pairs, {float(labels.mean()):.3f} positive ({time.time() - start:.0f} s)")
     bar = tqdm(range(args.steps), desc="scorer", dynamic_ncols=True)
     recent: list[float] = []
     for step in bar:
-        images, prompts, labels = _pairs(args.batch_size - n_extra, g)
-        if n_extra:
-            idx = torch.randint(extra[0].shape[0], (n_extra,), generator=g)
-            images = torch.cat([images, extra[0][idx]])
-            prompts = prompts + [extra[1][i] for i in idx.tolist()]
-            labels = torch.cat([labels, extra[2][idx]])
-        loss = F.binary_cross_entropy_with_logits(scorer.logits(images, prompts), labels)
+        idx = torch.randint(len(prompts), (args.batch_size,), generator=g)
+        count_logits, centre_pred = scorer.detections(images[idx])
+        match = F.binary_cross_entropy_with_logits(scorer.judge(count_logits, centre_pred, [prompts[i] for i in idx.tolist()]), labels[idx])
+        mask = present[idx].unsqueeze(-1).float()
+        aux = F.cross_entropy(count_logits.flatten(0, 1), counts[idx].flatten()) + (
+            ((centre_pred - centres[idx]) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
+        )
+        loss = match + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        recent = (recent + [float(loss.detach())])[-50:]
+        recent = (recent + [float(match.detach())])[-50:]
         if step % 10 == 0:
-            bar.set_postfix(bce=f"{sum(recent) / len(recent):.4f}")
+            bar.set_postfix(bce=f"{sum(recent) / len(recent):.4f}", aux=f"{float(aux.detach()):.3f}")
     scorer.eval()
     rank = ranking_accuracy(scorer)
     minutes = (time.time() - start) / 60
