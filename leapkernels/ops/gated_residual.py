@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from leapkernels import backend
-from leapkernels.checks import check_shape, check_tensor
+from leapkernels.checks import check_shape, check_tensor, unit_last_stride
 from leapkernels.ops.rounding import emulate_bf16_rtne
 
 try:
@@ -138,16 +138,13 @@ if triton is not None:
     backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
 
 class GatedResidualFunction(torch.autograd.Function):
     """Saves gate and y; ``dx`` is the incoming gradient itself."""
 
     @staticmethod
     def forward(ctx, x, gate, y):
-        x, gate, y = _unit_last_stride(x), _unit_last_stride(gate), _unit_last_stride(y)
+        x, gate, y = unit_last_stride(x), unit_last_stride(gate), unit_last_stride(y)
         out = backend.kernels_for(OP, x.device).forward(x, gate, y)
         ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, y if ctx.needs_input_grad[1] else None)
         return out
@@ -159,7 +156,7 @@ class GatedResidualFunction(torch.autograd.Function):
         dy = dgate = None
         if need_dy or need_dgate:
             dy, dgate = backend.kernels_for(OP, g.device).backward(
-                _unit_last_stride(g), gate if gate is not None else g[:, 0], y if y is not None else g,
+                unit_last_stride(g), gate if gate is not None else g[:, 0], y if y is not None else g,
                 need_dy, need_dgate,
             )
         return (g if ctx.needs_input_grad[0] else None), dgate, dy

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from leapkernels import backend
-from leapkernels.checks import check_shape, check_tensor
+from leapkernels.checks import check_shape, check_tensor, unit_last_stride
 from leapkernels.ops.rounding import emulate_bf16_rtne
 
 try:
@@ -183,16 +183,13 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------- autograd
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
 
 class ModulatedLayerNormFunction(torch.autograd.Function):
     """Saves x and scale; backward recomputes mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
-        x, scale, shift = _unit_last_stride(x), _unit_last_stride(scale), _unit_last_stride(shift)
+        x, scale, shift = unit_last_stride(x), unit_last_stride(scale), unit_last_stride(shift)
         y = backend.kernels_for(OP, x.device).forward(x, scale, shift, eps)
         ctx.save_for_backward(x, scale)
         ctx.eps = eps
@@ -204,7 +201,7 @@ class ModulatedLayerNormFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_dmod = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dx, dscale, dshift = backend.kernels_for(OP, g.device).backward(
-            _unit_last_stride(g), x, scale, ctx.eps, need_dx, need_dmod
+            unit_last_stride(g), x, scale, ctx.eps, need_dx, need_dmod
         )
         return dx, dscale, dshift, None
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from leapkernels import backend
-from leapkernels.checks import check_shape, check_tensor
+from leapkernels.checks import check_shape, check_tensor, unit_last_stride
 from leapkernels.ops.rounding import emulate_bf16_rtne
 
 try:
@@ -232,19 +232,16 @@ if triton is not None:
     backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 class QKNormRopeFunction(torch.autograd.Function):
     """Saves x and weight (cos/sin are constants); backward recomputes rstd and the rotation."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
-        x = _unit_last_stride(x)
+        x = unit_last_stride(x)
         weight = weight.contiguous()
         if cos is not None:
-            cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+            cos, sin = unit_last_stride(cos), unit_last_stride(sin)
         out = backend.kernels_for(OP, x.device).forward(x, weight, cos, sin, eps)
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.eps = eps
@@ -255,7 +252,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         x, weight, cos, sin = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dw = backend.kernels_for(OP, g.device).backward(
-            _unit_last_stride(g), x, weight, cos, sin, ctx.eps, need_dx, need_dw
+            unit_last_stride(g), x, weight, cos, sin, ctx.eps, need_dx, need_dw
         )
         return dx, dw, None, None, None
 
@@ -310,7 +307,7 @@ class LinearQKNormRopeFunction(torch.autograd.Function):
         q = F.linear(x, weight, bias).unflatten(-1, (-1, head_dim))
         norm_weight = norm_weight.contiguous()
         if cos is not None:
-            cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+            cos, sin = unit_last_stride(cos), unit_last_stride(sin)
         out = backend.kernels_for(OP, x.device).forward(q, norm_weight, cos, sin, eps)
         ctx.save_for_backward(x, weight, bias, norm_weight, cos, sin)
         ctx.eps, ctx.head_dim = eps, head_dim
@@ -322,7 +319,7 @@ class LinearQKNormRopeFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_nw = ctx.needs_input_grad[:4]
         q = F.linear(x, weight, bias).unflatten(-1, (-1, ctx.head_dim))
         dq, dnw = backend.kernels_for(OP, g.device).backward(
-            _unit_last_stride(g), q, norm_weight, cos, sin, ctx.eps, need_x or need_w or need_b, need_nw
+            unit_last_stride(g), q, norm_weight, cos, sin, ctx.eps, need_x or need_w or need_b, need_nw
         )
         grad_x = grad_w = grad_b = None
         if dq is not None:
