@@ -9,7 +9,7 @@ and forward + backward (one fixed random upstream gradient) of:
 - ``compile``:   ``torch.compile`` of that reference (inductor's C++ backend).
 
 Timing: all implementations of an op run round-robin in one process (``torch.set_num_threads``
-= ``--threads``), each round timing a block of calls long enough to read (>= ~5 ms); the figure
+= ``--threads``), each round timing a block of calls long enough to read (>= ~3 ms); the figure
 is the median over ``--repeats`` rounds (the minimum is kept too). Memory, per implementation:
 ``saved_bytes``, the unique storages autograd saves for backward (`saved_tensors_hooks`), and
 ``peak_bytes``, the peak of CPU bytes allocated during forward + backward above what was live
@@ -36,8 +36,6 @@ import torch
 __all__ = ["run_native_cpu", "run_native_iteration", "main"]
 
 SUITE = "kernels_native"
-# ops whose kernels are registered under another op's name (they reuse its kernels)
-_REGISTRY_NAME = {"ada_layernorm_continuous": "modulated_layernorm", "gelu_linear": "gelu_tanh"}
 
 
 # ----------------------------------------------------------------------------- measuring one call
@@ -74,7 +72,7 @@ def _peak_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _block_size(fn: Callable[[], None], target_s: float = 0.005) -> int:
+def _block_size(fn: Callable[[], None], target_s: float = 0.003) -> int:
     """Calls per timed block so that a block lasts about ``target_s``."""
     t0 = time.perf_counter()
     fn()
@@ -179,7 +177,7 @@ def run_native_cpu(
     shape: str = "cpu",
     dtypes: Sequence[str] = ("float32", "bfloat16"),
     threads: int | None = 2,
-    repeats: int = 15,
+    repeats: int = 21,
     ops: Sequence[str] | None = None,
     use_compile: bool = True,
     progress: Callable[[str], None] | None = print,
@@ -209,6 +207,8 @@ def run_native_cpu(
         for case in cases:
             if ops and case.name not in ops:
                 continue
+            if case.name == "gelu_linear" and dtype != torch.float32 and not ops:
+                continue  # matmul-bound: bf16 GEMMs without AVX512-BF16 take seconds and measure MKL, not us
             recs = _op_records(case, dtype_name, shape, repeats, use_compile)
             records += recs
             if progress is not None:
@@ -237,10 +237,11 @@ def run_native_iteration(
     """One LeapAlign iteration of ``model``: eager vs patched+reference vs patched+native.
 
     Built with `benchmarks.workload` (same model, batch, seed and reward as the throughput
-    suite). The three variants run round-robin; medians of ``repeats`` iterations after one
+    suite) and ``build_objective("leapalign", hinge_lambda=None, use_kernels=...)``. The three variants run round-robin; medians of ``repeats`` iterations after one
     warm-up each. Each record carries the loss, so the variants can be seen to agree.
     """
-    from benchmarks.workload import METHODS, WorkloadConfig, build_method_objective, build_workload, run_iteration
+    from benchmarks.workload import WorkloadConfig, build_workload, run_iteration
+    from leapalign.objectives import build_objective
     from leapalign.profiling import SavedTensorCounter
     from leapkernels import native
 
@@ -251,15 +252,17 @@ def run_native_iteration(
     if threads is not None:
         torch.set_num_threads(threads)
     config = WorkloadConfig(model=model, dtype=dtype)
+    # eager: unpatched diffusers Flux + plain-PyTorch leap ops; patched: every fused op (Flux blocks
+    # through apply_leapkernels_to_flux, leap/connector/discount through use_kernels) on one backend.
     variants = {
-        "eager": ("leapalign", False, None),
-        "patched[reference]": ("leapalign+kernels", True, "reference"),
-        "patched[native]": ("leapalign+kernels", True, "native"),
+        "eager": (False, None),
+        "patched[reference]": (True, "reference"),
+        "patched[native]": (True, "native"),
     }
     state: dict[str, dict[str, Any]] = {}
-    for name, (method, kernels, forced) in variants.items():
+    for name, (kernels, forced) in variants.items():
         workload = build_workload(config, kernels=kernels)
-        objective = build_method_objective(METHODS[method], steps)
+        objective = build_objective("leapalign", num_steps=steps, hinge_lambda=None, use_kernels=kernels)
         state[name] = {"workload": workload, "objective": objective, "forced": forced, "samples": [], "losses": []}
         with _backend(forced):
             first = run_iteration(objective, workload, saved_counter=SavedTensorCounter)
@@ -279,7 +282,6 @@ def run_native_iteration(
             "steps": steps, "dtype": dtype, "threads": torch.get_num_threads(), "repeats": repeats,
             "status": "ok", "seconds": seconds, "seconds_min": min(s["samples"]),
             "speedup_vs_eager": eager / seconds, "saved_bytes": s["saved_bytes"], "loss": s["losses"][-1],
-            "note": getattr(s["objective"], "benchmark_note", "") or "",
         }
         records.append(rec)
         if progress is not None:
@@ -317,7 +319,6 @@ def _iteration_columns():
         Column("speedup_vs_eager", "x eager", lambda x: f"{x:.2f}"),
         Column("saved_bytes", "saved MiB", lambda b: f"{b / 2**20:.2f}"),
         Column("loss", "loss", lambda x: f"{x:.6f}"),
-        Column("note", "note"),
     )
 
 
@@ -327,11 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--ops", nargs="+", default=None, help="subset of ops (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2, the CI machine)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per op; the median is reported")
+    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per op; the median is reported")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--e2e", action="store_true", help="also time one LeapAlign iteration of cpu-bench")
     parser.add_argument("--e2e-steps", type=int, default=8, help="sampling steps T of that iteration")
     parser.add_argument("--e2e-repeats", type=int, default=5)
+    parser.add_argument("--e2e-dtypes", nargs="+", default=["float32"],
+                        help="dtypes of the LeapAlign iteration (bf16 GEMMs are very slow on CPUs without AVX512-BF16)")
     parser.add_argument("--e2e-only", action="store_true", help="only the LeapAlign iteration")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/kernels_native_cpu.json")
     parser.add_argument("--md", default=None, help="default: the JSON path with .md")
@@ -349,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.e2e_only:
         records += run_native_cpu(args.shape, args.dtypes, args.threads, args.repeats, args.ops, not args.no_compile)
     if args.e2e or args.e2e_only:
-        for dtype in args.dtypes:
+        for dtype in args.e2e_dtypes:
             try:
                 records += run_native_iteration(args.e2e_steps, dtype, args.threads, args.e2e_repeats)
             except (ImportError, AttributeError, NotImplementedError) as exc:
@@ -361,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = _summary(ops)
     config = {"shape": args.shape, "dtypes": args.dtypes, "threads": args.threads, "repeats": args.repeats,
               "compile": not args.no_compile, "e2e_steps": args.e2e_steps if (args.e2e or args.e2e_only) else None,
-              "timer": "time.perf_counter over blocks of >= ~5 ms, implementations round-robin, median of repeats",
+              "timer": "time.perf_counter over blocks of >= ~3 ms, implementations round-robin, median of repeats",
               "measured": "fwd+bwd with one fixed random upstream gradient, and fwd alone"}
     doc = ResultDoc(SUITE, machine, config, records, summary)
     json_path = args.json or os.path.join(RESULTS_DIR, "kernels_native_cpu.json")
