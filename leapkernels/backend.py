@@ -186,3 +186,9 @@ def empty(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype, device: to
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype of a kernel given its input dtype: fp64 stays fp64 (gradcheck), else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_warps(tile: int) -> int:
+    """Warps for a program holding ``tile`` elements (CUDA; the interpreter ignores it):
+    ~8 fp32 values per thread up to 8 warps, so wide Flux rows (3072) do not spill registers."""
+    return max(1, min(8, tile // 256))

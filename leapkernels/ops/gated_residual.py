@@ -114,7 +114,7 @@ def _forward_triton(x, gate, y):
     _gr_fwd_kernel[(batch, n_progs)](
         x, gate, y, out, seq, dim, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
         BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(block_r * block_d),
     )
     return out
 
@@ -129,6 +129,7 @@ def _backward_triton(g, gate, y, need_dy, need_dgate):
         g, gate, y, dy, dgate, seq, dim, g.stride(0), g.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
         NEED_DY=need_dy, NEED_DGATE=need_dgate, BLOCK_R=block_r, BLOCK_D=block_d,
         ACC=tl.float64 if g.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(g.dtype, g.device),
+        num_warps=backend.num_warps(block_r * block_d),
     )
     return (dy if need_dy else None), (dgate.sum(1).to(gate.dtype) if need_dgate else None)
 

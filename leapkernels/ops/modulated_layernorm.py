@@ -156,6 +156,7 @@ def _forward_triton(x, scale, shift, eps):
     _mln_fwd_kernel[(batch, n_progs)](
         x, scale, shift, y, seq, dim, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps, n_progs,
         BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        num_warps=backend.num_warps(block_r * block_d),
     )
     return y
 
@@ -171,6 +172,7 @@ def _backward_triton(g, x, scale, eps, need_dx, need_dmod):
         g, x, scale, dx, dscale, dshift, seq, dim, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         scale.stride(0), eps, n_progs, NEED_DX=need_dx, NEED_DMOD=need_dmod,
         BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        num_warps=backend.num_warps(block_r * block_d),
     )
     if not need_dmod:
         return (dx if need_dx else None), None, None

@@ -206,6 +206,7 @@ def _forward_triton(x, weight, cos, sin, eps):
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
         rows, seq, heads, seq * heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
         HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        num_warps=backend.num_warps(2 * block_r * half),
     )
     return out
 
@@ -222,7 +223,7 @@ def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
         rows, seq, heads, seq * heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if has_rope else 0, eps, n_progs,
         HAS_ROPE=has_rope, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_R=block_r, HALF=half,
-        ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(2 * block_r * half),
     )
     return (dx if need_dx else None), (dw.sum(0).to(weight.dtype) if need_dw else None)
 
