@@ -71,10 +71,15 @@ def study_runs(groups: Sequence[str]) -> list[RunSpec]:
     return list(runs.values())
 
 
-def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, model_path: Path | None) -> dict[str, Any]:
-    """Train a fresh copy of the shipped model with ``spec`` for ``settings.max_train_seconds``; evaluate."""
+def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, base_model: Any) -> dict[str, Any]:
+    """Train a fresh copy of ``base_model`` with ``spec`` for ``settings.max_train_seconds``; evaluate.
+
+    The model is copied in memory (not re-read from disk) so every run starts from the same weights
+    even if the asset files change while a long study runs.
+    """
+    import copy
+
     from leapalign.shapes.demo import evaluate_alignment, make_trainer, objective_kwargs, train_and_track
-    from leapalign.shapes.model import load_shapes_model
     from leapalign.shapes.world import eval_prompts
 
     s = replace(settings, seed=seed)
@@ -82,7 +87,7 @@ def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, model_path: Pa
         s = replace(s, alpha=spec["overrides"]["alpha"])
     if "num_leaps" in spec["overrides"]:
         s = replace(s, num_leaps=spec["overrides"]["num_leaps"])
-    model = load_shapes_model(model_path)
+    model = copy.deepcopy(base_model)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="leapalign_study_") as tmp:
@@ -96,6 +101,21 @@ def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, model_path: Pa
         "train_reward_last": statistics.fmean(x.get("reward_mean", float("nan")) for x in log.steps[-5:]) if log.steps else None,
         **res.to_json(),
     }
+
+
+def _asset_hashes(model: Path | None, scorer: Path | None) -> dict[str, str]:
+    """sha256 of the model and scorer weights the study used (the shipped ones unless given)."""
+    import hashlib
+
+    from leapalign.shapes.model import ASSETS_DIR
+
+    files = {"model": model or ASSETS_DIR / "shapes_flux.safetensors", "scorer": scorer or ASSETS_DIR / "shapes_scorer.safetensors"}
+    out = {}
+    for k, f in files.items():
+        f = Path(f)
+        f = f / ("shapes_flux.safetensors" if k == "model" else "shapes_scorer.safetensors") if f.is_dir() else f.with_suffix(".safetensors")
+        out[k] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -194,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", dest="num_steps", type=int, default=None, help="Euler steps of rollout and eval sampler (demo default)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (demo default)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
+    p.add_argument("--reward", choices=("score", "log_score"), default=None, help="training reward (demo default)")
     p.add_argument("--eval-prompts", type=int, default=48, help="size of the fixed eval set")
     p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer checkpoint (default: shipped)")
@@ -217,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = replace(
         base, max_train_seconds=args.budget, train_steps=100_000, eval_prompts=args.eval_prompts,
         num_steps=args.num_steps or base.num_steps, batch_size=args.batch_size or base.batch_size,
-        learning_rate=args.lr or base.learning_rate,
+        learning_rate=args.lr or base.learning_rate, reward=args.reward or base.reward,
     )
     specs = study_runs(args.groups)
     scorer = load_shapes_scorer(args.scorer)
@@ -230,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": list(args.seeds),
         "specs": [dict(s) for s in specs],
         "baseline": b.to_json(),
+        "assets_sha256": _asset_hashes(args.model, args.scorer),
         "runs": [],
         "reading": args.reading.read_text().strip() if args.reading else "",
     }
@@ -239,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for seed in args.seeds:  # seed-major: an interrupted study still has every method at the first seeds
         for spec in specs:
-            r = run_one(spec, seed, settings, scorer, args.model)
+            r = run_one(spec, seed, settings, scorer, model)
             data["runs"].append(r)
             data["summary"] = summarise(data["runs"])
             out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

@@ -91,7 +91,12 @@ def test_study_runs_share_points_and_one_point_runs(tmp_path):
 
     point = next(s for s in specs if s["label"] == "leapalign a=0.3 leaps=3")
     settings = replace(demo.quick_settings(), max_train_seconds=0.01, train_steps=100, eval_prompts=6)
-    run = study.run_one(point, seed=0, settings=settings, scorer=load_shapes_scorer(), model_path=None)
+    from leapalign.shapes.model import load_shapes_model
+
+    base = load_shapes_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    run = study.run_one(point, seed=0, settings=settings, scorer=load_shapes_scorer(), base_model=base)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # each run trains a copy
     assert run["steps"] == 1  # the budget stops it after the first step
     assert set(run["accuracy"]) == set(CATEGORIES) | {"overall"}
 

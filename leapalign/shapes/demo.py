@@ -57,7 +57,7 @@ class DemoSettings:
     max_train_seconds: float = 180.0
     num_steps: int = 12  # T of the training rollout (and of the evaluation sampler)
     batch_size: int = 16
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     train_mode: str = "full"
     lora_rank: int = 16
     alpha: float = 0.3
@@ -69,6 +69,7 @@ class DemoSettings:
     eval_every: int = 20
     eval_seed: int = 1234
     seed: int = 0
+    reward: str = "log_score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
 
     def __post_init__(self) -> None:
         checks = {
@@ -81,10 +82,34 @@ class DemoSettings:
             "eval_prompts": self.eval_prompts >= 1,
             "eval_every": self.eval_every >= 1,
             "num_leaps": self.num_leaps in (1, 2, 3),
+            "reward": self.reward in REWARDS,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r} is invalid")
+
+
+class LogScoreReward:
+    """``log p`` of the scorer (``logsigmoid`` of its logits): a ``RewardFn`` whose gradient does not
+    vanish where the scorer's sigmoid saturates near 0, which is where most samples of a weak model sit."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.nn.functional.logsigmoid(self.scorer.logits(images, prompts))
+
+
+REWARDS = ("score", "log_score")
+
+
+def training_reward(scorer: Any, name: str) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
+    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`."""
+    if name == "score":
+        return scorer
+    if name == "log_score":
+        return LogScoreReward(scorer)
+    raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
 
 
 @dataclass
@@ -131,7 +156,8 @@ def evaluate_alignment(
 
 def objective_kwargs(settings: DemoSettings, objective_name: str = "leapalign", **overrides: Any) -> dict[str, Any]:
     """The objective config for ``objective_name`` at the settings' T and hinge (LeapAlign: alpha, leaps too)."""
-    kw: dict[str, Any] = {"num_steps": settings.num_steps, "hinge_lambda": settings.hinge_lambda}
+    hinge = settings.hinge_lambda if settings.reward == "score" else None  # log p <= 0: the loss is -log p
+    kw: dict[str, Any] = {"num_steps": settings.num_steps, "hinge_lambda": hinge}
     if objective_name == "leapalign":
         kw |= {"alpha": settings.alpha, "num_leaps": settings.num_leaps}
     kw |= overrides
@@ -172,7 +198,7 @@ def make_trainer(
     )
     # Training prompts: the world's sampler, all categories, a seed unrelated to the eval set's.
     prompts = [s.text for s in sample_specs(4096, seed=settings.seed + 100_003)]
-    return LeapAlignTrainer(config, model, reward=scorer, prompt_source=prompts)
+    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward), prompt_source=prompts)
 
 
 @dataclass
@@ -275,7 +301,7 @@ def measure_memory_time(
                 with PeakMemory("cpu") as pm:
                     t0 = time.perf_counter()
                     with SavedTensorCounter() as counter:
-                        out = obj(model, cond, list(prompts), scorer, generator=g)
+                        out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward), generator=g)
                     out.loss.backward()
                     dt = time.perf_counter() - t0
                 if r == 0:
@@ -401,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.learning_rate})")
     p.add_argument("--train-mode", choices=("full", "lora"), default=None, help=f"default {d.train_mode}")
     p.add_argument("--alpha", type=float, default=None, help=f"LeapAlign nested-gradient discount (default {d.alpha})")
-    p.add_argument("--hinge", type=float, default=None, help=f"lambda of relu(lambda - r) (default {d.hinge_lambda})")
+    p.add_argument("--hinge", type=float, default=None, help=f"lambda of relu(lambda - r) with --reward score (default {d.hinge_lambda})")
+    p.add_argument("--reward", choices=REWARDS, default=None, help=f"what training maximises: the scorer's probability or its log (default {d.reward})")
     p.add_argument("--eval-prompts", type=int, default=None, help=f"size of the fixed eval set (default {d.eval_prompts})")
     p.add_argument("--eval-every", type=int, default=None, help=f"evaluate every N steps (default {d.eval_every})")
     p.add_argument("--seed", type=int, default=None, help="training seed (noise, leap pairs, prompt order)")
@@ -415,7 +442,7 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     overrides = {
         "train_steps": args.steps, "max_train_seconds": args.max_train_seconds, "num_steps": args.num_steps,
         "batch_size": args.batch_size, "learning_rate": args.lr, "train_mode": args.train_mode, "alpha": args.alpha,
-        "hinge_lambda": args.hinge, "eval_prompts": args.eval_prompts, "eval_every": args.eval_every, "seed": args.seed,
+        "hinge_lambda": args.hinge, "reward": args.reward, "eval_prompts": args.eval_prompts, "eval_every": args.eval_every, "seed": args.seed,
     }
     values = asdict(s) | {k: v for k, v in overrides.items() if v is not None}
     return DemoSettings(**values)
