@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: writes STEM.json, STEM.md, STEM.png")
     p.add_argument("--reading", type=Path, default=None, help="a text file with the written reading to embed in the Markdown")
+    p.add_argument("--render-only", action="store_true", help="run nothing: re-render STEM.md/.png from STEM.json (with --reading)")
     return p
 
 
@@ -232,6 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.render_only:
+        data = json.loads(out.with_suffix(".json").read_text())
+        if args.reading:
+            data["reading"] = args.reading.read_text().strip()
+            out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown_report(data))
+        plot(data, out.with_suffix(".png"))
+        print(f"[study] re-rendered {out}.md/.png from {out}.json")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     base = DemoSettings()
@@ -255,7 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": [],
         "reading": args.reading.read_text().strip() if args.reading else "",
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     total = len(specs) * len(args.seeds)
     t0 = time.perf_counter()
