@@ -135,6 +135,7 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "reward": _mean_std([r["reward"] for r in rs]),
             "steps": _mean_std([r["steps"] for r in rs]),
             "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in cats},
+            "reward_by_category": {c: _mean_std([r["reward_by_category"][c] for r in rs]) for c in rs[0]["reward_by_category"]},
         }
     return out
 
@@ -169,6 +170,14 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [f"## {title}", "", "Rule-based accuracy (%) per category, reward = learned scorer on the eval set.", "", header, sep, base_row]
         lines += [row(label, summ[label]) for label in labels]
         lines.append("")
+        if group == "methods":
+            rcats = list(base["reward_by_category"])
+            lines += ["Learned-scorer reward per category (mean ± std over seeds):", "",
+                      "| run | " + " | ".join(rcats) + " |", "|---|" + "---:|" * len(rcats),
+                      "| shipped model (no training) | " + " | ".join(f"{base['reward_by_category'][c]:.3f}" for c in rcats) + " |"]
+            lines += [f"| {lab} | " + " | ".join(f"{summ[lab]['reward_by_category'][c][0]:.3f} ± {summ[lab]['reward_by_category'][c][1]:.3f}" for c in rcats) + " |"
+                      for lab in labels]
+            lines.append("")
     if data.get("reading"):
         lines += ["## Reading", "", data["reading"], ""]
     return "\n".join(lines)
@@ -236,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
+        data["summary"] = summarise(data["runs"])
         if args.reading:
             data["reading"] = args.reading.read_text().strip()
             out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
