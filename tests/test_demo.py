@@ -108,3 +108,21 @@ def test_study_runs_share_points_and_one_point_runs(tmp_path):
     md = study.markdown_report(data)
     assert "| leapalign a=0.3 leaps=3 | 1 |" in md and "## LeapAlign number of leaps" in md
     assert _is_png(study.plot(data, tmp_path / "study.png"))
+
+
+def test_log_score_reward_is_the_log_of_the_scorer_and_differentiable():
+    from leapalign.rewards.base import call_reward
+    from leapalign.shapes.scorer import load_shapes_scorer
+    from leapalign.shapes.world import render_batch
+
+    scorer = load_shapes_scorer()
+    specs = eval_prompts(4, seed=2)
+    images = render_batch(specs, seed=0).requires_grad_(True)
+    prompts = [s.text for s in specs]
+    log_r = call_reward(demo.training_reward(scorer, "log_score"), images, prompts)
+    torch.testing.assert_close(log_r, scorer(images, prompts).log(), rtol=1e-5, atol=1e-6)
+    log_r.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert demo.training_reward(scorer, "score") is scorer
+    with pytest.raises(ValueError, match="reward must be one of"):
+        demo.training_reward(scorer, "logits")
