@@ -81,7 +81,6 @@ def measure_point(method: Method, steps: int, config: WorkloadConfig,
             record["peak_source"] = "rss_vmhwm" if report.peak_rss_reset else "rss_lifetime_peak"
             record["rss_before_bytes"] = report.rss_before
         record["metrics"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        record["note"] = getattr(objective, "benchmark_note", "")
         record["saved_bytes"] = saved_bytes_of(result.saved)
         record["seconds"] = result.seconds
         record["forward_s"] = result.forward_s

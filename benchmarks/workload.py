@@ -53,7 +53,7 @@ _SAME_LOSS = {"hinge_lambda": None}
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("leapalign", "leapalign", "LeapAlign (eager)", {**_SAME_LOSS}),
+        Method("leapalign", "leapalign", "LeapAlign (eager)", {**_SAME_LOSS, "use_kernels": False}),
         Method("leapalign+kernels", "leapalign", "LeapAlign + leapkernels", {**_SAME_LOSS, "use_kernels": True},
                kernels=True),
         Method("bptt", "full_backprop", "naive full BPTT", {**_SAME_LOSS}),
@@ -242,25 +242,10 @@ def _image_tokens(model: Any) -> int | None:
 
 
 def build_method_objective(method: Method, steps: int) -> Any:
-    """``build_objective(method.objective, num_steps=steps, **method.options)``.
-
-    ``use_kernels=True`` (the fused leap/connector/discount ops) is dropped, with a note in
-    ``objective.benchmark_note``, when leapalign does not wire the fused ops in yet: the method then
-    measures the patched transformer alone. The note lands in every record of that method.
-    """
+    """``build_objective(method.objective, num_steps=steps, **method.options)``."""
     from leapalign.objectives import build_objective
 
-    options = dict(method.options)
-    try:
-        objective = build_objective(method.objective, num_steps=steps, **options)
-        note = ""
-    except NotImplementedError as exc:
-        if not options.pop("use_kernels", False):
-            raise
-        objective = build_objective(method.objective, num_steps=steps, **options)
-        note = f"fused leap ops unavailable ({exc}); transformer patched with leapkernels only"
-    objective.benchmark_note = note
-    return objective
+    return build_objective(method.objective, num_steps=steps, **method.options)
 
 
 @dataclass
