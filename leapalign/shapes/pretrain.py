@@ -1,7 +1,8 @@
 """Flow-matching pretraining of the tiny shapes Flux model and its text encoder (jointly).
 
-``python -m leapalign.shapes.pretrain --out leapalign/assets`` reproduces the shipped checkpoint
-(fixed seed; the exact command and its figures are in ``leapalign/assets/README.md``).
+``python -m leapalign.shapes.pretrain --out DIR`` runs stage 1 of the shipped checkpoint; stage 2
+continues it with ``--init DIR/shapes_flux.safetensors --seed 1 ...``. Both exact commands, their
+wall times and the resulting accuracy are in ``leapalign/assets/README.md``.
 
 Objective (rectified flow, DESIGN section 2): ``x_t = (1 - t) x0 + t eps``, the model regresses the
 velocity ``eps - x0``; ``t`` is logit-normal(0, 1) (SD3), which puts most samples at mid noise
