@@ -361,8 +361,11 @@ def memory_table_markdown(rows: Sequence[dict[str, Any]], command: str, machine:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(log: TrainLog, before: EvalResult, path: Path) -> Path:
-    """Reward (training batch and eval set) and rule-based accuracy (overall and per category) vs step."""
+def plot_curves(log: TrainLog, before: EvalResult, path: Path, train_reward: str = "score") -> Path:
+    """Reward (eval set; training batch on its own axis) and rule-based accuracy (overall, per category) vs step.
+
+    ``train_reward`` names what the training-batch curve is (``score`` = p or ``log_score`` = log p).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,11 +373,15 @@ def plot_curves(log: TrainLog, before: EvalResult, path: Path) -> Path:
 
     evals = [{"step": 0, **before.to_json()}] + log.evals
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_r.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", color="C1", label="eval set: mean p")
+    ax_r.set(xlabel="optimiser step", ylabel="learned scorer p (eval set, fixed noise)", title="reward (what LeapAlign maximises)")
     if log.steps:
-        ax_r.plot([s["step"] for s in log.steps], [s.get("reward_mean", math.nan) for s in log.steps], alpha=0.4, label="training batch")
-    ax_r.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", label="eval set")
-    ax_r.set(xlabel="optimiser step", ylabel="learned scorer reward", title="reward (what LeapAlign maximises)")
-    ax_r.legend()
+        ax_t = ax_r.twinx()
+        ax_t.plot([s["step"] for s in log.steps], [s.get("reward_mean", math.nan) for s in log.steps], color="C0", alpha=0.4,
+                  label=f"training batch: mean {'log p' if train_reward == 'log_score' else 'p'}")
+        ax_t.set_ylabel(f"training batch {'log p' if train_reward == 'log_score' else 'p'}")
+        ax_t.legend(loc="lower right", fontsize=8)
+    ax_r.legend(loc="upper left", fontsize=8)
     ax_a.plot([e["step"] for e in evals], [100 * e["accuracy"]["overall"] for e in evals], "ko-", lw=2, label="overall")
     for c in CATEGORIES:
         if c in before.accuracy:
@@ -508,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_eval("[demo] after", after)
 
     save_before_after(before.images, after.images, out / "before_after.png")
-    plot_curves(log, before, out / "curves.png")
+    plot_curves(log, before, out / "curves.png", settings.reward)
     reading = _reading(before, after)
     summary = {
         "command": command,
