@@ -99,7 +99,7 @@ class LeapAlignConfig:
     model_guidance: float = field(default=3.5, **_help("Distilled guidance scale fed to the Flux transformer (FLUX.1-dev: 3.5)."))
     model_max_sequence_length: int = field(default=512, **_help("T5 prompt length for the Flux prompt encoder."))
     model_gradient_checkpointing: bool = field(default=False, **_help("Checkpoint the transformer blocks (diffusers' enable_gradient_checkpointing)."))
-    model_use_leapkernels: bool = field(default=False, **_help("Patch the Flux transformer with leapkernels' fused ops (apply_leapkernels_to_flux); the objective's own fused ops are objective.use_kernels."))
+    model_use_leapkernels: bool | None = field(default=None, **_help("Patch the Flux transformer with leapkernels' fused ops (apply_leapkernels_to_flux): true, false, or null = auto (patch when the network is a diffusers Flux transformer); the objective's own fused ops are objective.use_kernels."))
     model_vae_gradient_checkpointing: bool = field(default=True, **_help("Checkpoint the VAE decoder in the reward path."))
 
     # ---- prompts ---------------------------------------------------------------------------------

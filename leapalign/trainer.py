@@ -55,6 +55,11 @@ logger = logging.getLogger("leapalign.trainer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _is_flux_transformer(net: Any) -> bool:
+    """Whether ``net`` has the diffusers Flux block layout that ``apply_leapkernels_to_flux`` patches."""
+    return net is not None and hasattr(net, "transformer_blocks") and hasattr(net, "single_transformer_blocks")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
@@ -185,7 +190,7 @@ class LeapAlignTrainer:
 
         self.network = _network_of(model)
         self._setup_trainable()
-        if config.model_use_leapkernels:
+        if config.model_use_leapkernels or (config.model_use_leapkernels is None and _is_flux_transformer(self.network)):
             self._apply_leapkernels()
         self.distributed = self._resolve_distributed()
         if self.distributed == "fsdp":
@@ -371,7 +376,7 @@ class LeapAlignTrainer:
         from leapkernels.flux import apply_leapkernels_to_flux
 
         net = self.network
-        if net is None or not hasattr(net, "transformer_blocks") or not hasattr(net, "single_transformer_blocks"):
+        if not _is_flux_transformer(net):
             raise ConfigError(
                 f"model_use_leapkernels=true needs a diffusers FluxTransformer2DModel as the adapter's .transformer, "
                 f"got {type(net).__name__}"
