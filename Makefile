@@ -8,7 +8,7 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[test]"

@@ -23,6 +23,9 @@ from leapkernels.ops.qk_norm_rope import (
     qk_norm_rope,
     qk_norm_rope_reference,
 )
+from leapkernels import native  # noqa: E402  (after the ops: native joins their registry)
+
+native.register_all()  # CPU tensors then run the C++ kernels where built (see leapkernels.native.status())
 
 __all__ = [
     "BackendUnavailableError",

@@ -10,11 +10,12 @@ Backends:
                    tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
     ``reference``  the same kernel contracts written in plain PyTorch (fp32 arithmetic); the CPU
                    default without the interpreter.
-    ``native``     reserved for a C++ CPU backend; ops register it when it exists.
+    ``native``     the C++/OpenMP CPU kernels in ``csrc/`` (`leapkernels.native` registers them
+                   when the library was built).
 
 Choice (``select_backend``): a `force_backend` context wins, then ``LEAPKERNELS_BACKEND``
 (``triton|reference|native|auto``, default ``auto``), then ``auto``: CUDA -> triton, CPU ->
-triton under the interpreter, else reference. A forced backend that cannot run raises
+triton under the interpreter, else native where the op has native kernels, else reference. A forced backend that cannot run raises
 `BackendUnavailableError`; nothing ever falls back quietly.
 """
 from __future__ import annotations
@@ -93,8 +94,11 @@ def requested_backend() -> str:
     return value
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend that will run an op on ``device``; raises if a forced one cannot run there."""
+def select_backend(device: torch.device, op: str | None = None) -> str:
+    """The backend that will run ``op`` on ``device``; raises if a forced one cannot run there.
+
+    ``auto`` on CPU prefers ``native`` for an op that has native kernels (``op`` given).
+    """
     wanted = requested_backend()
     if wanted == "auto":
         if device.type == "cuda":
@@ -104,7 +108,11 @@ def select_backend(device: torch.device) -> str:
                     f"{ENV_VAR}=reference to run the PyTorch reference on purpose"
                 )
             return "triton"
-        return "triton" if device.type == "cpu" and interpreter_enabled() else "reference"
+        if device.type == "cpu" and interpreter_enabled():
+            return "triton"
+        if device.type == "cpu" and op is not None and "native" in _registry.get(op, {}):
+            return "native"
+        return "reference"
     if wanted == "triton":
         if not triton_available():
             raise BackendUnavailableError(f"{ENV_VAR}=triton but `import triton` fails")
@@ -120,13 +128,19 @@ def select_backend(device: torch.device) -> str:
 
 def kernels_for(op: str, device: torch.device) -> KernelSet:
     """The registered kernels of ``op`` for the backend chosen on ``device``."""
-    backend = select_backend(device)
+    backend = select_backend(device, op)
     impls = _registry.get(op)
     if impls is None:
         raise KeyError(f"no op named {op!r} is registered; known: {sorted(_registry)}")
     if backend not in impls:
+        why = ""
+        if backend == "native":
+            from leapkernels import native
+
+            reason = native.unavailable_reason()
+            why = f" (native library: {reason})" if reason else ""
         raise BackendUnavailableError(
-            f"op {op!r} has no {backend!r} backend (registered: {sorted(impls)}); "
+            f"op {op!r} has no {backend!r} backend (registered: {sorted(impls)}){why}; "
             f"choose another with {ENV_VAR}"
         )
     return impls[backend]

@@ -156,9 +156,9 @@ class GatedResidualFunction(torch.autograd.Function):
         need_dy, need_dgate = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
         dy = dgate = None
         if need_dy or need_dgate:
+            g = unit_last_stride(g)  # also the placeholder for an unneeded operand: every backend checks strides
             dy, dgate = backend.kernels_for(OP, g.device).backward(
-                unit_last_stride(g), gate if gate is not None else g[:, 0], y if y is not None else g,
-                need_dy, need_dgate,
+                g, gate if gate is not None else g[:, 0], y if y is not None else g, need_dy, need_dgate,
             )
         return (g if ctx.needs_input_grad[0] else None), dgate, dy
 

@@ -16,6 +16,12 @@ def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
     assert backend.select_backend(CPU) == "triton"
     monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
     assert backend.select_backend(CPU) == "reference"
+    # without the interpreter, an op with native kernels runs them; one without runs the reference
+    fake = backend._registry["gated_residual"]["reference"]
+    monkeypatch.setitem(backend._registry, "_with_native", {"reference": fake, "native": fake})
+    monkeypatch.setitem(backend._registry, "_without_native", {"reference": fake})
+    assert backend.select_backend(CPU, "_with_native") == "native"
+    assert backend.select_backend(CPU, "_without_native") == "reference"
 
 
 def test_env_var_forces_a_backend_and_rejects_unknown_names(monkeypatch):
