@@ -18,7 +18,7 @@ import torch
 from leapalign.flow import differentiable_rollout, leap, rollout
 from leapalign.objectives.base import Objective, ObjectiveOutput
 from leapalign.objectives.leap_ops import hinge_loss
-from leapalign.objectives.scoring import check_batch, decode_and_score, sample_sorted_steps
+from leapalign.objectives.scoring import decode_and_score, sample_sorted_steps, start_rollout
 from leapalign.rewards.base import RewardFn
 
 __all__ = [
@@ -101,9 +101,7 @@ class FullBackpropObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         x0 = differentiable_rollout(model, cond, noise, sigmas, checkpoint=cfg.checkpoint)
         return self._finish(model, x0, prompts, reward, {})
 
@@ -139,9 +137,7 @@ class DraftKObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         start = cfg.num_steps - cfg.k
         x = rollout(model, cond, noise, sigmas, stop=start).x0
         x0 = differentiable_rollout(model, cond, x, sigmas, start=start, checkpoint=cfg.checkpoint)
@@ -179,9 +175,7 @@ class DraftLVObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         x0 = rollout(model, cond, noise, sigmas).x0
         s = sigmas[-2]
         losses, first = [], None
@@ -247,9 +241,7 @@ class ReFLObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         (t,) = sample_sorted_steps(cfg.lower_idx, cfg.upper_idx, 1, generator)
         x_t = rollout(model, cond, noise, sigmas, stop=t).x0
         with torch.enable_grad():
@@ -306,9 +298,7 @@ class DRTuneObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         steps = self.train_steps(generator)
         x = rollout(model, cond, noise, sigmas, stop=steps[0]).x0
         x0 = differentiable_rollout(
@@ -355,9 +345,7 @@ class AlignPropObjective(_Baseline):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg = self.config
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         device = generator.device if generator is not None else "cpu"
         k = int(torch.randint(cfg.min_k, cfg.max_k + 1, (1,), generator=generator, device=device))
         start = cfg.num_steps - k

@@ -30,7 +30,7 @@ import torch
 from leapalign.flow import leap, rollout
 from leapalign.objectives.base import Objective, ObjectiveOutput
 from leapalign.objectives.leap_ops import WEIGHTINGS, hinge_loss, leap_ops, trajectory_weight
-from leapalign.objectives.scoring import check_batch, decode_and_score, sample_sorted_steps
+from leapalign.objectives.scoring import decode_and_score, sample_sorted_steps, start_rollout
 from leapalign.rewards.base import RewardFn
 
 __all__ = ["LeapAlignObjectiveConfig", "LeapAlignObjective"]
@@ -135,9 +135,7 @@ class LeapAlignObjective(Objective):
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
         cfg, ops = self.config, self.ops
-        batch = check_batch(model, cond, prompts)
-        sigmas = model.sigmas(cfg.num_steps)
-        noise = model.noise(batch, generator)  # noise first: same seed -> same noise for every objective
+        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         steps = self.sample_steps(generator)
 
         # The leap path built inside the rollout's own forwards: x_from/v/sigma of the pending leap.

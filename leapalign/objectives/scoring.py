@@ -23,6 +23,18 @@ def check_batch(model: Any, cond: Any, prompts: Sequence[str]) -> int:
     return batch
 
 
+def start_rollout(
+    model: Any, cond: Any, prompts: Sequence[str], num_steps: int, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(batch, sigmas [T + 1], noise)`` for a fresh rollout, the batch checked first.
+
+    Noise is drawn before anything else touches ``generator``, so one seed gives the same noise to
+    every objective (benchmarks and studies compare methods on the same trajectories).
+    """
+    batch = check_batch(model, cond, prompts)
+    return batch, model.sigmas(num_steps), model.noise(batch, generator)
+
+
 def decode_and_score(
     model: Any, latents: torch.Tensor, prompts: Sequence[str], reward: RewardFn
 ) -> tuple[torch.Tensor, torch.Tensor]:
