@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
+from leapalign.profiling import SavedTensorCounter
+
 from benchmarks.machine import machine_info
 from benchmarks.options import RESULTS_DIR
 from benchmarks.report import Column, ResultDoc, format_bytes, render_table, write_json, write_markdown
@@ -42,42 +44,6 @@ MODELS: dict[str, dict[str, Any]] = {
                              axes_dims_rope=[4, 4, 8]),
                  latent_side=4, text_tokens=8),
 }
-
-
-class _SavedBytes:
-    """Fallback counter (same rules as ``leapalign.profiling.SavedTensorCounter``)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, int], int] = {}
-        self._hooks: Any = None
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._seen.values())
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = getattr(t, "_base", None)
-        if not isinstance(t, torch.nn.Parameter) and not isinstance(base, torch.nn.Parameter):
-            storage = t.untyped_storage()
-            self._seen.setdefault((str(t.device), storage.data_ptr()), storage.nbytes())
-        return t
-
-    def __enter__(self) -> "_SavedBytes":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _counter() -> Any:
-    try:
-        from leapalign.profiling import SavedTensorCounter
-
-        return SavedTensorCounter()
-    except ImportError:
-        return _SavedBytes()
 
 
 def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -109,7 +75,7 @@ def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
 
 def saved_bytes_of_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
     """Bytes autograd saves in one forward of ``model(**inputs)``; also returns the output (graph alive)."""
-    counter = _counter()
+    counter = SavedTensorCounter()
     with counter:
         out = model(**inputs, return_dict=False)[0]
     return counter.bytes, out

@@ -33,27 +33,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from leapalign.profiling import saved_tensor_bytes
+
 __all__ = ["run_native_cpu", "run_native_iteration", "main"]
 
 SUITE = "kernels_native"
 
 
 # ----------------------------------------------------------------------------- measuring one call
-def _saved_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the unique storages autograd saves for backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
-
-
 def _peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak CPU bytes allocated by ``fn`` above the live bytes at its start.
 
@@ -146,7 +133,7 @@ def _op_records(case: Any, dtype_name: str, shape_name: str, repeats: int, use_c
         try:
             step()  # warm-up: compilation, first allocations
             with _backend(forced):
-                rec["saved_bytes"] = _saved_bytes(lambda fn=fn: fn(*inputs))
+                rec["saved_bytes"] = saved_tensor_bytes(fn, *inputs)[0]
             rec["peak_bytes"] = _peak_bytes(step)
             steps[name], forwards[name] = step, forward
         except Exception as exc:  # noqa: BLE001 - a missing backend or compiler is a recorded fact
