@@ -346,7 +346,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, a)
             except ConfigError as exc:
                 last = exc
-        raise last or ConfigError(f"{name}={value!r} has the wrong type")
+        if last is None:
+            raise ConfigError(f"{name}={value!r} has the wrong type")
+        raise ConfigError(f"{last} (or null)") if type(None) in args else last
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -107,3 +107,10 @@ def test_example_configs_validate():
         from leapalign.objectives import build_objective
 
         build_objective(c.objective_name, **c.objective)
+
+
+def test_optional_field_error_says_null_is_allowed():
+    """``model_use_leapkernels`` is true/false/null (auto); a bad value's error names all three."""
+    assert LeapAlignConfig(prompts=["a"]).model_use_leapkernels is None
+    with pytest.raises(ConfigError, match=r"model_use_leapkernels='auto' is invalid: expected true or false \(or null\)"):
+        LeapAlignConfig(prompts=["a"], model_use_leapkernels="auto")
