@@ -168,6 +168,15 @@ def test_leapkernels_patched_model_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_leapkernels_default_is_auto_on_for_flux(tmp_path):
+    """model_use_leapkernels=None (default) patches a diffusers Flux transformer; false leaves it alone."""
+    from leapkernels import is_patched
+
+    assert is_patched(LeapAlignTrainer(tiny_config(tmp_path / "auto"), tiny_flux_pipeline()).network)
+    off = tiny_config(tmp_path / "off", model_use_leapkernels=False)
+    assert not is_patched(LeapAlignTrainer(off, tiny_flux_pipeline()).network)
+
+
 def test_bf16_autocast_trainer_after_an_fp32_one_in_the_same_process(tmp_path):
     """mixed_precision=bf16 runs the rollout under autocast; trainable weights and EMA stay fp32."""
     LeapAlignTrainer(tiny_config(tmp_path / "fp32", train_num_steps=1), tiny_flux_pipeline())
