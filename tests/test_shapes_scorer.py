@@ -1,10 +1,13 @@
 """The shapes world's learned reward: a differentiable RewardFn that ranks matching pairs first."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from leapalign.rewards.base import RewardNotDifferentiableError, call_reward
+from leapalign.shapes.evaluator import evaluate
 from leapalign.shapes.scorer import ShapesScorer, load_shapes_scorer, ranking_accuracy, save_shapes_scorer
 from leapalign.shapes.world import eval_prompts, render_batch
 
@@ -64,3 +67,84 @@ def test_save_load_round_trip(tmp_path, scorer):
     torch.testing.assert_close(again(images, prompts), scorer(images, prompts))
     with pytest.raises(FileNotFoundError, match="--train"):
         load_shapes_scorer(tmp_path / "missing")
+
+
+def test_labelled_pool_uses_the_evaluator_and_detector():
+    from leapalign.shapes.scorer import LabelledPool
+
+    specs = eval_prompts(6, seed=5)
+    truth = render_batch(specs, seed=5)
+    blank = torch.full_like(truth, 0.95)  # background only: every prompt names an object, so all wrong
+    pool = LabelledPool.label(torch.cat([truth, blank]), [s.text for s in specs] * 2)
+    assert pool.labels.tolist() == [1.0] * 6 + [0.0] * 6
+    total = torch.tensor([s.total_objects for s in specs])
+    assert torch.equal(pool.counts[:6].sum(1), total)  # the detector finds every drawn object (all counts <= 4)
+    assert pool.counts[6:].sum() == 0 and not pool.present[6:].any()
+    both = pool + pool
+    assert len(both) == 24 and both.prompts[12:] == pool.prompts and torch.equal(both.labels[12:], pool.labels)
+
+
+def test_fit_learns_from_a_pool_and_draws_hard_samples():
+    """A few steps on a small pool lower the BCE; the hard pool is actually sampled."""
+    from leapalign.shapes.scorer import LabelledPool, fit, synthetic_pool
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    pool = synthetic_pool(96, g)
+    seen: list[int] = []
+
+    class Spy(LabelledPool):
+        def __getattribute__(self, name):
+            if name == "images":
+                seen.append(1)
+            return super().__getattribute__(name)
+
+    hard = Spy(*(getattr(pool, f) for f in ("images", "prompts", "labels", "counts", "centres", "present")))
+    scorer = ShapesScorer()
+    first = fit(scorer, pool, 1, torch.Generator().manual_seed(1), batch_size=32, lr=3e-3)
+    last = fit(scorer, pool, 40, torch.Generator().manual_seed(1), batch_size=32, lr=3e-3, hard=hard, hard_fraction=0.5)
+    assert last < first
+    assert seen, "the hard pool was never drawn from"
+    assert not scorer.training
+
+
+def test_auc():
+    from leapalign.shapes.harden import auc
+
+    assert auc(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([1.0, 1.0, 0.0])) == 1.0
+    assert auc(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 0.0])) == 0.0
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])) == 0.5
+    assert math.isnan(auc(torch.tensor([0.5]), torch.tensor([1.0])))
+
+
+def test_harden_runs_a_round_and_records_it(tmp_path):
+    import json
+
+    from leapalign.shapes.harden import main
+
+    args = ["--out", str(tmp_path), "--rounds", "1", "--align-steps", "2", "--snapshot-every", "1", "--samples", "6",
+            "--base-samples", "6", "--pool", "48", "--steps", "3", "--batch-size", "2", "--T", "3"]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "shapes_scorer.json").read_text())["meta"]
+    rounds = meta["harden"]["rounds"]
+    assert len(rounds) == 1 and rounds[0]["samples"] == 12
+    assert meta["harden"]["hard_samples"] == 6 + 12 + 12  # base + snapshots + their pixel attacks
+    assert load_shapes_scorer(tmp_path)(render_batch(eval_prompts(2, seed=0), seed=0), [s.text for s in eval_prompts(2, seed=0)]).shape == (2,)
+    with pytest.raises(SystemExit, match="--rounds"):
+        main(["--out", str(tmp_path), "--rounds", "0"])
+
+
+def test_pixel_attack_raises_the_score_and_relabels():
+    from leapalign.shapes.scorer import pixel_attack
+    from leapalign.shapes.scorer import LabelledPool
+
+    specs = eval_prompts(6, seed=11)
+    blank = torch.full((6, 3, 32, 32), 0.95)
+    pool = LabelledPool.label(blank, [s.text for s in specs])
+    scorer = load_shapes_scorer()
+    attacked = pixel_attack(scorer, pool, steps=5)
+    assert attacked.images.min() >= 0 and attacked.images.max() <= 1
+    with torch.no_grad():
+        assert scorer(attacked.images, attacked.prompts).mean() > scorer(blank, pool.prompts).mean()
+    verdicts = [float(j.correct) for j in evaluate(attacked.images, attacked.prompts)]
+    assert attacked.labels.tolist() == verdicts

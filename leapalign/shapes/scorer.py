@@ -4,8 +4,8 @@
 matches the prompt. Two parts:
 
 - a learned **soft detector**: a CNN (with two coordinate channels) whose flattened feature map
-  predicts, for each of the 15 (colour, shape) pairs, a distribution over the number of such
-  objects (0-4) and their mean centre;
+  predicts, for each of the 20 (colour, shape) pairs -- shape "unknown" included: blobs the
+  evaluator cannot classify -- a distribution over the number of such objects (0-4) and their mean centre;
 - a **soft judge** built from the prompt's parsed spec: P(each named group has its count) --
   colour-free groups sum the counts over colours by convolving the distributions --, P(the total
   number of objects is right), and for position prompts a sigmoid of the centre offset along the
@@ -51,22 +51,40 @@ __all__ = [
     "load_shapes_scorer",
     "save_shapes_scorer",
     "ranking_accuracy",
+    "LabelledPool",
+    "synthetic_pool",
+    "model_samples",
+    "fit",
+    "pixel_attack",
     "build_parser",
     "main",
 ]
 
 DEFAULT_SCORER_NAME = "shapes_scorer"
-_PAIRS: tuple[tuple[str, str], ...] = tuple((c, sh) for c in COLORS for sh in SHAPES)
+# What the soft detector counts: every (colour, shape) pair, "unknown" (a blob the evaluator cannot
+# classify) included -- such a blob still counts towards the total, exactly as in the evaluator, so
+# drawing junk is never free.
+_DETECTED_SHAPES: tuple[str, ...] = SHAPES + ("unknown",)
+_PAIRS: tuple[tuple[str, str], ...] = tuple((c, sh) for c in COLORS for sh in _DETECTED_SHAPES)
 _MAX_COUNT = max(COUNT_WORDS)
 _ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
 @dataclass
 class ScorerConfig:
-    """Sizes of :class:`ShapesScorer`."""
+    """Sizes of :class:`ShapesScorer` and its input smoothing.
+
+    ``smoothing_sigma`` > 0 makes the score the mean over ``smoothing_draws`` fixed Gaussian noise
+    draws of that scale added to the image (randomised smoothing, with the noise frozen so the reward
+    stays deterministic); :func:`fit` then trains on noisy images too. A smoothed score cannot be
+    moved by pixel patterns much fainter than the noise, which is what a generator first learns to
+    exploit in an unsmoothed CNN.
+    """
 
     image_size: int = IMAGE_SIZE
     channels: int = 32
+    smoothing_sigma: float = 0.0
+    smoothing_draws: int = 4
 
 
 class ShapesScorer(nn.Module):
@@ -91,9 +109,11 @@ class ShapesScorer(nn.Module):
         self.calib = nn.Parameter(torch.tensor([1.0, 0.0]))
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, c.image_size), torch.linspace(-1, 1, c.image_size), indexing="ij")
         self.register_buffer("coords", torch.stack([xs, ys]).unsqueeze(0), persistent=False)
+        noise = torch.randn(max(1, c.smoothing_draws), 1, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("smoothing_noise", c.smoothing_sigma * noise, persistent=False)
 
     def detections(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(count_logits [B, 15, 5], centres [B, 15, 2] in [-1, 1])`` per (colour, shape) pair."""
+        """``(count_logits [B, 20, 5], centres [B, 20, 2] in [-1, 1])`` per (colour, shape-or-unknown) pair."""
         s = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"images must be [B, 3, {s}, {s}] in [0, 1], got shape {tuple(images.shape)}")
@@ -106,11 +126,17 @@ class ShapesScorer(nn.Module):
         """Pre-sigmoid scores ``[B]`` (what training uses, with BCE)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; they must match")
-        return self.judge(*self.detections(images), prompts)
+        if self.config.smoothing_sigma <= 0:
+            return self.judge(*self.detections(images), prompts)
+        k, b = self.smoothing_noise.shape[0], images.shape[0]
+        noisy = images.to(self.coords.device, self.coords.dtype).unsqueeze(0) + self.smoothing_noise  # [K, B, 3, S, S]
+        z = self.judge(*self.detections(noisy.flatten(0, 1)), list(prompts) * k).view(k, b)
+        # The mean probability over the draws, back in logit space.
+        return torch.logsumexp(F.logsigmoid(z), 0) - torch.logsumexp(F.logsigmoid(-z), 0)
 
     def judge(self, count_logits: torch.Tensor, centres: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Match logits ``[B]`` from soft detections and the prompts (parsed by the world's grammar)."""
-        probs = count_logits.softmax(-1)  # [B, 15, 5]
+        probs = count_logits.softmax(-1)  # [B, 20, 5]
         rules = _Rules.of(prompts, probs.device)
         everything = torch.ones_like(rules.group_masks[:, 0])
         logp = _log_prob_sum(probs, everything, rules.total)
@@ -152,7 +178,7 @@ class _Rules:
     """A batch of prompts as tensors the soft judge reads (see :meth:`ShapesScorer.judge`)."""
 
     total: torch.Tensor  # [B] objects in the image
-    group_masks: torch.Tensor  # [B, 2, 15] which (colour, shape) pairs each group counts
+    group_masks: torch.Tensor  # [B, 2, 20] which (colour, shape) pairs each group counts
     group_counts: torch.Tensor  # [B, 2]
     group_valid: torch.Tensor  # [B, 2] float: the prompt has this group
     pair_a: torch.Tensor  # [B] pair of the relation's first object (position prompts)
@@ -213,8 +239,43 @@ def load_shapes_scorer(path: str | Path | None = None, device: str | torch.devic
     return scorer.requires_grad_(False).eval().to(device)
 
 
-def _pairs(n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """``n`` labelled pairs: 1/2 ground truth, 1/3 near misses, 1/6 renders of another prompt."""
+@dataclass
+class LabelledPool:
+    """Image-prompt pairs with the evaluator's verdict and the exact detector's targets (CPU tensors).
+
+    ``labels [N]`` 1.0 where the rule-based evaluator accepts the pair; ``counts [N, 20]`` (capped at
+    4), ``centres [N, 20, 2]`` in [-1, 1] and ``present [N, 20]`` are the auxiliary detection
+    targets: what :func:`leapalign.shapes.evaluator.detect_objects` finds, per (colour, shape-or-unknown).
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    labels: torch.Tensor
+    counts: torch.Tensor
+    centres: torch.Tensor
+    present: torch.Tensor
+
+    @classmethod
+    def label(cls, images: torch.Tensor, prompts: Sequence[str], labels: torch.Tensor | None = None) -> "LabelledPool":
+        """Pool of ``images`` for ``prompts``; labels from the exact evaluator unless given."""
+        images = images.detach().float().cpu().clamp(0.0, 1.0)
+        if labels is None:
+            labels = torch.tensor([float(j.correct) for j in evaluate(images, list(prompts))])
+        return cls(images, list(prompts), labels.float(), *_detection_targets(images))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __add__(self, other: "LabelledPool") -> "LabelledPool":
+        cat = lambda a, b: torch.cat([a, b])  # noqa: E731
+        return LabelledPool(
+            cat(self.images, other.images), self.prompts + other.prompts, cat(self.labels, other.labels),
+            cat(self.counts, other.counts), cat(self.centres, other.centres), cat(self.present, other.present),
+        )
+
+
+def synthetic_pool(n: int, g: torch.Generator) -> LabelledPool:
+    """``n`` rendered pairs: 1/2 ground truth, 1/3 near misses, 1/6 renders of another prompt."""
     specs = sample_specs(n, g)
     n_pos, n_near = n // 2, n // 3
     shown = list(specs[:n_pos])
@@ -226,12 +287,12 @@ def _pairs(n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str], torch.T
     # A "mismatched" draw can coincide with its prompt; label by the exact evaluator, never by hope.
     mism = slice(n_pos + n_near, n)
     labels[mism] = torch.tensor([float(j.correct) for j in evaluate(images[mism], specs[mism])])
-    return images, [s.text for s in specs], labels
+    return LabelledPool.label(images, [s.text for s in specs], labels)
 
 
 def _detection_targets(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Auxiliary targets from the exact detector: per (colour, shape) the count (capped at 4, int64
-    ``[B, 15]``), the mean centre in [-1, 1] (``[B, 15, 2]``) and where a centre exists (``[B, 15]``)."""
+    """Auxiliary targets from the exact detector: per (colour, shape-or-unknown) the count (capped at 4,
+    int64 ``[B, 20]``), the mean centre in [-1, 1] (``[B, 20, 2]``) and where a centre exists (``[B, 20]``)."""
     index = {pair: i for i, pair in enumerate(_PAIRS)}
     b, size = images.shape[0], images.shape[-1]
     counts = torch.zeros(b, len(_PAIRS), dtype=torch.long)
@@ -245,6 +306,79 @@ def _detection_targets(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     present = counts > 0
     centres = centres / counts.clamp_min(1).unsqueeze(-1)
     return counts.clamp_max(_MAX_COUNT), centres, present
+
+
+def pixel_attack(scorer: torch.nn.Module, pool: LabelledPool, steps: int, step_size: float = 0.03, batch_size: int = 256) -> LabelledPool:
+    """``pool``'s images pushed straight up the scorer's ``log p`` (signed gradient ascent on the pixels,
+    kept in [0, 1]), relabelled by the evaluator: the cheapest hacks there are, found without a generator."""
+    out = []
+    for i in range(0, len(pool), batch_size):
+        x = pool.images[i : i + batch_size].clone().requires_grad_(True)
+        prompts = pool.prompts[i : i + batch_size]
+        for _ in range(steps):
+            (grad,) = torch.autograd.grad(F.logsigmoid(scorer.logits(x, prompts)).sum(), x)
+            with torch.no_grad():
+                x.add_(step_size * grad.sign()).clamp_(0.0, 1.0)
+        out.append(x.detach())
+    return LabelledPool.label(torch.cat(out), pool.prompts)
+
+
+def fit(
+    scorer: ShapesScorer,
+    pool: LabelledPool,
+    steps: int,
+    g: torch.Generator,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    aux_weight: float = 0.5,
+    hard: LabelledPool | None = None,
+    hard_fraction: float = 0.5,
+    adv_fraction: float = 0.0,
+    adv_steps: int = 5,
+    desc: str = "scorer",
+) -> float:
+    """Train ``scorer`` in place (BCE on the labels + ``aux_weight`` x detection loss); returns the final BCE.
+
+    With ``hard`` (samples of image models, hacked ones included), ``hard_fraction`` of every batch is
+    drawn from it: those are the images the reward will actually be asked about. With
+    ``adv_fraction`` > 0, that share of every batch is first pushed up the current scorer in pixel
+    space (:func:`pixel_attack`, ``adv_steps`` steps) and relabelled by the evaluator: adversarial
+    training, so that the reward's pixel gradient points at real changes rather than at noise.
+    """
+    scorer.train()
+    opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    n_hard = round(batch_size * hard_fraction) if hard is not None and len(hard) else 0
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    recent: list[float] = []
+    for step in bar:
+        parts = [(pool, batch_size - n_hard)] + ([(hard, n_hard)] if n_hard else [])
+        batch = [(src, torch.randint(len(src), (k,), generator=g)) for src, k in parts]
+        images = torch.cat([src.images[i] for src, i in batch])
+        prompts = [src.prompts[j] for src, i in batch for j in i.tolist()]
+        labels, counts, centres, present = (torch.cat([getattr(src, a)[i] for src, i in batch]) for a in ("labels", "counts", "centres", "present"))
+        n_adv = round(batch_size * adv_fraction)
+        if n_adv:
+            adv = pixel_attack(scorer, LabelledPool(images[:n_adv], prompts[:n_adv], labels[:n_adv], counts[:n_adv], centres[:n_adv], present[:n_adv]), adv_steps)
+            images = torch.cat([adv.images, images[n_adv:]])
+            labels, counts, centres, present = (torch.cat([getattr(adv, a), v[n_adv:]]) for a, v in
+                                                (("labels", labels), ("counts", counts), ("centres", centres), ("present", present)))
+        if scorer.config.smoothing_sigma > 0:  # train on what the smoothed score looks at
+            images = images + scorer.config.smoothing_sigma * torch.randn(images.shape, generator=g)
+        count_logits, centre_pred = scorer.detections(images)
+        match = F.binary_cross_entropy_with_logits(scorer.judge(count_logits, centre_pred, prompts), labels)
+        mask = present.unsqueeze(-1).float()
+        aux = F.cross_entropy(count_logits.flatten(0, 1), counts.flatten()) + (((centre_pred - centres) ** 2 * mask).sum() / mask.sum().clamp_min(1.0))
+        loss = match + aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent = (recent + [float(match.detach())])[-50:]
+        if step % 10 == 0:
+            bar.set_postfix(bce=f"{sum(recent) / len(recent):.4f}", aux=f"{float(aux.detach()):.3f}")
+    scorer.eval()
+    return sum(recent) / max(1, len(recent))
 
 
 @torch.no_grad()
@@ -281,19 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint to draw samples from (default: shipped)")
     p.add_argument("--model-samples", type=int, default=120, help="model samples labelled by the evaluator (0: none)")
     p.add_argument("--model-steps", type=int, default=16, help="Euler steps for those samples")
+    p.add_argument("--hard-fraction", type=float, default=0.25, help="share of each batch drawn from the model samples")
+    p.add_argument("--smoothing-sigma", type=float, default=0.1, help="input noise of the smoothed score (0: off); see ScorerConfig")
+    p.add_argument("--adv-fraction", type=float, default=0.0, help="share of each batch replaced by pixel-space attacks on the scorer, relabelled")
+    p.add_argument("--adv-steps", type=int, default=5, help="signed-gradient steps of those attacks")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return p
 
 
-def _model_samples(path: Path | None, n: int, num_steps: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    from leapalign.shapes.model import load_shapes_model  # the scorer itself never needs the image model
-
-    model = load_shapes_model(path)
+def model_samples(model: "object", n: int, num_steps: int, seed: int, batch_size: int = 60) -> LabelledPool:
+    """``n`` samples of a shapes model (``ShapesVelocityModel``) on random training prompts, labelled."""
     prompts = [s.text for s in sample_specs(n, seed + 100)]
     g = torch.Generator().manual_seed(seed + 101)
-    images = torch.cat([model.sample(prompts[i : i + 60], num_steps, g) for i in range(0, n, 60)])
-    labels = torch.tensor([float(j.correct) for j in evaluate(images, prompts)])
-    return images, prompts, labels
+    with torch.no_grad():
+        images = torch.cat([model.sample(prompts[i : i + batch_size], num_steps, g) for i in range(0, n, batch_size)])
+    return LabelledPool.label(images, prompts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,39 +442,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.time()
     torch.manual_seed(args.seed)
-    scorer = ShapesScorer()
+    scorer = ShapesScorer(ScorerConfig(smoothing_sigma=args.smoothing_sigma))
     g = torch.Generator().manual_seed(args.seed + 1)
-    extra = None
+    hard = None
     if args.model_samples > 0:
-        extra = _model_samples(args.model, args.model_samples, args.model_steps, args.seed)
-        print(f"model samples: {args.model_samples}, evaluator-correct {float(extra[2].mean()):.3f} ({time.time() - start:.0f} s)")
-    opt = torch.optim.AdamW(scorer.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+        from leapalign.shapes.model import load_shapes_model  # the scorer itself never needs the image model
+
+        hard = model_samples(load_shapes_model(args.model), args.model_samples, args.model_steps, args.seed)
+        print(f"model samples: {len(hard)}, evaluator-correct {float(hard.labels.mean()):.3f} ({time.time() - start:.0f} s)")
     # A fixed pool of pairs, reused for a few epochs: rendering, not the CNN, is the cost on CPU.
-    images, prompts, labels = _pairs(args.pool, g)
-    if extra is not None:
-        images, prompts, labels = torch.cat([images, extra[0]]), prompts + extra[1], torch.cat([labels, extra[2]])
-    counts, centres, present = _detection_targets(images)
-    print(f"pool: {len(prompts)} pairs, {float(labels.mean()):.3f} positive ({time.time() - start:.0f} s)")
-    bar = tqdm(range(args.steps), desc="scorer", dynamic_ncols=True)
-    recent: list[float] = []
-    for step in bar:
-        idx = torch.randint(len(prompts), (args.batch_size,), generator=g)
-        count_logits, centre_pred = scorer.detections(images[idx])
-        match = F.binary_cross_entropy_with_logits(scorer.judge(count_logits, centre_pred, [prompts[i] for i in idx.tolist()]), labels[idx])
-        mask = present[idx].unsqueeze(-1).float()
-        aux = F.cross_entropy(count_logits.flatten(0, 1), counts[idx].flatten()) + (
-            ((centre_pred - centres[idx]) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
-        )
-        loss = match + args.aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        recent = (recent + [float(match.detach())])[-50:]
-        if step % 10 == 0:
-            bar.set_postfix(bce=f"{sum(recent) / len(recent):.4f}", aux=f"{float(aux.detach()):.3f}")
-    scorer.eval()
+    pool = synthetic_pool(args.pool, g)
+    print(f"pool: {len(pool)} rendered pairs, {float(pool.labels.mean()):.3f} positive ({time.time() - start:.0f} s)")
+    final_bce = fit(scorer, pool, args.steps, g, args.batch_size, args.lr, args.aux_weight, hard, args.hard_fraction, args.adv_fraction, args.adv_steps)
     rank = ranking_accuracy(scorer)
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; held-out ranking: " + ", ".join(f"{k} {v:.3f}" for k, v in rank.items()))
@@ -348,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "model_samples": args.model_samples,
+        "hard_fraction": args.hard_fraction,
+        "adv_fraction": args.adv_fraction,
+        "adv_steps": args.adv_steps,
         "train_minutes": round(minutes, 2),
-        "final_bce": round(sum(recent) / len(recent), 5),
+        "final_bce": round(final_bce, 5),
         "held_out_ranking": {k: round(v, 4) for k, v in rank.items()},
     }
     path = save_shapes_scorer(scorer, args.out, args.name, meta)

@@ -1,0 +1,153 @@
+"""Harden the shapes scorer against the images LeapAlign learns to make (reward-model rounds).
+
+``python -m leapalign.shapes.harden --out DIR`` starts from a trained scorer and repeats, ``--rounds``
+times: (1) align a fresh copy of the shapes model to the *current* scorer with the demo's own
+trainer and settings, snapshotting samples every ``--snapshot-every`` steps -- the images an
+optimiser finds when it pushes on this reward, hacks included -- and the same images pushed straight
+up the scorer in pixel space (``--pixel-attack-steps``); (2) label them with the rule-based
+evaluator and the exact detector (verdict, per-(colour, shape) counts and centres); (3) continue
+training the scorer on the rendered pool plus every labelled sample so far, half of each batch from
+the samples.
+
+This is how preference-trained rewards are refreshed in practice (label the policy's own outputs,
+retrain), with the evaluator as the labeller. The evaluator still never trains on anything and
+stays the judge; the scorer stays a learned CNN that can be hacked, only less easily. The round
+log (how often the scorer ranked the aligned model's wrong images above its right ones, before and
+after refitting) is written to the scorer's JSON ``meta.harden``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from leapalign.shapes.demo import DemoSettings, make_trainer, train_and_track
+from leapalign.shapes.model import load_shapes_model
+from leapalign.shapes.scorer import (
+    LabelledPool,
+    fit,
+    load_shapes_scorer,
+    model_samples,
+    pixel_attack,
+    ranking_accuracy,
+    save_shapes_scorer,
+    synthetic_pool,
+)
+
+__all__ = ["auc", "build_parser", "main"]
+
+
+def _rounded(x: float) -> float | None:
+    """JSON-safe: NaN (an empty class) becomes null."""
+    return None if x != x else round(x, 4)
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); NaN if one class is empty."""
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos.view(-1, 1) - neg.view(1, -1)
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+
+
+@torch.no_grad()
+def _score(scorer: torch.nn.Module, pool: LabelledPool, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([scorer(pool.images[i : i + batch_size], pool.prompts[i : i + batch_size]) for i in range(0, len(pool), batch_size)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m leapalign.shapes.harden", description=__doc__.split("\n")[0])
+    p.add_argument("--scorer", type=Path, default=None, help="scorer to start from (default: the shipped one)")
+    p.add_argument("--model", type=Path, default=None, help="shapes model to align (default: the shipped one)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the hardened shapes_scorer.safetensors/.json")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--align-steps", type=int, default=150, help="LeapAlign steps per round (demo settings otherwise)")
+    p.add_argument("--snapshot-every", type=int, default=50, help="sample the aligned model every N steps")
+    p.add_argument("--batch-size", type=int, default=DemoSettings.batch_size, help="prompts per alignment step (demo default)")
+    p.add_argument("--T", dest="num_steps", type=int, default=DemoSettings.num_steps, help="Euler steps of rollout and samples (demo default)")
+    p.add_argument("--samples", type=int, default=240, help="samples per snapshot, on fresh training prompts")
+    p.add_argument("--base-samples", type=int, default=480, help="samples of the unaligned model added before round 1")
+    p.add_argument("--pixel-attack-steps", type=int, default=10, help="also add each snapshot pushed up the scorer in pixel space (0: off)")
+    p.add_argument("--pool", type=int, default=4000, help="rendered pairs kept in every refit")
+    p.add_argument("--steps", type=int, default=600, help="scorer optimiser steps per refit")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hard-fraction", type=float, default=0.5)
+    p.add_argument("--adv-fraction", type=float, default=0.0, help="share of each refit batch attacked in pixel space first (see scorer.fit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("rounds", "align_steps", "snapshot_every", "samples", "pool", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    scorer = load_shapes_scorer(args.scorer)
+    g = torch.Generator().manual_seed(args.seed + 7)
+    pool = synthetic_pool(args.pool, g)
+    hard = model_samples(load_shapes_model(args.model), args.base_samples, args.num_steps, seed=args.seed + 5000) if args.base_samples else None
+    log: list[dict] = []
+    for r in range(args.rounds):
+        model = load_shapes_model(args.model)
+        settings = DemoSettings(train_steps=args.snapshot_every, max_train_seconds=1e9, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
+                                batch_size=args.batch_size, num_steps=args.num_steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = make_trainer(model, scorer, settings, tmp)
+            fresh: LabelledPool | None = None
+            for k in range(max(1, args.align_steps // args.snapshot_every)):
+                train_and_track(trainer, settings, None, desc=f"round {r + 1}: align", show_progress=True)
+                model.eval()
+                snap = model_samples(model, args.samples, settings.num_steps, seed=args.seed + 10_000 * (r + 1) + 100 * k)
+                model.train()
+                fresh = snap if fresh is None else fresh + snap
+        scores = _score(scorer, fresh)
+        entry = {
+            "round": r + 1,
+            "samples": len(fresh),
+            "evaluator_correct": round(float(fresh.labels.mean()), 4),
+            "mean_score": round(float(scores.mean()), 4),
+            "auc_before_refit": _rounded(auc(scores, fresh.labels)),
+        }
+        hard = fresh if hard is None else hard + fresh
+        if args.pixel_attack_steps > 0:
+            attacked = pixel_attack(scorer, fresh, args.pixel_attack_steps)
+            entry |= {"pixel_attack_evaluator_correct": round(float(attacked.labels.mean()), 4),
+                      "pixel_attack_mean_score": round(float(_score(scorer, attacked).mean()), 4)}
+            hard = hard + attacked
+        scorer.requires_grad_(True)
+        fit(scorer, pool, args.steps, g, lr=args.lr, hard=hard, hard_fraction=args.hard_fraction, adv_fraction=args.adv_fraction,
+            desc=f"round {r + 1}: refit")
+        scorer.requires_grad_(False)
+        entry["auc_after_refit"] = _rounded(auc(_score(scorer, fresh), fresh.labels))
+        entry["minutes"] = round((time.time() - start) / 60, 2)
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+    rank = ranking_accuracy(scorer)
+    base_meta = json.loads((Path(args.scorer or Path(__file__).resolve().parent.parent / "assets" / "shapes_scorer.safetensors")).with_suffix(".json").read_text())["meta"]
+    meta = base_meta | {
+        "harden": {
+            "command": "python -m leapalign.shapes.harden " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "rounds": log,
+            "hard_samples": len(hard) if hard is not None else 0,
+            "minutes": round((time.time() - start) / 60, 2),
+        },
+        "held_out_ranking": {k: round(v, 4) for k, v in rank.items()},
+    }
+    path = save_shapes_scorer(scorer, args.out, meta=meta)
+    print(f"held-out ranking: {rank}\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
