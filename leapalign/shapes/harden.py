@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": log,
             "hard_samples": len(hard) if hard is not None else 0,
             "minutes": round((time.time() - start) / 60, 2),
+            "previous": base_meta.get("harden"),  # an earlier harden run this one continued from
         },
         "held_out_ranking": {k: round(v, 4) for k, v in rank.items()},
     }
