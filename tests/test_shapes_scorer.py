@@ -148,3 +148,20 @@ def test_pixel_attack_raises_the_score_and_relabels():
         assert scorer(attacked.images, attacked.prompts).mean() > scorer(blank, pool.prompts).mean()
     verdicts = [float(j.correct) for j in evaluate(attacked.images, attacked.prompts)]
     assert attacked.labels.tolist() == verdicts
+
+
+def test_smoothed_score_is_the_mean_probability_over_the_frozen_noise_draws():
+    from leapalign.shapes.scorer import ScorerConfig
+
+    trained = load_shapes_scorer().state_dict()  # an untrained CNN is nearly constant: noise would not show
+    smooth = ShapesScorer(ScorerConfig(smoothing_sigma=0.2, smoothing_draws=3)).eval()
+    plain = ShapesScorer(ScorerConfig()).eval()
+    smooth.load_state_dict(trained)
+    plain.load_state_dict(trained)
+    specs = eval_prompts(4, seed=2)
+    images, prompts = render_batch(specs, seed=2), [s.text for s in specs]
+    with torch.no_grad():
+        expected = torch.stack([plain(images + smooth.smoothing_noise[k], prompts) for k in range(3)]).mean(0)
+        torch.testing.assert_close(smooth(images, prompts), expected)
+        torch.testing.assert_close(smooth(images, prompts), smooth(images, prompts))  # deterministic
+        assert not torch.allclose(smooth(images, prompts), plain(images, prompts))  # the noise does something

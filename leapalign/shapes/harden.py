@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="scorer optimiser steps per refit")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hard-fraction", type=float, default=0.5)
-    p.add_argument("--adv-fraction", type=float, default=0.0, help="share of each refit batch attacked in pixel space first (see scorer.fit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     return p
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                       "pixel_attack_mean_score": round(float(_score(scorer, attacked).mean()), 4)}
             hard = hard + attacked
         scorer.requires_grad_(True)
-        fit(scorer, pool, args.steps, g, lr=args.lr, hard=hard, hard_fraction=args.hard_fraction, adv_fraction=args.adv_fraction,
+        fit(scorer, pool, args.steps, g, lr=args.lr, hard=hard, hard_fraction=args.hard_fraction,
             desc=f"round {r + 1}: refit")
         scorer.requires_grad_(False)
         entry["auc_after_refit"] = _rounded(auc(_score(scorer, fresh), fresh.labels))

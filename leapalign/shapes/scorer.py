@@ -333,17 +333,12 @@ def fit(
     aux_weight: float = 0.5,
     hard: LabelledPool | None = None,
     hard_fraction: float = 0.5,
-    adv_fraction: float = 0.0,
-    adv_steps: int = 5,
     desc: str = "scorer",
 ) -> float:
     """Train ``scorer`` in place (BCE on the labels + ``aux_weight`` x detection loss); returns the final BCE.
 
     With ``hard`` (samples of image models, hacked ones included), ``hard_fraction`` of every batch is
-    drawn from it: those are the images the reward will actually be asked about. With
-    ``adv_fraction`` > 0, that share of every batch is first pushed up the current scorer in pixel
-    space (:func:`pixel_attack`, ``adv_steps`` steps) and relabelled by the evaluator: adversarial
-    training, so that the reward's pixel gradient points at real changes rather than at noise.
+    drawn from it: those are the images the reward will actually be asked about.
     """
     scorer.train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-4)
@@ -357,12 +352,6 @@ def fit(
         images = torch.cat([src.images[i] for src, i in batch])
         prompts = [src.prompts[j] for src, i in batch for j in i.tolist()]
         labels, counts, centres, present = (torch.cat([getattr(src, a)[i] for src, i in batch]) for a in ("labels", "counts", "centres", "present"))
-        n_adv = round(batch_size * adv_fraction)
-        if n_adv:
-            adv = pixel_attack(scorer, LabelledPool(images[:n_adv], prompts[:n_adv], labels[:n_adv], counts[:n_adv], centres[:n_adv], present[:n_adv]), adv_steps)
-            images = torch.cat([adv.images, images[n_adv:]])
-            labels, counts, centres, present = (torch.cat([getattr(adv, a), v[n_adv:]]) for a, v in
-                                                (("labels", labels), ("counts", counts), ("centres", centres), ("present", present)))
         if scorer.config.smoothing_sigma > 0:  # train on what the smoothed score looks at
             images = images + scorer.config.smoothing_sigma * torch.randn(images.shape, generator=g)
         count_logits, centre_pred = scorer.detections(images)
@@ -417,8 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-steps", type=int, default=16, help="Euler steps for those samples")
     p.add_argument("--hard-fraction", type=float, default=0.25, help="share of each batch drawn from the model samples")
     p.add_argument("--smoothing-sigma", type=float, default=0.1, help="input noise of the smoothed score (0: off); see ScorerConfig")
-    p.add_argument("--adv-fraction", type=float, default=0.0, help="share of each batch replaced by pixel-space attacks on the scorer, relabelled")
-    p.add_argument("--adv-steps", type=int, default=5, help="signed-gradient steps of those attacks")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return p
 
@@ -453,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     # A fixed pool of pairs, reused for a few epochs: rendering, not the CNN, is the cost on CPU.
     pool = synthetic_pool(args.pool, g)
     print(f"pool: {len(pool)} rendered pairs, {float(pool.labels.mean()):.3f} positive ({time.time() - start:.0f} s)")
-    final_bce = fit(scorer, pool, args.steps, g, args.batch_size, args.lr, args.aux_weight, hard, args.hard_fraction, args.adv_fraction, args.adv_steps)
+    final_bce = fit(scorer, pool, args.steps, g, args.batch_size, args.lr, args.aux_weight, hard, args.hard_fraction)
     rank = ranking_accuracy(scorer)
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; held-out ranking: " + ", ".join(f"{k} {v:.3f}" for k, v in rank.items()))
@@ -464,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "model_samples": args.model_samples,
         "hard_fraction": args.hard_fraction,
-        "adv_fraction": args.adv_fraction,
-        "adv_steps": args.adv_steps,
         "train_minutes": round(minutes, 2),
         "final_bce": round(final_bce, 5),
         "held_out_ranking": {k: round(v, 4) for k, v in rank.items()},
