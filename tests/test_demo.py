@@ -126,3 +126,9 @@ def test_log_score_reward_is_the_log_of_the_scorer_and_differentiable():
     assert demo.training_reward(scorer, "score") is scorer
     with pytest.raises(ValueError, match="reward must be one of"):
         demo.training_reward(scorer, "logits")
+
+
+def test_demo_settings_reject_a_bad_ema():
+    with pytest.raises(ValueError, match="ema_decay"):
+        demo.DemoSettings(ema_decay=1.0)
+    assert demo.DemoSettings(ema_decay=0.97).ema_decay == 0.97

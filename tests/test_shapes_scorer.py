@@ -132,6 +132,17 @@ def test_harden_runs_a_round_and_records_it(tmp_path):
     assert load_shapes_scorer(tmp_path)(render_batch(eval_prompts(2, seed=0), seed=0), [s.text for s in eval_prompts(2, seed=0)]).shape == (2,)
     with pytest.raises(SystemExit, match="--rounds"):
         main(["--out", str(tmp_path), "--rounds", "0"])
+    with pytest.raises(SystemExit, match="--hard-fraction"):
+        main(["--out", str(tmp_path), "--hard-fraction", "1.5"])
+
+
+def test_bad_scorer_and_fit_settings_are_rejected():
+    from leapalign.shapes.scorer import ScorerConfig, fit, synthetic_pool
+
+    with pytest.raises(ValueError, match="smoothing_sigma"):
+        ScorerConfig(smoothing_sigma=-0.1)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        fit(ShapesScorer(), synthetic_pool(8, torch.Generator().manual_seed(0)), 1, torch.Generator(), hard_fraction=2.0)
 
 
 def test_pixel_attack_raises_the_score_and_relabels():

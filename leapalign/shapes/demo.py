@@ -89,6 +89,7 @@ class DemoSettings:
             "eval_prompts": self.eval_prompts >= 1,
             "eval_every": self.eval_every >= 1,
             "num_leaps": self.num_leaps in (1, 2, 3),
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "reward": self.reward in REWARDS,
         }
         for name, ok in checks.items():

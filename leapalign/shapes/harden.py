@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from leapalign.shapes.demo import DemoSettings, make_trainer, train_and_track
-from leapalign.shapes.model import load_shapes_model
+from leapalign.shapes.model import ASSETS_DIR, load_shapes_model
 from leapalign.shapes.scorer import (
     LabelledPool,
     fit,
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rounds", "align_steps", "snapshot_every", "samples", "pool", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.hard_fraction <= 1.0:
+        raise SystemExit(f"--hard-fraction must be in [0, 1], got {args.hard_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         log.append(entry)
         print(json.dumps(entry), flush=True)
     rank = ranking_accuracy(scorer)
-    base_meta = json.loads((Path(args.scorer or Path(__file__).resolve().parent.parent / "assets" / "shapes_scorer.safetensors")).with_suffix(".json").read_text())["meta"]
+    source = Path(args.scorer) if args.scorer is not None else ASSETS_DIR / "shapes_scorer.safetensors"
+    source = source / "shapes_scorer.safetensors" if source.is_dir() else source  # as load_shapes_scorer resolves it
+    base_meta = json.loads(source.with_suffix(".json").read_text()).get("meta", {})
     meta = base_meta | {
         "harden": {
             "command": "python -m leapalign.shapes.harden " + shlex.join(sys.argv[1:] if argv is None else argv),

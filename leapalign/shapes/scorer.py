@@ -86,6 +86,10 @@ class ScorerConfig:
     smoothing_sigma: float = 0.0
     smoothing_draws: int = 4
 
+    def __post_init__(self) -> None:
+        if self.smoothing_sigma < 0 or self.smoothing_draws < 1 or self.channels < 1 or self.image_size % 4:
+            raise ValueError(f"invalid ScorerConfig {self}: need smoothing_sigma >= 0, smoothing_draws >= 1, channels >= 1, image_size % 4 == 0")
+
 
 class ShapesScorer(nn.Module):
     """Image-prompt match score in (0, 1), differentiable in the image. A ``RewardFn``."""
@@ -340,6 +344,8 @@ def fit(
     With ``hard`` (samples of image models, hacked ones included), ``hard_fraction`` of every batch is
     drawn from it: those are the images the reward will actually be asked about.
     """
+    if not 0.0 <= hard_fraction <= 1.0 or steps < 1 or batch_size < 1:
+        raise ValueError(f"fit needs steps >= 1, batch_size >= 1 and hard_fraction in [0, 1]; got {steps}, {batch_size}, {hard_fraction}")
     scorer.train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
