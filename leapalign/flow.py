@@ -71,7 +71,7 @@ def flux_sigmas(num_steps: int, seq_len: int, dynamic_shift: bool = True, mu: fl
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float) -> torch.Tensor:
     """``x + (sigma_to - sigma_from) * v``; sigmas may be scalars or per-sample ``[B]``."""
-    return x + _per_sample(sigma_to - sigma_from, x) * v
+    return x + per_sample(sigma_to - sigma_from, x) * v
 
 
 def leap(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float) -> torch.Tensor:
@@ -79,12 +79,15 @@ def leap(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sig
     return euler_step(x, v, sigma_from, sigma_to)
 
 
-def _per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
-    if isinstance(c, torch.Tensor) and c.ndim == 1:
-        return c.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+def per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Broadcast a scalar or ``[B]`` coefficient against ``like: [B, ...]`` in ``like``'s dtype."""
     if isinstance(c, torch.Tensor):
-        return c.to(like.dtype)
-    return c
+        if c.ndim == 0:
+            return c.to(like.dtype)
+        if c.shape != (like.shape[0],):
+            raise ValueError(f"coefficient must be a scalar or [{like.shape[0]}], got shape {tuple(c.shape)}")
+        return c.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return float(c)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

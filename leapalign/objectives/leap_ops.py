@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from leapalign.flow import per_sample
+
 __all__ = [
     "LeapOps",
     "leap_ops",
@@ -28,17 +30,6 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("both", "d_j", "d_0", "off")
-
-
-def _per_sample(c: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
-    """Broadcast a scalar or ``[B]`` coefficient against ``like: [B, ...]`` in ``like``'s dtype."""
-    if isinstance(c, torch.Tensor):
-        if c.ndim == 0:
-            return c.to(like.dtype)
-        if c.shape != (like.shape[0],):
-            raise ValueError(f"coefficient must be a scalar or [{like.shape[0]}], got shape {tuple(c.shape)}")
-        return c.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-    return float(c)
 
 
 def mean_abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -62,7 +53,7 @@ def leap_connector(
             f"leap_connector needs x_from, v and x_true of one shape, got {tuple(x_from.shape)}, "
             f"{tuple(v.shape)}, {tuple(x_true.shape)}"
         )
-    xhat = x_from + _per_sample(c, v) * v
+    xhat = x_from + per_sample(c, v) * v
     distance = mean_abs_distance(x_true, xhat)
     connected = x_true.detach() + (xhat - xhat.detach())
     return connected, distance
@@ -76,7 +67,7 @@ def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor, max_norm: float | N
     dropping the term); that needs a backward hook, so the plain form above is kept when it is off.
     """
     if max_norm is None:
-        return x.detach() + _per_sample(alpha, x) * (x - x.detach())
+        return x.detach() + per_sample(alpha, x) * (x - x.detach())
     import leapkernels
 
     return leapkernels.grad_scale_reference(x, alpha, max_norm)
