@@ -119,14 +119,17 @@ setup(
     name="leapalign",
     version="0.1.0",
     description="LeapAlign post-training of flow-matching text-to-image models on fused Triton kernels",
-    packages=find_packages(include=["leapalign", "leapalign.*", "leapkernels", "leapkernels.*", "benchmarks"]),
+    # benchmarks/ is a folder of the repository (`python -m benchmarks` from its root), never installed.
+    packages=find_packages(include=["leapalign", "leapalign.*", "leapkernels", "leapkernels.*"]),
     package_data={"leapalign": ["assets/*.safetensors", "assets/*.json"]},
     cmdclass={"build_py": build_py_with_native},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "diffusers>=0.35",
+        # leapkernels.flux forks diffusers' Flux block forwards: only the releases its parity tests
+        # verified are accepted (leapkernels.flux.VERIFIED_DIFFUSERS); CI tests the newest of them.
+        "diffusers>=0.42.1,<0.43",
         "transformers>=4.40",
         "peft>=0.12",
         "accelerate>=0.30",
@@ -134,6 +137,7 @@ setup(
         "pytest-benchmark>=4.0",
         "nvidia-ml-py>=12.0",
         "pyyaml>=6.0",
+        "pydantic>=2.6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "numpy>=1.24",
