@@ -28,9 +28,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.options import RESULTS_DIR
-from benchmarks.report import Column, ResultDoc, format_float, render_table, write_json, write_markdown
-from benchmarks.workload import parse_dtype
+from benchmarks.options import add_output_args, output_paths
+from benchmarks.report import Column, ResultDoc, format_float, write_results
+from leapalign.dtypes import torch_dtype
 
 __all__ = ["main", "SHAPES", "op_cases"]
 
@@ -150,7 +150,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     from leapkernels import backend
 
     device = torch.device(args.device)
-    dtype = parse_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype, "--dtype")
     shape_name = args.shape or ("flux-dev" if device.type == "cuda" else "cpu")
     shape = SHAPES[shape_name]
     records: list[dict[str, Any]] = []
@@ -227,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="CPU: seconds per blocked_autorange")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--md", default=None)
+    add_output_args(parser, "kernels_DEVICE.json")
     return parser
 
 
@@ -242,10 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is set; CPU timings use the reference/native backends explicitly", file=sys.stderr)
     doc = run_suite(args, argv)
-    json_path = args.json or os.path.join(RESULTS_DIR, f"kernels_{args.device}.json")
-    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
-    write_json(json_path, doc)
-    write_markdown(md_path, doc, COLUMNS, title=f"Fused ops vs eager vs torch.compile ({args.device})", notes=NOTES)
-    print(render_table(doc.records, COLUMNS))
-    print(f"wrote {json_path} and {md_path}")
+    json_path, md_path = output_paths(args, f"kernels_{args.device}.json")
+    write_results(json_path, md_path, doc, COLUMNS, f"Fused ops vs eager vs torch.compile ({args.device})", NOTES)
     return 0 if all(r["status"] == "ok" or r["impl"] == "compile" for r in doc.records) else 1

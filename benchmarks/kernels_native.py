@@ -176,7 +176,7 @@ def run_native_cpu(
     Raises `RuntimeError` naming the reason when the native backend is absent.
     """
     from benchmarks.kernels import SHAPES, op_cases
-    from benchmarks.workload import parse_dtype
+    from leapalign.dtypes import torch_dtype
     from leapkernels import native
 
     if not native.available():
@@ -188,7 +188,7 @@ def run_native_cpu(
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     records: list[dict[str, Any]] = []
     for dtype_name in dtypes:
-        dtype = parse_dtype(dtype_name)
+        dtype = torch_dtype(dtype_name, "--dtypes")
         cases = op_cases(SHAPES[shape], dtype, torch.device("cpu"))
         unknown = set(ops or ()) - {c.name for c in cases}
         if unknown:

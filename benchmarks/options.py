@@ -1,4 +1,10 @@
-"""Command-line options shared by the memory and throughput suites, and where results go."""
+"""Command-line options shared by the suites, and where results go.
+
+``benchmarks/`` is a folder of the repository, run from its root as ``python -m benchmarks`` and never
+installed: results go to ``benchmarks/results/`` of this checkout (resolved from this file, not
+from the working directory) unless ``--json``/``--md`` (or ``--out`` for ``gpu`` and ``study``) say
+otherwise.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +12,11 @@ import os
 
 from benchmarks.workload import DEFAULT_METHODS, METHODS, WorkloadConfig
 
-__all__ = ["RESULTS_DIR", "add_workload_args", "workload_config", "default_paths"]
+__all__ = ["REPO_ROOT", "RESULTS_DIR", "add_workload_args", "add_output_args", "output_paths", "workload_config",
+           "default_paths"]
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 DEFAULT_STEPS = (4, 8, 16, 25, 50)
 
 
@@ -26,8 +34,19 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                         help=f"methods to run (default: the issue's seven); known: {', '.join(METHODS)}; or 'all'")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before measuring (default: torch's choice; recorded in the machine block)")
-    parser.add_argument("--json", default=None, help="result JSON path (default: benchmarks/results/SUITE_DEVICE.json)")
+    add_output_args(parser, "SUITE_DEVICE[_MODEL].json")
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """``--json`` (default ``benchmarks/results/<default_name>``) and ``--md`` (default: the JSON path with .md)."""
+    parser.add_argument("--json", default=None, help=f"result JSON path (default: benchmarks/results/{default_name})")
     parser.add_argument("--md", default=None, help="Markdown path (default: the JSON path with .md)")
+
+
+def output_paths(args: argparse.Namespace, default_name: str) -> tuple[str, str]:
+    """``(json_path, md_path)``: explicit ``--json``/``--md`` win; otherwise ``RESULTS_DIR/default_name``."""
+    json_path = args.json or os.path.join(RESULTS_DIR, default_name)
+    return json_path, args.md or os.path.splitext(json_path)[0] + ".md"
 
 
 def workload_config(args: argparse.Namespace) -> WorkloadConfig:
@@ -50,6 +69,4 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
 def default_paths(suite: str, args: argparse.Namespace) -> tuple[str, str]:
     """``(json_path, md_path)``: explicit flags win; otherwise ``results/SUITE_DEVICE[_MODEL].json``."""
     suffix = args.device if args.model == "cpu-bench" else f"{args.device}_{args.model}"
-    json_path = args.json or os.path.join(RESULTS_DIR, f"{suite}_{suffix}.json")
-    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
-    return json_path, md_path
+    return output_paths(args, f"{suite}_{suffix}.json")

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["Column", "ResultDoc", "write_json", "write_markdown", "render_table", "format_bytes", "load_json"]
+__all__ = ["Column", "ResultDoc", "write_json", "write_markdown", "write_results", "render_table", "format_bytes",
+           "load_json"]
 
 RESULT_KEYS = ("suite", "machine", "config", "records", "summary")
 
@@ -143,6 +144,21 @@ def write_markdown(
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))
     return path
+
+
+def write_results(
+    json_path: str,
+    md_path: str,
+    doc: ResultDoc,
+    columns: Sequence[Column],
+    title: str,
+    notes: Sequence[str] = (),
+) -> None:
+    """Write the JSON and its Markdown twin, print the table and where they went (every suite ends so)."""
+    write_json(json_path, doc)
+    write_markdown(md_path, doc, columns, title=title, notes=notes)
+    print(render_table(doc.records, columns))
+    print(f"wrote {json_path} and {md_path}")
 
 
 def _summary_value(v: Any) -> str:

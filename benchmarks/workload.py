@@ -27,7 +27,6 @@ __all__ = [
     "run_iteration",
     "IterationResult",
     "resolve_methods",
-    "parse_dtype",
 ]
 
 
@@ -77,17 +76,6 @@ def resolve_methods(names: Sequence[str]) -> list[Method]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown} in --methods; expected names from {sorted(METHODS)} or 'all'")
     return [METHODS[n] for n in names]
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"--dtype={name!r} is not supported; expected one of {sorted(_DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -145,13 +133,11 @@ class Workload:
         """
         if on == self.kernels:
             return
+        from leapkernels import apply_leapkernels_to_flux, revert_leapkernels
+
         if on:
-            _apply_leapkernels(self.model.transformer)
+            apply_leapkernels_to_flux(self.model.transformer)
         else:
-            try:
-                from leapkernels import revert_leapkernels
-            except ImportError:
-                from leapkernels.flux import revert_leapkernels
             revert_leapkernels(self.model.transformer)
         self.kernels = on
 
@@ -181,25 +167,17 @@ def add_lora(transformer: torch.nn.Module, rank: int) -> None:
                                        target_modules=list(FLUX_LORA_TARGET_MODULES)))
 
 
-def _apply_leapkernels(transformer: torch.nn.Module) -> None:
-    """``leapkernels.apply_leapkernels_to_flux`` (every fused op on), from the package or its flux module."""
-    try:
-        from leapkernels import apply_leapkernels_to_flux
-    except ImportError:
-        from leapkernels.flux import apply_leapkernels_to_flux
-    apply_leapkernels_to_flux(transformer)
-
-
 def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     """Build the model, conditioning and reward for ``config``; patch the transformer if ``kernels``.
 
     Order: build (seeded) -> move to the device -> add LoRA -> patch with leapkernels, so the eager
     and the patched workload hold bit-identical weights.
     """
+    from leapalign.dtypes import torch_dtype
     from leapalign.models import tiny_flux
 
     device = torch.device(config.device)
-    dtype = parse_dtype(config.dtype)
+    dtype = torch_dtype(config.dtype, "--dtype")
     if config.model == "flux-dev":
         from benchmarks.flux_dev import FLUX_DEV_TEXT_LEN, flux_dev_velocity_model
 
@@ -216,7 +194,9 @@ def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     if config.lora_rank is not None:
         add_lora(transformer, config.lora_rank)
     if kernels:
-        _apply_leapkernels(transformer)
+        from leapkernels import apply_leapkernels_to_flux
+
+        apply_leapkernels_to_flux(transformer)  # every fused op on
     gen = torch.Generator(device=device).manual_seed(config.seed + 1000)
     cond = tiny_flux.random_flux_conditioning(
         transformer, config.batch_size, text_len=text_len, generator=gen, dtype=dtype, device=device
