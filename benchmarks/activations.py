@@ -20,30 +20,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from typing import Any, Sequence
 
 import torch
 
-from leapalign.profiling import SavedTensorCounter
-
 from benchmarks.machine import machine_info
-from benchmarks.options import RESULTS_DIR
-from benchmarks.report import Column, ResultDoc, format_bytes, render_table, write_json, write_markdown
+from benchmarks.options import add_output_args, output_paths, parse_suite_args, suite_parser
+from benchmarks.report import Column, ResultDoc, format_bytes, write_results
+from leapalign.models.tiny_flux import tiny_flux_spec
+from leapalign.profiling import SavedTensorCounter
 
 __all__ = ["main", "MODELS", "saved_bytes_of_forward"]
 
-MODELS: dict[str, dict[str, Any]] = {
-    "cpu": dict(config=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
-                            num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64,
-                            axes_dims_rope=[8, 28, 28]),
-                latent_side=32, text_tokens=64),
-    "tiny": dict(config=dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                             axes_dims_rope=[4, 4, 8]),
-                 latent_side=4, text_tokens=8),
-}
+def _model(spec_name: str, latent_side: int, text_tokens: int) -> dict[str, Any]:
+    """A ``leapalign.models.tiny_flux`` config without guidance embeddings, at the given token counts."""
+    config = dict(tiny_flux_spec(spec_name).transformer, guidance_embeds=False)
+    return dict(config=config, latent_side=latent_side, text_tokens=text_tokens)
+
+
+MODELS: dict[str, dict[str, Any]] = {"cpu": _model("cpu-wide", 32, 64), "tiny": _model("test", 4, 8)}
 
 
 def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -131,13 +127,10 @@ def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) ->
 
 
 COLUMNS = [
-    Column("variant", "variant"),
-    Column("dtype", "dtype"),
-    Column("tokens", "tokens"),
-    Column("saved_bytes", "saved for backward (MiB)", format_bytes),
-    Column("ratio_vs_eager", "x eager", lambda x: f"{x:.3f}"),
-    Column("output_rel_err", "output rel err vs fp64", lambda x: f"{x:.2e}"),
-    Column("max_rel_err", "max rel err vs fp64 (output + all grads)", lambda x: f"{x:.2e}"),
+    Column("variant", "variant"), Column("dtype", "dtype"), Column("tokens", "tokens"),
+    Column("saved_bytes", "saved for backward (MiB)", format_bytes), Column("ratio_vs_eager", "x eager", lambda x: f"{x:.3f}"),
+    Column("output_rel_err", "output rel err vs fp64", "{:.2e}".format),
+    Column("max_rel_err", "max rel err vs fp64 (output + all grads)", "{:.2e}".format),
     Column("within_2x_eager", "tensors within 2x eager err + floor"),
 ]
 
@@ -154,21 +147,16 @@ NOTES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks activations", description=__doc__.split("\n")[0])
+    parser = suite_parser("activations", __doc__)
     parser.add_argument("--model", default="cpu", choices=sorted(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--json", default=None, help="default: benchmarks/results/activations_<device>.json")
-    parser.add_argument("--md", default=None, help="default: the JSON path with .md")
+    add_output_args(parser, "activations_DEVICE.json")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args, argv = parse_suite_args(build_parser(), argv)
     device = torch.device(args.device)
     dtypes = [getattr(torch, d) for d in args.dtypes]
     records = run(args.model, dtypes, device)
@@ -177,12 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   text_tokens=spec["text_tokens"], batch=1, device=args.device)
     summary = {f"patched_over_eager_{r['dtype']}": r["ratio_vs_eager"] for r in records if r["variant"] == "patched"}
     doc = ResultDoc("activations", machine_info(["activations", *argv]), config, records, summary)
-    json_path = args.json or os.path.join(RESULTS_DIR, f"activations_{args.device}.json")
-    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
-    write_json(json_path, doc)
-    write_markdown(md_path, doc, COLUMNS, title=f"Saved activations: leapkernels-patched vs eager Flux ({args.device})", notes=NOTES)
-    print(render_table(records, COLUMNS))
-    print(f"wrote {json_path} and {md_path}")
+    write_results(*output_paths(args, f"activations_{args.device}.json"), doc, COLUMNS,
+                  f"Saved activations: leapkernels-patched vs eager Flux ({args.device})", NOTES)
     return 0
 
 

@@ -1,9 +1,8 @@
 """The FLUX.1-dev architecture with random weights, for GPU benchmarks (no download, DESIGN §5).
 
-Config values are FLUX.1-dev's published ``transformer/config.json`` and ``vae/config.json``:
-19 double + 38 single blocks, 24 heads x 128, joint_attention_dim 4096 (T5-XXL), pooled 768
-(CLIP-L), guidance embeddings, rope axes (16, 56, 56); a 16-channel VAE with 8x down-sampling.
-At 512x512 the image is 64x64 latents = 1024 packed tokens, plus 512 T5 tokens.
+The config is ``leapalign.models.tiny_flux``'s ``"flux-dev"`` entry (FLUX.1-dev's published
+``transformer/config.json`` and ``vae/config.json``). At 512x512 the image is 64x64 latents = 1024
+packed tokens, plus 512 T5 tokens.
 
 The transformer (11.9 B parameters) is built on the ``meta`` device and materialised directly on
 the GPU in the target dtype: building it on CPU in fp32 would need ~48 GB of host RAM and minutes.
@@ -16,41 +15,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLUX_DEV_TRANSFORMER", "FLUX_DEV_VAE", "FLUX_DEV_TEXT_LEN", "flux_dev_velocity_model", "materialize_random"]
+from leapalign.models.tiny_flux import tiny_flux_spec
 
-FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+__all__ = ["FLUX_DEV", "flux_dev_velocity_model", "materialize_random"]
 
-FLUX_DEV_VAE: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    force_upcast=True,
-    mid_block_add_attention=True,
-)
-
-FLUX_DEV_TEXT_LEN = 512  # FLUX.1-dev's T5 max_sequence_length
+FLUX_DEV = tiny_flux_spec("flux-dev")
 
 
 def materialize_random(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -89,8 +58,8 @@ def flux_dev_velocity_model(dtype: torch.dtype = torch.bfloat16, device: torch.d
     if device.type != "cuda":
         raise ValueError(f"the flux-dev benchmark model needs a CUDA device (~24 GB in bf16), got device={device}")
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-        vae = AutoencoderKL(**FLUX_DEV_VAE)
+        transformer = FluxTransformer2DModel(**FLUX_DEV.transformer)
+        vae = AutoencoderKL(**FLUX_DEV.vae)
     transformer = materialize_random(transformer, device, dtype, seed).eval()
     vae = materialize_random(vae, device, dtype, seed + 1).eval()
     vae.requires_grad_(False)

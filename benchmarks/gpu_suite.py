@@ -20,7 +20,6 @@ nvidia-ml-py installed in the running interpreter.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,12 +29,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from benchmarks.machine import machine_info
-from benchmarks.options import RESULTS_DIR
+from benchmarks.options import REPO_ROOT, RESULTS_DIR, parse_suite_args, suite_parser
 
 __all__ = ["main", "stages", "DEFAULT_BUDGET_S"]
 
 DEFAULT_BUDGET_S = 570.0  # the issue: one call under 10 minutes; 30 s left for start-up and copy-back
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -86,12 +84,11 @@ def _run_stage(stage: Stage, limit: float, out: str) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.split("\n")[0])
+    parser = suite_parser("gpu", __doc__, threads=False)
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "gpu"), help="folder for every result and log")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole suite (plot included)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these stages (names as in gpu_suite.json)")
-    argv = list(sys.argv[2:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, argv = parse_suite_args(parser, argv)
 
     import torch
 

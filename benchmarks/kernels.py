@@ -28,8 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.options import add_output_args, output_paths
-from benchmarks.report import Column, ResultDoc, format_float, write_results
+from benchmarks.options import add_output_args, output_paths, parse_suite_args, suite_parser
+from benchmarks.report import Column, ResultDoc, format_float, format_ms, format_ratio, write_results
 from leapalign.dtypes import torch_dtype
 
 __all__ = ["main", "SHAPES", "op_cases"]
@@ -200,12 +200,9 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
 
 
 COLUMNS = (
-    Column("op", "op"),
-    Column("impl", "implementation"),
-    Column("seconds", "ms (fwd+bwd, median)", lambda s: f"{1e3 * s:.3f}"),
-    Column("speedup_vs_eager", "x eager", lambda x: f"{x:.2f}"),
-    Column("gb_per_s", "GB/s", lambda x: f"{x:.0f}"),
-    Column("status", "status"),
+    Column("op", "op"), Column("impl", "implementation"),
+    Column("seconds", "ms (fwd+bwd, median)", format_ms), Column("speedup_vs_eager", "x eager", format_ratio),
+    Column("gb_per_s", "GB/s", lambda x: f"{x:.0f}"), Column("status", "status"),
 )
 
 NOTES = (
@@ -219,25 +216,21 @@ NOTES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__.split("\n")[0])
+    parser = suite_parser("kernels", __doc__)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: flux-dev on CUDA, cpu on CPU")
     parser.add_argument("--ops", nargs="+", default=None, help="subset of ops to run")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="CPU: seconds per blocked_autorange")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     add_output_args(parser, "kernels_DEVICE.json")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[2:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, argv = parse_suite_args(build_parser(), argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is set; CPU timings use the reference/native backends explicitly", file=sys.stderr)
     doc = run_suite(args, argv)

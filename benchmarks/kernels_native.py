@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from benchmarks.options import add_output_args, output_paths, parse_suite_args, suite_parser
+from benchmarks.report import (Column, ResultDoc, format_bytes, format_float, format_kib, format_ms, format_ratio, render_table,
+                               write_json, write_markdown)
 from leapalign.profiling import saved_tensor_bytes
 
 __all__ = ["run_native_cpu", "run_native_iteration", "main"]
@@ -279,46 +281,27 @@ def run_native_iteration(
 
 
 # ----------------------------------------------------------------------------- command line
-def _columns():
-    from benchmarks.report import Column
+OP_COLUMNS = (
+    Column("op", "op"), Column("dtype", "dtype"), Column("phase", "phase"), Column("impl", "implementation"),
+    # medians, then the least disturbed round (see the notes)
+    Column("seconds", "ms (median)", format_ms), Column("speedup_vs_eager", "x eager", format_ratio),
+    Column("speedup_vs_compile", "x compile", format_ratio),
+    Column("seconds_min", "ms (min)", format_ms), Column("speedup_vs_eager_min", "x eager (min)", format_ratio),
+    Column("saved_bytes", "saved KiB", format_kib), Column("peak_bytes", "peak KiB", format_kib), Column("status", "status"),
+)
 
-    return (
-        Column("op", "op"),
-        Column("dtype", "dtype"),
-        Column("phase", "phase"),
-        Column("impl", "implementation"),
-        Column("seconds", "ms (median)", lambda s: f"{1e3 * s:.3f}"),
-        Column("speedup_vs_eager", "x eager", lambda x: f"{x:.2f}"),
-        Column("speedup_vs_compile", "x compile", lambda x: f"{x:.2f}"),
-        Column("seconds_min", "ms (min)", lambda s: f"{1e3 * s:.3f}"),
-        Column("speedup_vs_eager_min", "x eager (min)", lambda x: f"{x:.2f}"),
-        Column("saved_bytes", "saved KiB", lambda b: f"{b / 1024:.0f}"),
-        Column("peak_bytes", "peak KiB", lambda b: f"{b / 1024:.0f}"),
-        Column("status", "status"),
-    )
-
-
-def _iteration_columns():
-    from benchmarks.report import Column
-
-    return (
-        Column("impl", "variant"),
-        Column("model", "model"),
-        Column("steps", "T"),
-        Column("dtype", "dtype"),
-        Column("seconds", "s / iteration (median)", lambda s: f"{s:.3f}"),
-        Column("speedup_vs_eager", "x eager", lambda x: f"{x:.2f}"),
-        Column("saved_bytes", "saved MiB", lambda b: f"{b / 2**20:.2f}"),
-        Column("loss", "loss", lambda x: f"{x:.6f}"),
-    )
+ITERATION_COLUMNS = (
+    Column("impl", "variant"), Column("model", "model"), Column("steps", "T"), Column("dtype", "dtype"),
+    Column("seconds", "s / iteration (median)", format_float), Column("speedup_vs_eager", "x eager", format_ratio),
+    Column("saved_bytes", "saved MiB", format_bytes), Column("loss", "loss", lambda x: f"{x:.6f}"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels_native", description=__doc__.split("\n")[0])
+    parser = suite_parser("kernels_native", __doc__, threads_default=2)
     parser.add_argument("--shape", default="cpu", help="a benchmarks.kernels SHAPES name (default: cpu)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--ops", nargs="+", default=None, help="subset of ops (default: all)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2, the CI machine)")
     parser.add_argument("--repeats", type=int, default=21, help="timed rounds per op; the median is reported")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--e2e", action="store_true", help="also time one LeapAlign iteration of cpu-bench")
@@ -327,18 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-dtypes", nargs="+", default=["float32"],
                         help="dtypes of the LeapAlign iteration (bf16 GEMMs are very slow on CPUs without AVX512-BF16)")
     parser.add_argument("--e2e-only", action="store_true", help="only the LeapAlign iteration")
-    parser.add_argument("--json", default=None, help="default: benchmarks/results/kernels_native_cpu.json")
-    parser.add_argument("--md", default=None, help="default: the JSON path with .md")
+    add_output_args(parser, "kernels_native_cpu.json")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.machine import machine_info
-    from benchmarks.options import RESULTS_DIR
-    from benchmarks.report import ResultDoc, render_table, write_json, write_markdown
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, argv = parse_suite_args(build_parser(), argv)
     records: list[dict[str, Any]] = []
     if not args.e2e_only:
         records += run_native_cpu(args.shape, args.dtypes, args.threads, args.repeats, args.ops, not args.no_compile)
@@ -349,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (ImportError, AttributeError, NotImplementedError) as exc:
                 records.append({"suite": SUITE, "kind": "iteration", "impl": "-", "dtype": dtype, "status": "skipped",
                                 "note": f"{type(exc).__name__}: {exc}"})
-    machine = machine_info(argv)
-    machine["command"] = "python -m benchmarks.kernels_native " + " ".join(argv)
+    machine = machine_info([SUITE, *argv])
     ops = [r for r in records if r["kind"] == "op"]
     summary = _summary(ops)
     config = {"shape": args.shape, "dtypes": args.dtypes, "threads": args.threads, "repeats": args.repeats,
@@ -358,15 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               "timer": "time.perf_counter over blocks of >= ~3 ms, implementations round-robin, median of repeats",
               "measured": "fwd+bwd with one fixed random upstream gradient, and fwd alone"}
     doc = ResultDoc(SUITE, machine, config, records, summary)
-    json_path = args.json or os.path.join(RESULTS_DIR, "kernels_native_cpu.json")
-    md_path = args.md or os.path.splitext(json_path)[0] + ".md"
+    json_path, md_path = output_paths(args, "kernels_native_cpu.json")
     write_json(json_path, doc)
     iterations = [r for r in records if r["kind"] == "iteration"]
-    write_markdown(md_path, ResultDoc(SUITE, machine, config, ops, summary), _columns(),
+    write_markdown(md_path, ResultDoc(SUITE, machine, config, ops, summary), OP_COLUMNS,
                    title="leapkernels native CPU backend vs reference vs eager vs torch.compile", notes=_notes(iterations))
-    print(render_table(ops, _columns()))
+    print(render_table(ops, OP_COLUMNS))
     if iterations:
-        table = render_table(iterations, _iteration_columns())
+        table = render_table(iterations, ITERATION_COLUMNS)
         with open(md_path, "a", encoding="utf-8") as fh:
             fh.write("\n## One LeapAlign iteration (objective forward + backward, no optimiser step)\n\n" + table + "\n")
         print(table)

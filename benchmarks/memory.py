@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,24 +25,30 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks import headline
-from leapalign.profiling import PeakMemory
 from benchmarks.machine import machine_info
 from benchmarks.measure import NvmlPeak, is_oom, saved_bytes_of, saved_tensor_counter, synchronizer
-from benchmarks.options import add_workload_args, default_paths, workload_config
-from benchmarks.report import Column, ResultDoc, format_bytes, format_float, render_table, write_json, write_markdown
+from benchmarks.options import REPO_ROOT, add_workload_args, default_paths, parse_suite_args, suite_parser, workload_config
+from benchmarks.report import Column, ResultDoc, format_bytes, format_float, write_results
 from benchmarks.workload import Method, Workload, WorkloadConfig, build_method_objective, build_workload, resolve_methods, run_iteration
+from leapalign.profiling import PeakMemory
 
 __all__ = ["main", "measure_point", "COLUMNS"]
 
 _RECORD_MARK = "@@MEMORY_RECORD "
 
 COLUMNS = (
-    Column("method", "method"),
-    Column("steps", "T"),
-    Column("saved_bytes", "saved for backward (MiB)", format_bytes),
-    Column("peak_bytes", "peak (MiB)", format_bytes),
-    Column("seconds", "seconds", format_float),
-    Column("status", "status"),
+    Column("method", "method"), Column("steps", "T"),
+    Column("saved_bytes", "saved for backward (MiB)", format_bytes), Column("peak_bytes", "peak (MiB)", format_bytes),
+    Column("seconds", "seconds", format_float), Column("status", "status"),
+)
+
+NOTES = (
+    "saved_bytes: unique storages autograd saves for backward during the objective forward "
+    "(saved_tensors_hooks), parameters excluded.",
+    "peak_bytes on CPU: process VmHWM minus VmRSS at the start of the iteration (high-water mark reset "
+    "via /proc/self/clear_refs), one fresh process per point; on CUDA: torch.cuda.max_memory_allocated "
+    "minus memory_allocated at the start.",
+    "seconds: one cold iteration; use the throughput suite for medians.",
 )
 
 
@@ -123,7 +128,7 @@ def _measure_isolated(args: argparse.Namespace, method: Method, steps: int) -> d
             "peak_bytes": None, "seconds": None}
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.point_timeout,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
         return {**base, "status": "timeout", "error": f"point exceeded --point-timeout={args.point_timeout}s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -154,18 +159,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     return ResultDoc("memory", machine_info(["memory", *argv]), run_config, records, summary)
 
 
-NOTES = (
-    "saved_bytes: unique storages autograd saves for backward during the objective forward "
-    "(saved_tensors_hooks), parameters excluded.",
-    "peak_bytes on CPU: process VmHWM minus VmRSS at the start of the iteration (high-water mark reset "
-    "via /proc/self/clear_refs), one fresh process per point; on CUDA: torch.cuda.max_memory_allocated "
-    "minus memory_allocated at the start.",
-    "seconds: one cold iteration; use the throughput suite for medians.",
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n")[0])
+    parser = suite_parser("memory", __doc__)
     add_workload_args(parser)
     parser.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                         help="one subprocess per point (default on CPU)")
@@ -177,18 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[2:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, argv = parse_suite_args(build_parser(), argv)
     if args.point is not None:
         method = resolve_methods([args.point[0]])[0]
         record = measure_point(method, int(args.point[1]), workload_config(args))
         print(_RECORD_MARK + json.dumps(record), flush=True)
         return 0
     doc = run_suite(args, argv)
-    json_path, md_path = default_paths("memory", args)
-    write_json(json_path, doc)
-    write_markdown(md_path, doc, COLUMNS, title=f"Memory per iteration ({args.device}, {args.model})", notes=NOTES)
-    print(render_table(doc.records, COLUMNS))
-    print("headline:", json.dumps(doc.summary, indent=None))
-    print(f"wrote {json_path} and {md_path}")
+    print("headline:", json.dumps(doc.summary))
+    write_results(*default_paths("memory", args), doc, COLUMNS, f"Memory per iteration ({args.device}, {args.model})", NOTES)
     return 0 if all(r["status"] in ("ok", "oom") for r in doc.records) else 1

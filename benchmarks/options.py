@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import Sequence
 
 from benchmarks.workload import DEFAULT_METHODS, METHODS, WorkloadConfig
 
-__all__ = ["REPO_ROOT", "RESULTS_DIR", "add_workload_args", "add_output_args", "output_paths", "workload_config",
-           "default_paths"]
+__all__ = ["REPO_ROOT", "RESULTS_DIR", "suite_parser", "parse_suite_args", "add_workload_args", "add_output_args",
+           "output_paths", "workload_config", "default_paths"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 DEFAULT_STEPS = (4, 8, 16, 25, 50)
 
 
+def suite_parser(suite: str, doc: str, threads: bool = True, threads_default: int | None = None) -> argparse.ArgumentParser:
+    """The parser a suite starts from: ``python -m benchmarks SUITE``, its docstring's first line and
+    (``threads``) ``--threads``, which :func:`parse_suite_args` applies before anything is measured."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {suite}", description=doc.strip().split("\n")[0])
+    if threads:
+        parser.add_argument("--threads", type=int, default=threads_default,
+                            help="torch.set_num_threads before measuring (0 or unset: torch's choice; recorded in the machine block)")
+    return parser
+
+
+def parse_suite_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """``(args, argv)``: ``argv`` (default: this process's arguments) parsed, ``--threads`` applied if given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return args, argv
+
+
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
-    """Model, device, dtype, batch, seed, methods, T values and output paths."""
+    """Model, device, dtype, batch, seed, methods, T values and output paths (``--threads`` comes with :func:`suite_parser`)."""
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the iteration runs")
     parser.add_argument("--model", default="cpu-bench",
                         help="tiny_flux config name (cpu-bench, test) or flux-dev (FLUX.1-dev architecture, random weights)")
@@ -32,8 +58,6 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS), help="sampling steps T to sweep")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                         help=f"methods to run (default: the issue's seven); known: {', '.join(METHODS)}; or 'all'")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads before measuring (default: torch's choice; recorded in the machine block)")
     add_output_args(parser, "SUITE_DEVICE[_MODEL].json")
 
 
@@ -50,13 +74,7 @@ def output_paths(args: argparse.Namespace, default_name: str) -> tuple[str, str]
 
 
 def workload_config(args: argparse.Namespace) -> WorkloadConfig:
-    """Validate the shared flags, apply ``--threads``, and freeze them into a :class:`WorkloadConfig`."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    """Validate the shared flags and freeze them into a :class:`WorkloadConfig`."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     bad = [t for t in args.steps if t < 2]

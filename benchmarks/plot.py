@@ -9,14 +9,13 @@ Other result files (e.g. activations) are skipped with a note. Every PNG's title
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 from collections import defaultdict
 from typing import Any, Sequence
 
-from benchmarks.options import RESULTS_DIR
+from benchmarks.options import RESULTS_DIR, parse_suite_args, suite_parser
 from benchmarks.report import load_json
 
 __all__ = ["main", "plot_file"]
@@ -49,6 +48,16 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list
     return {m: ([t for t, _ in sorted(pts)], [v for _, v in sorted(pts)]) for m, pts in by_method.items()}
 
 
+def _save(plt: Any, fig: Any, out: str, suptitle: str | None = None) -> str:
+    """Optional figure title, tight layout, the PNG at 110 dpi; closes the figure and returns ``out``."""
+    if suptitle is not None:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 _STYLES = ("-", "--", "-.", ":")
 
@@ -76,11 +85,7 @@ def plot_memory(doc: dict[str, Any], out: str) -> str:
     _line_panel(axes[0], doc["records"], "saved_bytes", 2**20, "MiB (log)", "bytes saved for backward")
     _line_panel(axes[1], doc["records"], "peak_bytes", 2**20, "MiB (log)", "peak memory of one iteration")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"memory vs T — {_machine_caption(doc)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, f"memory vs T — {_machine_caption(doc)}")
 
 
 def plot_throughput(doc: dict[str, Any], out: str) -> str:
@@ -102,11 +107,7 @@ def plot_throughput(doc: dict[str, Any], out: str) -> str:
     axes[1].set_title(f"split of one iteration at T = {at}")
     axes[1].legend(fontsize=8)
     axes[1].tick_params(axis="x", rotation=30, labelsize=8)
-    fig.suptitle(f"time vs T — {_machine_caption(doc)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, f"time vs T — {_machine_caption(doc)}")
 
 
 def plot_kernels(doc: dict[str, Any], out: str) -> str:
@@ -130,10 +131,7 @@ def plot_kernels(doc: dict[str, Any], out: str) -> str:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(f"fused ops — {_machine_caption(doc)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 _PLOTTERS = {"memory": plot_memory, "throughput": plot_throughput, "kernels": plot_kernels}
@@ -152,11 +150,11 @@ def plot_file(path: str, out_dir: str | None = None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks plot", description=__doc__.split("\n")[0])
+    parser = suite_parser("plot", __doc__, threads=False)
     parser.add_argument("files", nargs="*", help="result JSON files (default: every *.json under --results)")
     parser.add_argument("--results", default=RESULTS_DIR, help="folder to scan for result JSON files")
     parser.add_argument("--out", default=None, help="folder for PNGs (default: next to each JSON)")
-    args = parser.parse_args(list(sys.argv[2:] if argv is None else argv))
+    args, _ = parse_suite_args(parser, argv)
     files = args.files or sorted(glob.glob(os.path.join(args.results, "*.json")))
     if not files:
         print(f"no result JSON files found (looked in {args.results}); run a suite first", file=sys.stderr)

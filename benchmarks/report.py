@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 __all__ = ["Column", "ResultDoc", "write_json", "write_markdown", "write_results", "render_table", "format_bytes",
-           "load_json"]
+           "format_kib", "format_ms", "format_ratio", "load_json"]
 
 RESULT_KEYS = ("suite", "machine", "config", "records", "summary")
 
@@ -28,6 +28,21 @@ def format_bytes(n: float | int | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
     return f"{n / 2**20:.2f}"
+
+
+def format_kib(n: float | int) -> str:
+    """Bytes as KiB without decimals (per-op figures)."""
+    return f"{n / 1024:.0f}"
+
+
+def format_ms(seconds: float) -> str:
+    """Seconds as milliseconds with 3 decimals."""
+    return f"{1e3 * seconds:.3f}"
+
+
+def format_ratio(x: float) -> str:
+    """A speed or memory ratio (``x eager``) with 2 decimals."""
+    return f"{x:.2f}"
 
 
 def format_float(x: float | int | None, digits: int = 3) -> str:

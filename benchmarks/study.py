@@ -28,13 +28,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from benchmarks.machine import command_line, machine_info
+from benchmarks.options import RESULTS_DIR, parse_suite_args, suite_parser
 
 __all__ = ["RunSpec", "study_runs", "run_one", "summarise", "markdown_report", "build_parser", "main"]
 
-DEFAULT_OUT = "benchmarks/results/study_shapes"
+DEFAULT_OUT = str(Path(RESULTS_DIR) / "study_shapes")
 METHODS: tuple[str, ...] = ("leapalign", "full_backprop", "draft_lv", "refl", "drtune")
 ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)
 LEAPS: tuple[int, ...] = (1, 2, 3)
@@ -216,7 +215,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks study", description=__doc__.split("\n\n")[0])
+    p = suite_parser("study", __doc__, threads_default=1)
     p.add_argument("--budget", type=float, default=30.0, help="training wall-clock seconds per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--groups", nargs="+", default=["methods", "alpha", "leaps"], help="methods, alpha, leaps")
@@ -227,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=48, help="size of the fixed eval set")
     p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", type=Path, default=None, help="scorer checkpoint (default: shipped)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: writes STEM.json, STEM.md, STEM.png")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: writes STEM.json, STEM.md, STEM.png (default: benchmarks/results/study_shapes)")
     p.add_argument("--reading", type=Path, default=None, help="a text file with the written reading to embed in the Markdown")
     p.add_argument("--render-only", action="store_true", help="run nothing: re-render STEM.md/.png from STEM.json (with --reading)")
     return p
@@ -240,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from leapalign.shapes.scorer import load_shapes_scorer
     from leapalign.shapes.world import eval_prompts
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, argv = parse_suite_args(build_parser(), argv)
     out = Path(args.out)
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
@@ -253,8 +250,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(data, out.with_suffix(".png"))
         print(f"[study] re-rendered {out}.md/.png from {out}.json")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
     base = DemoSettings()
     settings = replace(
         base, max_train_seconds=args.budget, train_steps=100_000, eval_prompts=args.eval_prompts,

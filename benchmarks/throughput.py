@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from typing import Any, Sequence
 
@@ -24,23 +23,26 @@ import torch
 from benchmarks import headline
 from benchmarks.machine import machine_info
 from benchmarks.measure import VelocityTimer, is_oom, synchronizer
-from benchmarks.options import add_workload_args, default_paths, workload_config
-from benchmarks.report import Column, ResultDoc, format_float, render_table, write_json, write_markdown
+from benchmarks.options import add_workload_args, default_paths, parse_suite_args, suite_parser, workload_config
+from benchmarks.report import Column, ResultDoc, format_float, write_results
 from benchmarks.workload import Method, Workload, build_method_objective, build_workload, resolve_methods, run_iteration
 
 __all__ = ["main", "COLUMNS"]
 
 COLUMNS = (
-    Column("method", "method"),
-    Column("steps", "T"),
-    Column("seconds", "iteration s (median)", format_float),
-    Column("images_per_s", "images/s", format_float),
-    Column("rollout_s", "rollout s (no grad)", format_float),
-    Column("gradient_s", "gradient s (fwd+bwd)", format_float),
+    Column("method", "method"), Column("steps", "T"),
+    Column("seconds", "iteration s (median)", format_float), Column("images_per_s", "images/s", format_float),
+    # the iteration's split (see NOTES)
+    Column("rollout_s", "rollout s (no grad)", format_float), Column("gradient_s", "gradient s (fwd+bwd)", format_float),
     Column("other_s", "other s", format_float),
-    Column("rollout_calls", "no-grad calls"),
-    Column("grad_calls", "grad calls"),
-    Column("status", "status"),
+    Column("rollout_calls", "no-grad calls"), Column("grad_calls", "grad calls"), Column("status", "status"),
+)
+
+NOTES = (
+    "seconds: median over interleaved repeats of one iteration (objective forward + backward, no optimiser step).",
+    "rollout_s: velocity calls with autograd off; gradient_s: velocity calls with autograd on + loss.backward(); "
+    "other_s: the rest (decode, reward, leap/connector arithmetic).",
+    "images_per_s = batch_size / median seconds.",
 )
 
 
@@ -125,16 +127,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     return ResultDoc("throughput", machine_info(["throughput", *argv]), run_config, records, summary)
 
 
-NOTES = (
-    "seconds: median over interleaved repeats of one iteration (objective forward + backward, no optimiser step).",
-    "rollout_s: velocity calls with autograd off; gradient_s: velocity calls with autograd on + loss.backward(); "
-    "other_s: the rest (decode, reward, leap/connector arithmetic).",
-    "images_per_s = batch_size / median seconds.",
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks throughput", description=__doc__.split("\n")[0])
+    parser = suite_parser("throughput", __doc__)
     add_workload_args(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per (method, T); the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per (method, T) first")
@@ -142,15 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[2:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, argv = parse_suite_args(build_parser(), argv)
     t0 = time.perf_counter()
     doc = run_suite(args, argv)
     doc.config["suite_wall_s"] = time.perf_counter() - t0
-    json_path, md_path = default_paths("throughput", args)
-    write_json(json_path, doc)
-    write_markdown(md_path, doc, COLUMNS, title=f"Throughput per iteration ({args.device}, {args.model})", notes=NOTES)
-    print(render_table(doc.records, COLUMNS))
     print("headline:", json.dumps(doc.summary))
-    print(f"wrote {json_path} and {md_path}")
+    write_results(*default_paths("throughput", args), doc, COLUMNS, f"Throughput per iteration ({args.device}, {args.model})",
+                  NOTES)
     return 0 if all(r["status"] in ("ok", "oom") for r in doc.records) else 1

@@ -179,17 +179,15 @@ def build_workload(config: WorkloadConfig, kernels: bool = False) -> Workload:
     device = torch.device(config.device)
     dtype = torch_dtype(config.dtype, "--dtype")
     if config.model == "flux-dev":
-        from benchmarks.flux_dev import FLUX_DEV_TEXT_LEN, flux_dev_velocity_model
+        from benchmarks.flux_dev import flux_dev_velocity_model
 
         model = flux_dev_velocity_model(dtype=dtype, device=device, seed=config.seed)
-        text_len = FLUX_DEV_TEXT_LEN
     else:
-        spec = tiny_flux.tiny_flux_spec(config.model)
         model = tiny_flux.tiny_flux_velocity_model(config.model, dtype=dtype, seed=config.seed)
         model.transformer.to(device)
         if model.vae is not None:
             model.vae.to(device)
-        text_len = spec.text_len
+    text_len = tiny_flux.tiny_flux_spec(config.model).text_len
     transformer = model.transformer
     if config.lora_rank is not None:
         add_lora(transformer, config.lora_rank)

@@ -136,9 +136,9 @@ def test_flux_dev_config_is_the_published_architecture():
     """Built on the meta device (no memory): FLUX.1-dev has 11.90 B transformer parameters."""
     from diffusers import FluxTransformer2DModel
 
-    from benchmarks.flux_dev import FLUX_DEV_TRANSFORMER
+    from benchmarks.flux_dev import FLUX_DEV
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        model = FluxTransformer2DModel(**FLUX_DEV.transformer)
     assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
     assert len(model.transformer_blocks) == 19 and len(model.single_transformer_blocks) == 38

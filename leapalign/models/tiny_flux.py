@@ -1,10 +1,10 @@
-"""Tiny Flux models built from configs in code: the ONE place tests and benchmarks get a model.
+"""Flux models built from configs in code: the ONE table of named Flux configs tests and benchmarks use.
 
 No weights are downloaded (DESIGN §5): every model here is a diffusers ``FluxTransformer2DModel``
 (and optionally an ``AutoencoderKL``) with random weights drawn from a fixed seed, so two calls with
 the same ``(name, dtype, seed)`` give bit-identical models.
 
-Named configs:
+Named configs (:data:`FLUX_SPECS`):
 
 - ``"test"``: diffusers' own tiny Flux test config (1 double + 1 single block, 2 heads x 16 dims,
   4 input channels, rope axes (4, 4, 8)) with guidance embeddings on (as FLUX.1-dev). Its VAE is
@@ -13,6 +13,13 @@ Named configs:
 - ``"cpu-bench"``: the Flux architecture at a few million parameters (2 double + 4 single blocks,
   4 heads x 32 dims, 64 input channels = 16 latent channels packed 2x2, like FLUX.1) and a
   default image of 256 packed tokens (32x32 latent). Use it for CPU memory/throughput benchmarks.
+- ``"cpu-wide"``: cpu-bench's blocks at twice the width (4 heads x 64), 1,024 image tokens: the
+  model of the activations benchmark (bytes saved by one forward, patched vs eager).
+- ``"flux-dev"``: FLUX.1-dev's published ``transformer/config.json`` and ``vae/config.json`` (19
+  double + 38 single blocks, 24 heads x 128, T5-XXL 4096 / CLIP-L 768 text dims, rope (16, 56, 56);
+  16-channel VAE with 8x down-sampling), 512x512 images, 512 T5 tokens. It has 11.9 B parameters:
+  the builders here refuse it (``full_size``); ``benchmarks/flux_dev.py`` materialises it on a GPU,
+  and it builds under ``FakeTensorMode`` or on the ``meta`` device anywhere.
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "TinyFluxSpec",
-    "TINY_FLUX_SPECS",
+    "FluxSpec",
+    "FLUX_SPECS",
     "tiny_flux_spec",
     "tiny_flux_transformer",
     "tiny_flux_vae",
@@ -33,12 +40,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class TinyFluxSpec:
-    """A named tiny Flux: transformer config, optional VAE config and a default image size.
+class FluxSpec:
+    """A named Flux: transformer config, optional VAE config and a default image size.
 
     ``height``/``width`` are *image* sizes in pixels for the model with its VAE; without a VAE the
     adapter treats latents as pixels and the image size is the latent size (``latent_height``).
-    ``text_len`` is the prompt-embedding length conditioning tensors should have.
+    ``text_len`` is the prompt-embedding length conditioning tensors should have. ``full_size``
+    marks a real-scale architecture the CPU builders here refuse.
     """
 
     transformer: dict[str, Any]
@@ -49,87 +57,74 @@ class TinyFluxSpec:
     latent_width: int
     text_len: int = 8
     description: str = ""
+    full_size: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-TINY_FLUX_SPECS: dict[str, TinyFluxSpec] = {
-    "test": TinyFluxSpec(
-        transformer=dict(
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 4, 8),
-        ),
-        vae=dict(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=1,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-        height=8,
-        width=8,
-        latent_height=8,
-        latent_width=8,
-        text_len=8,
+def _transformer(in_channels: int, blocks: tuple[int, int], heads: tuple[int, int], text_dims: tuple[int, int],
+                 rope: tuple[int, int, int], guidance: bool = True) -> dict[str, Any]:
+    """A ``FluxTransformer2DModel`` config: ``blocks`` = (double, single), ``heads`` = (count, dim),
+    ``text_dims`` = (joint_attention_dim, pooled_projection_dim); patch size 1, as in every Flux."""
+    return dict(patch_size=1, in_channels=in_channels, num_layers=blocks[0], num_single_layers=blocks[1],
+                attention_head_dim=heads[1], num_attention_heads=heads[0], joint_attention_dim=text_dims[0],
+                pooled_projection_dim=text_dims[1], guidance_embeds=guidance, axes_dims_rope=rope)
+
+
+def _vae(channels: tuple[int, ...], latent_channels: int, groups: int, shift: float, scale: float, sample_size: int,
+         layers_per_block: int = 1, **published: Any) -> dict[str, Any]:
+    """An ``AutoencoderKL`` config with one encoder/decoder block per entry of ``channels``
+    (each block but the last halves the resolution); no quant convs, as in Flux's VAE."""
+    n = len(channels)
+    return dict(sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=channels,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=groups,
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale, **published)
+
+
+FLUX_SPECS: dict[str, FluxSpec] = {
+    "test": FluxSpec(
+        _transformer(4, blocks=(1, 1), heads=(2, 16), text_dims=(32, 32), rope=(4, 4, 8)),
+        _vae((4,), latent_channels=1, groups=1, shift=0.0609, scale=1.5035, sample_size=32),
+        height=8, width=8, latent_height=8, latent_width=8, text_len=8,
         description="diffusers' tiny Flux test config (+ guidance embeddings) and its tiny VAE",
     ),
-    "cpu-bench": TinyFluxSpec(
-        transformer=dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=4,
-            attention_head_dim=32,
-            num_attention_heads=4,
-            joint_attention_dim=64,
-            pooled_projection_dim=64,
-            guidance_embeds=True,
-            axes_dims_rope=(8, 12, 12),
-        ),
-        vae=dict(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        ),
-        height=64,
-        width=64,
-        latent_height=32,
-        latent_width=32,
-        text_len=16,
+    "cpu-bench": FluxSpec(
+        _transformer(64, blocks=(2, 4), heads=(4, 32), text_dims=(64, 64), rope=(8, 12, 12)),
+        _vae((8, 16), latent_channels=16, groups=4, shift=0.1159, scale=0.3611, sample_size=64),
+        height=64, width=64, latent_height=32, latent_width=32, text_len=16,
         description="Flux architecture, ~3M parameters, 256 image tokens, 2x-down-sampling VAE",
+    ),
+    "cpu-wide": FluxSpec(
+        _transformer(64, blocks=(2, 4), heads=(4, 64), text_dims=(128, 64), rope=(8, 28, 28), guidance=False),
+        None, height=32, width=32, latent_height=32, latent_width=32, text_len=64,
+        description="cpu-bench's blocks at width 256 (4 heads x 64), 1,024 image tokens: the activations benchmark",
+    ),
+    "flux-dev": FluxSpec(
+        _transformer(64, blocks=(19, 38), heads=(24, 128), text_dims=(4096, 768), rope=(16, 56, 56)),
+        _vae((128, 256, 512, 512), latent_channels=16, groups=32, shift=0.1159, scale=0.3611, sample_size=1024,
+             layers_per_block=2, act_fn="silu", force_upcast=True, mid_block_add_attention=True),
+        height=512, width=512, latent_height=64, latent_width=64, text_len=512,  # 512: FLUX.1-dev's T5 max_sequence_length
+        description="FLUX.1-dev's published architecture (11.9 B parameters): GPU or fake tensors only",
+        full_size=True,
     ),
 }
 
 
-def tiny_flux_spec(name: str) -> TinyFluxSpec:
+def tiny_flux_spec(name: str) -> FluxSpec:
     """Look up a named spec; the error lists the names that exist."""
     try:
-        return TINY_FLUX_SPECS[name]
+        return FLUX_SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown tiny Flux config name={name!r}; expected one of {sorted(TINY_FLUX_SPECS)}") from None
+        raise ValueError(f"unknown tiny Flux config name={name!r}; expected one of {sorted(FLUX_SPECS)}") from None
+
+
+def _buildable_spec(name: str) -> FluxSpec:
+    """:func:`tiny_flux_spec`, refusing the full-size architectures (tens of GB in fp32 on this CPU)."""
+    spec = tiny_flux_spec(name)
+    if spec.full_size:
+        raise ValueError(f"name={name!r} is a full-size architecture ({spec.description}); build it on the meta device "
+                         "and materialise it on a GPU (benchmarks/flux_dev.py), or under FakeTensorMode")
+    return spec
 
 
 def _seeded_init(module: torch.nn.Module, seed: int) -> None:
@@ -173,7 +168,7 @@ def tiny_flux_transformer(name: str = "test", dtype: torch.dtype = torch.float32
     """
     from diffusers import FluxTransformer2DModel
 
-    config = dict(tiny_flux_spec(name).transformer)
+    config = dict(_buildable_spec(name).transformer)
     unknown = set(overrides) - set(config) - {"out_channels"}
     if unknown:
         raise ValueError(
@@ -189,7 +184,7 @@ def tiny_flux_vae(name: str = "test", dtype: torch.dtype = torch.float32, seed: 
     """The named spec's tiny ``AutoencoderKL`` (random weights from ``seed``), or ``None`` if it has none."""
     from diffusers import AutoencoderKL
 
-    config = tiny_flux_spec(name).vae
+    config = _buildable_spec(name).vae
     if config is None:
         return None
     vae = AutoencoderKL(**config)
@@ -221,7 +216,7 @@ def tiny_flux_velocity_model(
     """
     from leapalign.adapters.flux import FluxVelocityModel
 
-    spec = tiny_flux_spec(name)
+    spec = _buildable_spec(name)
     transformer = tiny_flux_transformer(name, dtype=dtype, seed=seed)
     vae = tiny_flux_vae(name, dtype=dtype, seed=seed + 1) if with_vae else None
     if vae is not None:
