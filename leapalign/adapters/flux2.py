@@ -136,10 +136,10 @@ class Flux2VelocityModel:
         gradient_checkpointing_func: Callable[..., Any] | None = None,
         clamp_images: bool = True,
     ) -> None:
-        cfg_t = transformer.config
         found = type(transformer).__name__
-        if found != "Flux2Transformer2DModel":
+        if "Flux2Transformer2DModel" not in (c.__name__ for c in type(transformer).__mro__):  # subclasses (FSDP2's) are fine
             raise ValueError(f"transformer must be a Flux2Transformer2DModel, got {found}")
+        cfg_t = transformer.config
         if cfg_t.patch_size != 1:
             raise ValueError(
                 f"Flux2Transformer2DModel with patch_size={cfg_t.patch_size} is not supported; the FLUX.2 pipelines "

@@ -113,7 +113,7 @@ class SD3VelocityModel:
         clamp_images: bool = True,
     ) -> None:
         found = type(transformer).__name__
-        if found != "SD3Transformer2DModel":
+        if "SD3Transformer2DModel" not in (c.__name__ for c in type(transformer).__mro__):  # subclasses (FSDP2's) are fine
             raise ValueError(f"transformer must be an SD3Transformer2DModel, got {found}")
         cfg = transformer.config
         if cfg.out_channels not in (None, cfg.in_channels):
