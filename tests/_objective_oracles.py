@@ -15,6 +15,9 @@ from leapalign.flow import uniform_sigmas
 from leapalign.models.tiny_flux import random_flux_conditioning, tiny_flux_velocity_model
 
 PROMPTS2 = ["a red cube", "two blue spheres"]
+FAMILIES = ("flux", "flux2", "flux2-klein", "sd3")
+"""Model families the method tests run on: FLUX.1-dev, FLUX.2-dev (embedded guidance), FLUX.2 klein
+base (classifier-free guidance, batched) and SD3.5 (classifier-free guidance, batched)."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,6 +39,36 @@ def flux_model(dtype: torch.dtype = torch.float64, with_vae: bool = True, seed: 
     model = tiny_flux_velocity_model("test", dtype=dtype, seed=seed, with_vae=with_vae, **kw)
     cond = random_flux_conditioning(model.transformer, 2, 8, generator=torch.Generator().manual_seed(seed + 7))
     return model, cond
+
+
+def family_model(family: str, dtype: torch.dtype = torch.float64, with_vae: bool = True, seed: int = 0, **kw: Any):
+    """A tiny adapter of ``family`` (8x8 images, 3 channels with the VAE) and a batch-2 conditioning.
+
+    CFG families (klein, SD3) get negative embeddings too, so every velocity is one batched forward
+    of batch 4. Conditioning is random, seeded by ``seed + 7``.
+    """
+    if family == "flux":
+        return flux_model(dtype, with_vae=with_vae, seed=seed, **kw)
+    gen = torch.Generator().manual_seed(seed + 7)
+    if family in ("flux2", "flux2-klein"):
+        from leapalign.adapters.flux2 import Flux2Conditioning, Flux2VelocityModel
+        from leapalign.adapters.tiny_configs import tiny_flux2_transformer, tiny_flux2_vae
+
+        klein = family == "flux2-klein"
+        transformer = tiny_flux2_transformer("klein" if klein else "dev", dtype=dtype, seed=seed)
+        vae = tiny_flux2_vae(dtype=dtype, seed=seed + 1) if with_vae else None
+        model = Flux2VelocityModel(transformer, vae=vae, height=8, width=8, guidance=4.0, cfg=klein, **kw)
+        embeds = [torch.randn(2, 8, 32, generator=gen, dtype=dtype) for _ in range(2 if klein else 1)]
+        return model, Flux2Conditioning(*embeds)
+    if family == "sd3":
+        from leapalign.adapters.sd3 import SD3Conditioning, SD3VelocityModel
+        from leapalign.adapters.tiny_configs import tiny_sd3_transformer, tiny_sd3_vae
+
+        vae = tiny_sd3_vae(dtype=dtype, seed=seed + 1) if with_vae else None
+        model = SD3VelocityModel(tiny_sd3_transformer(dtype=dtype, seed=seed), vae=vae, height=8, width=8, guidance=5.0, **kw)
+        shapes = [(2, 9, 32), (2, 32), (2, 9, 32), (2, 32)]
+        return model, SD3Conditioning(*(torch.randn(s, generator=gen, dtype=dtype) for s in shapes))
+    raise ValueError(f"unknown family={family!r}; expected one of {FAMILIES}")
 
 
 def smooth_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -162,6 +195,14 @@ class ToyVelocity(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def reference_rollout(model: Any, cond: Any, num_steps: int, seed: int):
+    """``(sigmas, x_0..x_T, dL/dx0)`` of the no-grad rollout from ``model.noise(2, seed)``, written out by hand."""
+    sigmas = model.sigmas(num_steps)
+    noise = model.noise(2, torch.Generator().manual_seed(seed))
+    traj = manual_trajectory(model, cond, noise, sigmas)
+    return sigmas, traj, image_cotangent(model, traj[-1])
 
 
 def manual_trajectory(model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:

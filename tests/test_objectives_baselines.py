@@ -13,12 +13,13 @@ import torch
 
 from _objective_oracles import (  # single_torch_thread: autouse fixture
     single_torch_thread,  # noqa: F401
+    FAMILIES,
     PROMPTS2,
+    family_model,
     flux_model,
-    image_cotangent,
     leap_oracle,
-    manual_trajectory,
     objective_grad,
+    reference_rollout,
     smooth_reward,
     velocity_vjp,
 )
@@ -43,11 +44,14 @@ def flux64():
 
 @pytest.fixture(scope="module")
 def reference(flux64):
-    model, cond = flux64
-    sigmas = model.sigmas(T)
-    noise = model.noise(2, torch.Generator().manual_seed(SEED))
-    traj = manual_trajectory(model, cond, noise, sigmas)
-    return sigmas, traj, image_cotangent(model, traj[-1])
+    return reference_rollout(*flux64, T, SEED)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family64(request):
+    """Each model family in float64 with its conditioning and reference rollout."""
+    model, cond = family_model(request.param, torch.float64)
+    return model, cond, reference_rollout(model, cond, T, SEED)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,10 +81,9 @@ def test_draft1_equals_last_step_backprop(flux64, reference):
 
 
 @pytest.mark.parametrize("k", [2, T])
-def test_draftk_equals_vjp_chain_through_last_k_steps(flux64, reference, k):
+def test_draftk_equals_vjp_chain_through_last_k_steps(family64, k):
     """DRaFT-K: the chain rule through the last K Euler steps (full Jacobians), from the vjps."""
-    model, cond = flux64
-    sigmas, traj, g0 = reference
+    model, cond, (sigmas, traj, g0) = family64
     g, out = objective_grad(build_objective("draft_k", num_steps=T, k=k), model, cond, seed=SEED)
     # one-step leaps between consecutive steps are the Euler steps; alpha = 1 keeps dv/dx
     oracle = leap_oracle(model, cond, traj, sigmas, list(range(T - k, T)), 1.0, g0)
@@ -97,10 +100,9 @@ def test_full_backprop_equals_vjp_chain_through_all_steps(flux64, reference, che
     assert rel(g, oracle) < 1e-10
 
 
-def test_drtune_is_sum_of_stopped_input_gradients(flux64, reference):
+def test_drtune_is_sum_of_stopped_input_gradients(family64):
     """DRTune: sum over trained steps of (sigma_{i+1} - sigma_i) dv_i/dtheta with sg(x_i), no dv/dx."""
-    model, cond = flux64
-    sigmas, traj, g0 = reference
+    model, cond, (sigmas, traj, g0) = family64
     steps = (1, 3)
     g, out = objective_grad(build_objective("drtune", num_steps=T, k=2, fixed_steps=steps), model, cond, seed=SEED)
     oracle = sum(
@@ -199,8 +201,8 @@ def test_naive_bptt_grows_with_T():
     assert leap_bytes < measured[8]
 
 
-def test_every_registered_objective_runs_and_backprops(flux64):
-    model, cond = flux64
+def test_every_registered_objective_runs_and_backprops(family64):
+    model, cond, _ = family64
     for name in OBJECTIVES:
         g, out = objective_grad(build_objective(name, num_steps=4), model, cond, seed=SEED)
         assert out.loss.ndim == 0 and out.rewards.shape == (2,) and out.images.shape == (2, 3, 8, 8), name

@@ -12,13 +12,15 @@ import torch
 
 from _objective_oracles import (  # single_torch_thread: autouse fixture
     single_torch_thread,  # noqa: F401
+    FAMILIES,
     PROMPTS2,
     ToyVelocity,
+    family_model,
     flux_model,
-    image_cotangent,
     leap_oracle,
     manual_trajectory,
     objective_grad,
+    reference_rollout,
     smooth_reward,
     velocity_vjp,
 )
@@ -40,11 +42,14 @@ def flux64():
 @pytest.fixture(scope="module")
 def flux64_reference(flux64):
     """The no-grad rollout (independent Euler loop), its sigmas and dL/dx0, for seed SEED."""
-    model, cond = flux64
-    sigmas = model.sigmas(T)
-    noise = model.noise(2, torch.Generator().manual_seed(SEED))
-    traj = manual_trajectory(model, cond, noise, sigmas)
-    return sigmas, traj, image_cotangent(model, traj[-1])
+    return reference_rollout(*flux64, T, SEED)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family64(request):
+    """Each model family in float64 with its conditioning and reference rollout (the tests that matter run on all)."""
+    model, cond = family_model(request.param, torch.float64)
+    return model, cond, reference_rollout(model, cond, T, SEED)
 
 
 def leapalign(**kw) -> LeapAlignObjective:
@@ -60,10 +65,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- the reward sees the true image ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("num_leaps,steps", [(1, (2,)), (2, (1, 4)), (3, (0, 2, 5))])
-def test_reward_sees_bit_identical_final_image(num_leaps, steps):
-    """float32 Flux + VAE: the decoded image scored with gradient equals the pure no-grad rollout's."""
-    model, cond = flux_model(torch.float32)
+def test_reward_sees_bit_identical_final_image(family, num_leaps, steps):
+    """float32 model + VAE: the decoded image scored with gradient equals the pure no-grad rollout's."""
+    model, cond = family_model(family, torch.float32)
     seen = []
 
     def reward(images, prompts):
@@ -85,10 +91,13 @@ def test_reward_sees_bit_identical_final_image(num_leaps, steps):
 # -- the gradient ------------------------------------------------------------------------------------
 
 
-def test_alpha0_and_alpha1_match_vjp_oracle(flux64, flux64_reference):
-    """g(0) and g(1) equal -j dv_j - (k-j) dv_k + alpha j (k-j) J dv_k assembled from vjps at x_k, x_j."""
-    model, cond = flux64
-    sigmas, traj, g0 = flux64_reference
+def test_alpha0_and_alpha1_match_vjp_oracle(family64):
+    """g(0) and g(1) equal -j dv_j - (k-j) dv_k + alpha j (k-j) J dv_k assembled from vjps at x_k, x_j.
+
+    For the CFG families v is the guided velocity of one batched forward, so the oracle's vjps
+    (and J) are of the guided velocity too.
+    """
+    model, cond, (sigmas, traj, g0) = family64
     k, j = 1, 4
     oracle = {a: leap_oracle(model, cond, traj, sigmas, [k, j], a, g0) for a in (0.0, 1.0)}
     # the nested term must be visible, or the comparison would not tell alpha apart
@@ -136,10 +145,9 @@ def test_alpha0_equals_drtune_stop_gradient(flux64, flux64_reference):
 
 
 @pytest.mark.parametrize("num_leaps,steps", [(1, (3,)), (3, (0, 2, 4))])
-def test_one_and_three_leap_gradients_match_oracle(flux64, flux64_reference, num_leaps, steps):
+def test_one_and_three_leap_gradients_match_oracle(family64, num_leaps, steps):
     """1 leap: -k dv_k only; 3 leaps k -> j -> l -> 0 with alpha at both intermediate inputs."""
-    model, cond = flux64
-    sigmas, traj, g0 = flux64_reference
+    model, cond, (sigmas, traj, g0) = family64
     alpha = 0.6
     oracle = leap_oracle(model, cond, traj, sigmas, list(steps), alpha, g0)
     g, _ = objective_grad(leapalign(num_leaps=num_leaps, fixed_steps=steps, alpha=alpha), model, cond, seed=SEED)
@@ -288,9 +296,10 @@ def test_pair_sampling_is_uniform_over_range():
 # -- memory ---------------------------------------------------------------------------------------------
 
 
-def test_saved_bytes_constant_in_T():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_bytes_constant_in_T(family):
     """Saved-for-backward bytes of LeapAlign at T = 4 and T = 32 agree within 2 % (two forwards kept)."""
-    model, cond = flux_model(torch.float32)
+    model, cond = family_model(family, torch.float32)
     obj = {T_: build_objective("leapalign", num_steps=T_, min_idx=0, max_idx=T_) for T_ in (4, 32)}
     measured = {}
     for T_, o in obj.items():
