@@ -36,8 +36,8 @@ def pipes():
 
 
 def adapter(pipe, **kw):
-    text = {} if type(pipe).__name__ == "Flux2Pipeline" else dict(text_encoder_out_layers=FLUX2_TEXT_LAYERS)
-    return Flux2VelocityModel.from_pipeline(pipe, height=H, width=W, guidance=4.0, max_sequence_length=MAX_LEN, **text, **kw)
+    kw.setdefault("text_encoder_out_layers", FLUX2_TEXT_LAYERS)
+    return Flux2VelocityModel.from_pipeline(pipe, height=H, width=W, guidance=4.0, max_sequence_length=MAX_LEN, **kw)
 
 
 def dev_cond(batch: int = 2, seed: int = 1) -> Flux2Conditioning:
@@ -81,22 +81,18 @@ def test_sigmas_are_the_schedulers_float32_values(config):
 def test_rollout_equals_pipeline_sampling(pipes, variant):
     """Same noise, same text: the adapter's Euler rollout + decode is the pipeline's image.
 
-    dev (embedded guidance, prompt embeddings) and klein-distilled (no CFG, the pipeline's own text
-    path): bit for bit. klein base (CFG): the pipeline runs uncond and cond as two forwards of batch
-    B, the adapter as ONE forward of batch 2B (the issue's contract: one graph for the guided
-    velocity), and CPU GEMMs round differently for different batch sizes, so they agree to float32
-    rounding (measured 4e-7 on the [0, 1] image), not bit for bit.
+    dev (embedded guidance) and klein-distilled (no CFG): bit for bit, each from the pipeline's own
+    text path. klein base (CFG): the pipeline runs uncond and cond as two forwards of batch B, the
+    adapter as ONE forward of batch 2B (the issue's contract: one graph for the guided velocity),
+    and CPU GEMMs round differently for different batch sizes, so they agree to float32 rounding
+    (measured 4e-7 on the [0, 1] image), not bit for bit.
     """
     pipe = pipes[variant]
     model = adapter(pipe)
     x = model.noise(2, torch.Generator().manual_seed(3))
     latents = x.permute(0, 2, 1).reshape(2, model.channels, model.latent_height // 2, model.latent_width // 2)
-    if variant == "dev":
-        cond = dev_cond()
-        text = dict(prompt_embeds=cond.prompt_embeds)
-    else:
-        cond = model.encode_prompts(PROMPTS)
-        text = dict(prompt=PROMPTS, max_sequence_length=MAX_LEN, text_encoder_out_layers=FLUX2_TEXT_LAYERS)
+    cond = model.encode_prompts(PROMPTS)
+    text = dict(prompt=PROMPTS, max_sequence_length=MAX_LEN, text_encoder_out_layers=FLUX2_TEXT_LAYERS)
     theirs = pipe(latents=latents, num_inference_steps=T, guidance_scale=4.0, height=H, width=W, output_type="pt",
                   **text).images
     with torch.no_grad():
@@ -108,15 +104,20 @@ def test_rollout_equals_pipeline_sampling(pipes, variant):
         assert torch.equal(ours, theirs), f"max |diff| = {(ours - theirs).abs().max().item()}"
 
 
-def test_encode_prompts_is_the_pipelines_text_path(pipes):
-    pipe = tiny_flux2_pipeline("klein")  # its own copy: this test releases the text encoder
+@pytest.mark.parametrize("variant", ["dev", "klein"])
+def test_encode_prompts_is_the_pipelines_text_path(variant):
+    """dev: Mistral-3 layers; klein: Qwen3 layers and the empty negative prompt, cached once."""
+    pipe = tiny_flux2_pipeline(variant)  # its own copy: this test releases the text encoder
     model = adapter(pipe)
     cond = model.encode_prompts(PROMPTS)
     with torch.no_grad():
         embeds, text_ids = pipe.encode_prompt(PROMPTS, max_sequence_length=MAX_LEN, text_encoder_out_layers=FLUX2_TEXT_LAYERS)
         negative, _ = pipe.encode_prompt([""], max_sequence_length=MAX_LEN, text_encoder_out_layers=FLUX2_TEXT_LAYERS)
     assert torch.equal(cond.prompt_embeds, embeds)
-    assert torch.equal(cond.negative_prompt_embeds, negative.expand_as(embeds))
+    if variant == "dev":
+        assert cond.negative_prompt_embeds is None
+    else:
+        assert torch.equal(cond.negative_prompt_embeds, negative.expand_as(embeds))
     assert torch.equal(model._text_ids(embeds.shape[1], embeds.device), text_ids[0])
     model.release_text_encoders()
     assert pipe.text_encoder is None and pipe.tokenizer is None
@@ -198,7 +199,10 @@ def test_gradient_checkpointing_keeps_gradients():
 
 
 def test_unknown_text_encoder_layout_is_refused(pipes):
-    """The pipeline's default layers (9, 18, 27) do not exist in a 2-layer encoder; 1 layer x 16 != 32."""
+    """The pipelines' default layers do not exist in a 2-layer encoder; 1 layer x 16 != 32 dims."""
+    with pytest.raises(ValueError, match=r"Flux2Pipeline text encoder Mistral3ForConditionalGeneration has 2 hidden "
+                                         r"layers but text_encoder_out_layers=\(10, 20, 30\)"):
+        Flux2VelocityModel.from_pipeline(pipes["dev"], height=H, width=W)
     with pytest.raises(ValueError, match=r"Qwen3ForCausalLM has 2 hidden layers but text_encoder_out_layers=\(9, 18, 27\)"):
         Flux2VelocityModel.from_pipeline(pipes["klein"], height=H, width=W)
     with pytest.raises(ValueError, match=r"stacking text_encoder_out_layers=\(2,\) gives 16-dim prompt embeddings, "
@@ -217,7 +221,7 @@ def test_unservable_configs_are_refused(pipes):
         Flux2VelocityModel(tiny_flux2_transformer("dev"), height=7, width=W)
     karras = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
     with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
-        Flux2VelocityModel.from_pipeline(tiny_flux2_pipeline("dev", scheduler=karras), height=H, width=W)
+        Flux2VelocityModel.from_pipeline(tiny_flux2_pipeline("dev", with_text_encoder=False, scheduler=karras))
 
 
 def test_unsupported_pipeline_family_is_named(pipes):
@@ -229,7 +233,7 @@ def test_unsupported_pipeline_family_is_named(pipes):
         velocity_model_from_pipeline(StableDiffusionXLPipeline())
     with pytest.raises(ValueError, match="is not a FLUX.2 pipeline"):
         Flux2VelocityModel.from_pipeline(StableDiffusionXLPipeline())
-    model = velocity_model_from_pipeline(pipes["dev"], height=H, width=W)
+    model = velocity_model_from_pipeline(pipes["dev"], height=H, width=W, text_encoder_out_layers=FLUX2_TEXT_LAYERS)
     assert isinstance(model, Flux2VelocityModel)
 
 
@@ -248,5 +252,6 @@ def test_conditioning_and_velocity_reject_bad_input(pipes):
         model.velocity(torch.zeros(2, 15, 4), 0.5, dev_cond())
     with pytest.raises(TypeError, match="cond must be a Flux2Conditioning"):
         model.velocity(x, 0.5, {"prompt_embeds": torch.zeros(2, 7, 32)})
+    bare = Flux2VelocityModel.from_pipeline(tiny_flux2_pipeline("dev", with_text_encoder=False), height=H, width=W)
     with pytest.raises(ValueError, match="no text path"):
-        adapter(pipes["dev"]).encode_prompts(PROMPTS)
+        bare.encode_prompts(PROMPTS)

@@ -4,9 +4,10 @@ The shapes follow diffusers' own fast-test components for ``Flux2KleinPipeline``
 ``StableDiffusion3Pipeline``; weights are redrawn from a private seeded generator, so the same
 ``(seed, dtype)`` always gives bit-identical models. Text encoders are tiny random ``Qwen3ForCausalLM``
 (FLUX.2 klein), ``CLIPTextModelWithProjection`` x 2 and ``T5EncoderModel`` (SD3) with byte-level
-tokenizers built in memory, so each pipeline's own ``encode_prompt`` runs end to end.
-FLUX.2-dev's Mistral-3 encoder and Pixtral processor are not built: its tiny pipeline takes prompt
-embeddings.
+tokenizers built in memory, so each pipeline's own ``encode_prompt`` runs end to end. FLUX.2-dev
+gets a tiny random ``Mistral3ForConditionalGeneration``; its Pixtral processor needs torchvision, so a
+byte-level tokenizer with a chat template stands in (the pipeline only calls its
+``apply_chat_template`` for text prompts).
 
 - FLUX.2: 1 double + 1 single block, 2 heads x 16, 4 transformer channels (= 1 VAE latent channel
   patchified 2x2), a one-level ``AutoencoderKLFlux2`` (no down-sampling) with non-trivial batch-norm
@@ -213,6 +214,37 @@ def _tiny_qwen3(seed: int):
     return encoder.eval(), tokenizer
 
 
+def _tiny_mistral3(seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig, PreTrainedTokenizerFast
+
+    vocab = byte_level_vocab(("<unk>", "<s>", "</s>", "[IMG]", "<pad>"))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}[{{ m['role'] }}]{{ c['text'] }}{% endfor %}{% endfor %}"
+    )
+    config = Mistral3Config(
+        text_config=MistralConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        ),
+        vision_config=PixtralVisionConfig(
+            hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, head_dim=8, image_size=16,
+            patch_size=4,
+        ),
+        image_token_index=vocab["[IMG]"],
+        spatial_merge_size=1,
+    )
+    encoder = Mistral3ForConditionalGeneration(config)
+    _seeded_init(encoder, seed)
+    return encoder.eval(), tokenizer
+
+
 def tiny_flux2_pipeline(
     variant: str = "dev",
     dtype: torch.dtype = torch.float32,
@@ -222,19 +254,20 @@ def tiny_flux2_pipeline(
 ):
     """A ``Flux2Pipeline`` (``"dev"``) or ``Flux2KleinPipeline`` (klein variants) of tiny random models.
 
-    Klein gets a tiny Qwen3 text encoder (``with_text_encoder``; call the pipeline with
-    ``text_encoder_out_layers=FLUX2_TEXT_LAYERS``); dev always takes prompt embeddings.
+    With ``with_text_encoder`` dev gets a tiny Mistral-3 and klein a tiny Qwen3 (2 layers x 16 dims:
+    call the pipeline and the adapter with ``text_encoder_out_layers=FLUX2_TEXT_LAYERS``).
     """
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
     transformer = tiny_flux2_transformer(variant, dtype=dtype, seed=seed)
     vae = tiny_flux2_vae(dtype=dtype, seed=seed + 1)
     scheduler = scheduler if scheduler is not None else flux2_scheduler()
-    if variant == "dev":
-        return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    encoder, tokenizer = _tiny_qwen3(seed + 2) if with_text_encoder else (None, None)
+    build = _tiny_mistral3 if variant == "dev" else _tiny_qwen3
+    encoder, tokenizer = build(seed + 2) if with_text_encoder else (None, None)
     if encoder is not None:
         encoder = _cast(encoder, dtype)
+    if variant == "dev":
+        return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer, transformer=transformer)
     return Flux2KleinPipeline(
         scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer, transformer=transformer,
         is_distilled=variant == "klein-distilled",
