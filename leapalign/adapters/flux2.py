@@ -219,7 +219,7 @@ class Flux2VelocityModel:
 
             def encode(prompts: list[str]) -> tuple[torch.Tensor, ...]:
                 embeds, _ = pipe.encode_prompt(
-                    prompt=prompts, device=model.device, num_images_per_prompt=1,
+                    prompt=prompts, device=next(encoder.parameters()).device, num_images_per_prompt=1,
                     max_sequence_length=max_sequence_length, text_encoder_out_layers=layers,
                 )
                 return (embeds,)
@@ -254,7 +254,9 @@ class Flux2VelocityModel:
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's default schedule for ``num_steps``: the scheduler's exact float32 sigmas, final 0."""
-        base = np.linspace(1.0, 1 / num_steps, num_steps) if num_steps >= 1 else None
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        base = np.linspace(1.0, 1 / num_steps, num_steps)
         return self.schedule.sigmas(num_steps, base=base, mu=flux2_empirical_mu(self.seq_len, num_steps))
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Flux2Conditioning) -> torch.Tensor:

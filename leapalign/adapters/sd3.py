@@ -188,8 +188,8 @@ class SD3VelocityModel:
 
             def encode(prompts: list[str]) -> tuple[torch.Tensor, ...]:
                 embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, prompt_3=None, device=model.device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+                    prompt=prompts, prompt_2=None, prompt_3=None, device=next(pipe.text_encoder.parameters()).device,
+                    num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
                 )
                 return embeds, pooled
 
