@@ -151,20 +151,26 @@ inline void check_output(const at::Tensor& out, const char* name, const at::Tens
 // ---------------------------------------------------------------------------- per-sample reductions
 inline int64_t chunks_per_row(int64_t n) { return std::max<int64_t>(1, ceil_div(n, kReduceChunk)); }
 
-// Calls body(b, begin, end, tile) over fixed-size column chunks of every row, in parallel;
-// tile = b * chunks_per_row(n) + chunk indexes a partial-sum slot.
+// Calls body(b, begin, end, tile) over fixed-size tiles [begin, end) (tile_len long) of each of
+// `batch` rows of `length`, in parallel, a task taking >= `grain` tiles; tile = b * tiles + k
+// indexes a partial-sum slot. Fixed tiles keep every reduction independent of the thread count.
 template <typename F>
-void for_each_chunk(int64_t batch, int64_t n, const F& body) {
-  const int64_t chunks = chunks_per_row(n);
-  // A task takes >= 4 chunks (64K elements): small latents stay on one thread, where a parallel
-  // region would cost more than it saves.
-  at::parallel_for(0, batch * chunks, 4, [&](int64_t t0, int64_t t1) {
+void for_each_tile(int64_t batch, int64_t length, int64_t tile_len, int64_t grain, const F& body) {
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(length, tile_len));
+  at::parallel_for(0, batch * tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / chunks;
-      const int64_t begin = (t % chunks) * kReduceChunk;
-      body(b, begin, std::min(n, begin + kReduceChunk), t);
+      const int64_t b = t / tiles;
+      const int64_t begin = (t % tiles) * tile_len;
+      body(b, begin, std::min(length, begin + tile_len), t);
     }
   });
+}
+
+// Column chunks of every per-sample row (kReduceChunk elements). A task takes >= 4 chunks (64K
+// elements): small latents stay on one thread, where a parallel region would cost more than it saves.
+template <typename F>
+void for_each_chunk(int64_t batch, int64_t n, const F& body) {
+  for_each_tile(batch, n, kReduceChunk, 4, body);
 }
 
 // Sums each row's chunk partials in a fixed order (optionally divided by n): a [batch] tensor.
@@ -179,6 +185,15 @@ at::Tensor sum_chunks(const std::vector<acc_t>& part, int64_t batch, int64_t n, 
     o[b] = mean ? s / static_cast<acc_t>(std::max<int64_t>(n, 1)) : s;
   }
   return out;
+}
+
+// Runs chunk(b, begin, end) -> double on every chunk of every row, in parallel; returns the
+// per-sample sums (means with `mean`) in `dtype`, combined in a fixed order.
+template <typename F>
+at::Tensor reduce_chunks(int64_t batch, int64_t n, bool mean, at::ScalarType dtype, const F& chunk) {
+  std::vector<double> part(batch * chunks_per_row(n), 0.0);
+  for_each_chunk(batch, n, [&](int64_t b, int64_t begin, int64_t end, int64_t tile) { part[tile] = chunk(b, begin, end); });
+  return sum_chunks(part, batch, n, mean).to(dtype);
 }
 
 }  // namespace leapkernels_native

@@ -12,17 +12,24 @@ namespace {
 constexpr double kK0 = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kK1 = 0.044715;
 
+// sigmoid(2u) and 1 - sigmoid(2u) of u = sqrt(2/pi) (x + 0.044715 x^3), both accurate.
+template <typename acc_t>
+inline void gelu_gates(acc_t x, acc_t& sig, acc_t& sig_c) {
+  const acc_t u = static_cast<acc_t>(kK0) * (x + static_cast<acc_t>(kK1) * x * x * x);
+  const acc_t e = vexp(acc_t(-2) * std::abs(u));
+  const acc_t inv = acc_t(1) / (acc_t(1) + e);
+  sig = u >= 0 ? inv : e * inv;
+  sig_c = u >= 0 ? e * inv : inv;
+}
+
 template <typename scalar_t>
 void gelu_fwd_kernel(const scalar_t* h, scalar_t* out, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  const acc_t k0 = static_cast<acc_t>(kK0), k1 = static_cast<acc_t>(kK1);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const acc_t x = ld(h, i);
-    const acc_t u = k0 * (x + k1 * x * x * x);
-    const acc_t e = vexp(acc_t(-2) * std::abs(u));
-    const acc_t inv = acc_t(1) / (acc_t(1) + e);
-    const acc_t sig = u >= 0 ? inv : e * inv;
+    acc_t sig, sig_c;
+    gelu_gates(x, sig, sig_c);
     st(out, i, x * sig);
   }
 }
@@ -34,11 +41,8 @@ void gelu_bwd_kernel(const scalar_t* da, const scalar_t* h, scalar_t* dh, int64_
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const acc_t x = ld(h, i);
-    const acc_t u = k0 * (x + k1 * x * x * x);
-    const acc_t e = vexp(acc_t(-2) * std::abs(u));
-    const acc_t inv = acc_t(1) / (acc_t(1) + e);
-    const acc_t sig = u >= 0 ? inv : e * inv;
-    const acc_t sig_c = u >= 0 ? e * inv : inv;
+    acc_t sig, sig_c;
+    gelu_gates(x, sig, sig_c);
     const acc_t d = sig + acc_t(2) * x * sig * sig_c * k0 * (acc_t(1) + acc_t(3) * k1 * x * x);
     st(dh, i, ld(da, i) * d);
   }

@@ -46,11 +46,9 @@ void grad_scale_bwd(const at::Tensor& g, const at::Tensor& alpha, std::optional<
     scalar_t* op = out.data_ptr<scalar_t>();
     std::vector<acc_t> factor(alpha.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>() + batch);
     if (max_norm.has_value()) {
-      std::vector<double> part(batch * chunks_per_row(n), 0.0);
-      for_each_chunk(batch, n, [&](int64_t b, int64_t begin, int64_t end, int64_t tile) {
-        part[tile] = sumsq_kernel<scalar_t>(gv.row(b), begin, end);
+      const at::Tensor sumsq = reduce_chunks(batch, n, /*mean=*/false, at::kDouble, [&](int64_t b, int64_t begin, int64_t end) {
+        return sumsq_kernel<scalar_t>(gv.row(b), begin, end);
       });
-      const at::Tensor sumsq = sum_chunks(part, batch, n, /*mean=*/false);
       const acc_t cap = static_cast<acc_t>(*max_norm);
       for (int64_t b = 0; b < batch; ++b) {
         const acc_t norm = static_cast<acc_t>(std::abs(static_cast<double>(factor[b])) * std::sqrt(sumsq.data_ptr<double>()[b]));

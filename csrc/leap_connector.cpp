@@ -3,7 +3,7 @@
 // Kernel contract (rows: [B, N] with unit column stride, any row stride; c: [B] in the
 // accumulation dtype):
 //   leap_fwd(x, v, c, out)                  out = x + c v                (x's dtype)
-//   leap_connector_fwd(x, v, c, x_true, out) out = x_true; returns mean|x_true - leap| per sample (fp32)
+//   leap_connector_fwd(x, v, c, x_true, out) out = x_true; returns mean|x_true - leap| per sample (acc dtype)
 //   leap_bwd(g, c, grad_v)                  grad_v = c g
 //   leap_bwd_dc(g, v, c, grad_v)            grad_v = c g; returns dc = sum(g v) per sample (acc dtype)
 // Full-size outputs are allocated by the caller (contiguous [B, N]; tests poison them with NaN).
@@ -104,17 +104,14 @@ at::Tensor leap_connector_fwd(const at::Tensor& x, const at::Tensor& v, const at
   check_coef(c, x);
   check_output(out, "out", x, "x_from");
   const int64_t batch = x.size(0), n = x.size(1);
-  at::Tensor distance;
+  at::Tensor distance;  // in c's (the accumulation) dtype: fp32, fp64 for fp64 latents
   LK_DISPATCH_FLOATING(x.scalar_type(), "leap_connector_fwd", [&] {
-    using acc_t = acc_type<scalar_t>;
     const RowsView<scalar_t> xv(x), vv(v), tv(x_true);
-    const acc_t* cp = c.data_ptr<acc_t>();
+    const auto* cp = c.data_ptr<acc_type<scalar_t>>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    std::vector<double> part(batch * chunks_per_row(n), 0.0);
-    for_each_chunk(batch, n, [&](int64_t b, int64_t begin, int64_t end, int64_t tile) {
-      part[tile] = connector_kernel<scalar_t>(xv, vv, tv, cp, op, n, b, begin, end);
+    distance = reduce_chunks(batch, n, /*mean=*/true, c.scalar_type(), [&](int64_t b, int64_t begin, int64_t end) {
+      return connector_kernel<scalar_t>(xv, vv, tv, cp, op, n, b, begin, end);
     });
-    distance = sum_chunks(part, batch, n, /*mean=*/true).to(at::kFloat);
   });
   return distance;
 }
@@ -142,15 +139,12 @@ at::Tensor leap_bwd_dc(const at::Tensor& g, const at::Tensor& v, const at::Tenso
   const int64_t batch = g.size(0), n = g.size(1);
   at::Tensor dc;
   LK_DISPATCH_FLOATING(g.scalar_type(), "leap_bwd_dc", [&] {
-    using acc_t = acc_type<scalar_t>;
     const RowsView<scalar_t> gv(g), vv(v);
-    const acc_t* cp = c.data_ptr<acc_t>();
+    const auto* cp = c.data_ptr<acc_type<scalar_t>>();
     scalar_t* op = grad_v.data_ptr<scalar_t>();
-    std::vector<double> part(batch * chunks_per_row(n), 0.0);
-    for_each_chunk(batch, n, [&](int64_t b, int64_t begin, int64_t end, int64_t tile) {
-      part[tile] = leap_bwd_kernel<scalar_t>(gv, &vv, cp, op, n, b, begin, end);
+    dc = reduce_chunks(batch, n, /*mean=*/false, c.scalar_type(), [&](int64_t b, int64_t begin, int64_t end) {
+      return leap_bwd_kernel<scalar_t>(gv, &vv, cp, op, n, b, begin, end);
     });
-    dc = sum_chunks(part, batch, n, /*mean=*/false).to(c.scalar_type());
   });
   return dc;
 }

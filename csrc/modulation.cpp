@@ -32,6 +32,13 @@ void check_tokens(const at::Tensor& t, const char* name) {
               " must have unit last stride, got strides ", t.strides());
 }
 
+// A [B, S, D] operand of the shape and dtype of `like`.
+void check_tokens_like(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  check_tokens(t, name);
+  check_same_dtype(t, name, like, like_name);
+  check_shape(t, name, like.sizes(), (std::string("the shape of ") + like_name).c_str());
+}
+
 void check_per_batch(const at::Tensor& t, const char* name, const at::Tensor& x) {
   check_cpu_float(t, name);
   check_same_dtype(t, name, x, "x");
@@ -69,35 +76,41 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> row_moments(const scalar_t* xr
   return {mean, rstd};
 }
 
-// Sums the [B, tiles, D] fp32/fp64 partials over tiles (fp64, fixed order) into a [B, D] tensor.
+// Per-column sums over tokens (d-scale, d-shift, d-gate): partials per tile of kRowsPerTile rows
+// ([B, tiles, D], accumulation type), combined in fp64 in a fixed order. Empty when not asked for.
 template <typename acc_t>
-at::Tensor sum_tiles(const std::vector<acc_t>& part, int64_t batch, int64_t tiles, int64_t d, at::ScalarType dtype) {
-  at::Tensor out = at::empty({batch, d}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double* ob = o + b * d;
-      for (int64_t j = 0; j < d; ++j) ob[j] = 0;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const acc_t* pt = part.data() + (b * tiles + t) * d;
+struct ColumnSums {
+  ColumnSums(bool on, int64_t batch, int64_t seq, int64_t d)
+      : batch(batch), tiles(std::max<int64_t>(1, ceil_div(seq, kRowsPerTile))), d(d),
+        part(on ? batch * tiles * d : 0, acc_t(0)) {}
+  acc_t* tile(int64_t t) { return part.empty() ? nullptr : part.data() + t * d; }
+  // The [B, D] sums in `dtype` (a 0-element tensor of `like`'s options when not asked for).
+  at::Tensor sum(const at::Tensor& like) const {
+    if (part.empty()) return at::empty({0}, like.options());
+    at::Tensor out = at::empty({batch, d}, at::TensorOptions().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* ob = o + b * d;
+        for (int64_t j = 0; j < d; ++j) ob[j] = 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const acc_t* pt = part.data() + (b * tiles + t) * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) ob[j] += static_cast<double>(pt[j]);
+          for (int64_t j = 0; j < d; ++j) ob[j] += static_cast<double>(pt[j]);
+        }
       }
-    }
-  });
-  return out.to(dtype);
-}
+    });
+    return out.to(like.scalar_type());
+  }
+  int64_t batch, tiles, d;
+  std::vector<acc_t> part;
+};
 
-// Calls body(b, s_begin, s_end, tile) over tiles of kRowsPerTile rows of every batch, in parallel.
+// Calls body(b, s, r) for every token r = b * seq + s, in parallel (~32K elements a task).
 template <typename F>
-void for_each_row_tile(int64_t batch, int64_t seq, const F& body) {
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(seq, kRowsPerTile));
-  at::parallel_for(0, batch * tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / tiles;
-      const int64_t s0 = (t % tiles) * kRowsPerTile;
-      body(b, s0, std::min(seq, s0 + kRowsPerTile), t);
-    }
+void for_each_token(int64_t batch, int64_t seq, int64_t d, const F& body) {
+  at::parallel_for(0, batch * seq, row_grain(d), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) body(r / seq, r % seq, r);
   });
 }
 
@@ -111,19 +124,14 @@ void mln_fwd_kernel(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   const auto one_plus_scale = per_batch_acc<scalar_t>(scale, acc_t(1));
   const auto shift_acc = per_batch_acc<scalar_t>(shift, acc_t(0));
   scalar_t* yp = y.data_ptr<scalar_t>();
-  at::parallel_for(0, batch * seq, row_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / seq, s = r % seq;
-      const scalar_t* xr = xv.row(b, s);
-      const auto [mean, rstd] = row_moments(xr, d, eps);
-      const acc_t* sc = one_plus_scale.data() + b * d;
-      const acc_t* sh = shift_acc.data() + b * d;
-      scalar_t* yr = yp + r * d;
+  for_each_token(batch, seq, d, [&](int64_t b, int64_t s, int64_t r) {
+    const scalar_t* xr = xv.row(b, s);
+    const auto [mean, rstd] = row_moments(xr, d, eps);
+    const acc_t* sc = one_plus_scale.data() + b * d;
+    const acc_t* sh = shift_acc.data() + b * d;
+    scalar_t* yr = yp + r * d;
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        st(yr, j, (ld(xr, j) - mean) * rstd * sc[j] + sh[j]);
-      }
-    }
+    for (int64_t j = 0; j < d; ++j) st(yr, j, (ld(xr, j) - mean) * rstd * sc[j] + sh[j]);
   });
 }
 
@@ -132,17 +140,15 @@ std::tuple<at::Tensor, at::Tensor> mln_bwd_kernel(const at::Tensor& g, const at:
                                                   double eps, const at::Tensor& dx, bool need_dx, bool need_dmod) {
   using acc_t = acc_type<scalar_t>;
   const int64_t batch = x.size(0), seq = x.size(1), d = x.size(2);
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(seq, kRowsPerTile));
   const TokensView<scalar_t> xv(x), gv(g);
   const auto one_plus_scale = per_batch_acc<scalar_t>(scale, acc_t(1));
   scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> dscale_part(need_dmod ? batch * tiles * d : 0, acc_t(0));
-  std::vector<acc_t> dshift_part(need_dmod ? batch * tiles * d : 0, acc_t(0));
+  ColumnSums<acc_t> dscale(need_dmod, batch, seq, d), dshift(need_dmod, batch, seq, d);
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
-  for_each_row_tile(batch, seq, [&](int64_t b, int64_t s0, int64_t s1, int64_t tile) {
+  for_each_tile(batch, seq, kRowsPerTile, 1, [&](int64_t b, int64_t s0, int64_t s1, int64_t tile) {
     const acc_t* sc = one_plus_scale.data() + b * d;
-    acc_t* dsc = need_dmod ? dscale_part.data() + tile * d : nullptr;
-    acc_t* dsh = need_dmod ? dshift_part.data() + tile * d : nullptr;
+    acc_t* dsc = dscale.tile(tile);
+    acc_t* dsh = dshift.tile(tile);
     for (int64_t s = s0; s < s1; ++s) {
       const scalar_t* xr = xv.row(b, s);
       const scalar_t* gr = gv.row(b, s);
@@ -174,9 +180,7 @@ std::tuple<at::Tensor, at::Tensor> mln_bwd_kernel(const at::Tensor& g, const at:
       }
     }
   });
-  if (!need_dmod) return {at::empty({0}, scale.options()), at::empty({0}, scale.options())};
-  return {sum_tiles(dscale_part, batch, tiles, d, scale.scalar_type()),
-          sum_tiles(dshift_part, batch, tiles, d, scale.scalar_type())};
+  return {dscale.sum(scale), dshift.sum(scale)};
 }
 
 void mln_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, double eps, const at::Tensor& y) {
@@ -191,17 +195,21 @@ void mln_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shi
 std::tuple<at::Tensor, at::Tensor> mln_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, double eps,
                                            const at::Tensor& dx, bool need_dx, bool need_dmod) {
   check_tokens(x, "x");
-  check_tokens(g, "grad");
-  check_same_dtype(g, "grad", x, "x");
-  check_shape(g, "grad", x.sizes(), "the shape of x");
+  check_tokens_like(g, "grad", x, "x");
   check_per_batch(scale, "scale", x);
   if (need_dx) check_output(dx, "dx", x, "x");
-  std::tuple<at::Tensor, at::Tensor> out;
-  LK_DISPATCH_FLOATING(x.scalar_type(), "mln_bwd", [&] {
-    out = mln_bwd_kernel<scalar_t>(g, x, scale, eps, dx, need_dx, need_dmod);
-  });
-  return out;
+  return LK_DISPATCH_FLOATING(x.scalar_type(), "mln_bwd",
+                              [&] { return mln_bwd_kernel<scalar_t>(g, x, scale, eps, dx, need_dx, need_dmod); });
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(leapkernels_native, CPU, m) {
+  m.impl("mln_fwd", &mln_fwd);
+  m.impl("mln_bwd", &mln_bwd);
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------- gated residual
 template <typename scalar_t>
@@ -211,18 +219,13 @@ void gr_fwd_kernel(const at::Tensor& x, const at::Tensor& gate, const at::Tensor
   const TokensView<scalar_t> xv(x), yv(y);
   const auto gate_acc = per_batch_acc<scalar_t>(gate, acc_t(0));
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, batch * seq, row_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / seq, s = r % seq;
-      const scalar_t* xr = xv.row(b, s);
-      const scalar_t* yr = yv.row(b, s);
-      const acc_t* gt = gate_acc.data() + b * d;
-      scalar_t* orow = op + r * d;
+  for_each_token(batch, seq, d, [&](int64_t b, int64_t s, int64_t r) {
+    const scalar_t* xr = xv.row(b, s);
+    const scalar_t* yr = yv.row(b, s);
+    const acc_t* gt = gate_acc.data() + b * d;
+    scalar_t* orow = op + r * d;
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        st(orow, j, ld(xr, j) + gt[j] * ld(yr, j));
-      }
-    }
+    for (int64_t j = 0; j < d; ++j) st(orow, j, ld(xr, j) + gt[j] * ld(yr, j));
   });
 }
 
@@ -231,14 +234,13 @@ at::Tensor gr_bwd_kernel(const at::Tensor& g, const at::Tensor& gate, const at::
                          bool need_dy, bool need_dgate) {
   using acc_t = acc_type<scalar_t>;
   const int64_t batch = g.size(0), seq = g.size(1), d = g.size(2);
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(seq, kRowsPerTile));
   const TokensView<scalar_t> gv(g), yv(y);
   const auto gate_acc = per_batch_acc<scalar_t>(gate, acc_t(0));
   scalar_t* dyp = need_dy ? dy.data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> dgate_part(need_dgate ? batch * tiles * d : 0, acc_t(0));
-  for_each_row_tile(batch, seq, [&](int64_t b, int64_t s0, int64_t s1, int64_t tile) {
+  ColumnSums<acc_t> dgate(need_dgate, batch, seq, d);
+  for_each_tile(batch, seq, kRowsPerTile, 1, [&](int64_t b, int64_t s0, int64_t s1, int64_t tile) {
     const acc_t* gt = gate_acc.data() + b * d;
-    acc_t* dgt = need_dgate ? dgate_part.data() + tile * d : nullptr;
+    acc_t* dgt = dgate.tile(tile);
     for (int64_t s = s0; s < s1; ++s) {
       const scalar_t* gr = gv.row(b, s);
       if (need_dy) {
@@ -253,15 +255,12 @@ at::Tensor gr_bwd_kernel(const at::Tensor& g, const at::Tensor& gate, const at::
       }
     }
   });
-  if (!need_dgate) return at::empty({0}, gate.options());
-  return sum_tiles(dgate_part, batch, tiles, d, gate.scalar_type());
+  return dgate.sum(gate);
 }
 
 void gr_fwd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& out) {
   check_tokens(x, "x");
-  check_tokens(y, "y");
-  check_same_dtype(y, "y", x, "x");
-  check_shape(y, "y", x.sizes(), "the shape of x");
+  check_tokens_like(y, "y", x, "x");
   check_per_batch(gate, "gate", x);
   check_output(out, "out", x, "x");
   LK_DISPATCH_FLOATING(x.scalar_type(), "gr_fwd", [&] { gr_fwd_kernel<scalar_t>(x, gate, y, out); });
@@ -270,23 +269,16 @@ void gr_fwd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, co
 at::Tensor gr_bwd(const at::Tensor& g, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& dy, bool need_dy,
                   bool need_dgate) {
   check_tokens(g, "grad");
-  check_tokens(y, "y");
-  check_same_dtype(y, "y", g, "grad");
-  check_shape(y, "y", g.sizes(), "the shape of grad");
+  check_tokens_like(y, "y", g, "grad");
   check_per_batch(gate, "gate", g);
   if (need_dy) check_output(dy, "dy", g, "grad");
-  at::Tensor dgate;
-  LK_DISPATCH_FLOATING(g.scalar_type(), "gr_bwd", [&] {
-    dgate = gr_bwd_kernel<scalar_t>(g, gate, y, dy, need_dy, need_dgate);
-  });
-  return dgate;
+  return LK_DISPATCH_FLOATING(g.scalar_type(), "gr_bwd",
+                              [&] { return gr_bwd_kernel<scalar_t>(g, gate, y, dy, need_dy, need_dgate); });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(leapkernels_native, CPU, m) {
-  m.impl("mln_fwd", &mln_fwd);
-  m.impl("mln_bwd", &mln_bwd);
   m.impl("gr_fwd", &gr_fwd);
   m.impl("gr_bwd", &gr_bwd);
 }

@@ -50,6 +50,46 @@ void check_rope(const std::optional<at::Tensor>& cos, const std::optional<at::Te
   }
 }
 
+// The RoPE tables (absent: RMSNorm only) and the norm weight, in the accumulation type.
+template <typename acc_t>
+struct RopeTables {
+  RopeTables(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin)
+      : cos_p(cos.has_value() ? cos->const_data_ptr<acc_t>() : nullptr),
+        sin_p(sin.has_value() ? sin->const_data_ptr<acc_t>() : nullptr),
+        cos_stride(cos.has_value() ? cos->stride(0) : 0), sin_stride(sin.has_value() ? sin->stride(0) : 0) {}
+  bool on() const { return cos_p != nullptr; }
+  const acc_t* cos_row(int64_t s) const { return cos_p + s * cos_stride; }
+  const acc_t* sin_row(int64_t s) const { return sin_p + s * sin_stride; }
+  const acc_t* cos_p;
+  const acc_t* sin_p;
+  int64_t cos_stride, sin_stride;
+};
+
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> weight_acc(const at::Tensor& weight) {
+  const scalar_t* p = weight.const_data_ptr<scalar_t>();
+  return std::vector<acc_type<scalar_t>>(p, p + weight.numel());
+}
+
+// dn = the gradient of the normalised row: g un-rotated (g c + R^T(g s)), or g itself without RoPE.
+template <typename scalar_t, typename acc_t>
+void unrotate(const scalar_t* gr, const RopeTables<acc_t>& rope, int64_t s, int64_t d, acc_t* dn) {
+  if (!rope.on()) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) dn[j] = ld(gr, j);
+    return;
+  }
+  const acc_t* c = rope.cos_row(s);
+  const acc_t* sn = rope.sin_row(s);
+#pragma omp simd
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const acc_t ge = ld(gr, 2 * i);
+    const acc_t go = ld(gr, 2 * i + 1);
+    dn[2 * i] = ge * c[2 * i] + go * sn[2 * i + 1];
+    dn[2 * i + 1] = go * c[2 * i + 1] - ge * sn[2 * i];
+  }
+}
+
 template <typename scalar_t>
 acc_type<scalar_t> row_rstd(const scalar_t* xr, int64_t d, double eps) {
   using acc_t = acc_type<scalar_t>;
@@ -69,25 +109,21 @@ void qk_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const Heads hx(x);
   const int64_t d = hx.dim, half = d / 2;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  std::vector<acc_t> w(d);
-  for (int64_t j = 0; j < d; ++j) w[j] = static_cast<acc_t>(weight.const_data_ptr<scalar_t>()[j]);
-  const acc_t* cp = cos.has_value() ? cos->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* sp = sin.has_value() ? sin->const_data_ptr<acc_t>() : nullptr;
-  const int64_t cs = cos.has_value() ? cos->stride(0) : 0, ss = sin.has_value() ? sin->stride(0) : 0;
+  const auto w = weight_acc<scalar_t>(weight);
+  const RopeTables<acc_t> rope(cos, sin);
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, hx.rows(), row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* xr = xp + hx.offset(r);
       scalar_t* orow = op + r * d;
       const acc_t rstd = row_rstd(xr, d, eps);
-      if (cp == nullptr) {
+      if (!rope.on()) {
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) st(orow, j, ld(xr, j) * rstd * w[j]);
         continue;
       }
-      const int64_t s = hx.seq_index(r);
-      const acc_t* c = cp + s * cs;
-      const acc_t* sn = sp + s * ss;
+      const acc_t* c = rope.cos_row(hx.seq_index(r));
+      const acc_t* sn = rope.sin_row(hx.seq_index(r));
 #pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
         const acc_t ne = ld(xr, 2 * i) * rstd * w[2 * i];
@@ -105,15 +141,12 @@ at::Tensor qk_bwd_kernel(const at::Tensor& g, const at::Tensor& x, const at::Ten
                          const at::Tensor& dx, bool need_dx, bool need_dw) {
   using acc_t = acc_type<scalar_t>;
   const Heads hx(x), hg(g);
-  const int64_t d = hx.dim, half = d / 2, rows = hx.rows();
+  const int64_t d = hx.dim, rows = hx.rows();
   const int64_t tiles = std::max<int64_t>(1, ceil_div(rows, kQkRowsPerTile));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  std::vector<acc_t> w(d);
-  for (int64_t j = 0; j < d; ++j) w[j] = static_cast<acc_t>(weight.const_data_ptr<scalar_t>()[j]);
-  const acc_t* cp = cos.has_value() ? cos->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* sp = sin.has_value() ? sin->const_data_ptr<acc_t>() : nullptr;
-  const int64_t cs = cos.has_value() ? cos->stride(0) : 0, ss = sin.has_value() ? sin->stride(0) : 0;
+  const auto w = weight_acc<scalar_t>(weight);
+  const RopeTables<acc_t> rope(cos, sin);
   scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
   std::vector<acc_t> dw_part(need_dw ? tiles * d : 0, acc_t(0));
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
@@ -124,21 +157,7 @@ at::Tensor qk_bwd_kernel(const at::Tensor& g, const at::Tensor& x, const at::Ten
       for (int64_t r = t * kQkRowsPerTile; r < std::min(rows, (t + 1) * kQkRowsPerTile); ++r) {
         const scalar_t* xr = xp + hx.offset(r);
         const scalar_t* gr = gp + hg.offset(r);
-        if (cp == nullptr) {
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dn[j] = ld(gr, j);
-        } else {
-          const int64_t s = hx.seq_index(r);
-          const acc_t* c = cp + s * cs;
-          const acc_t* sn = sp + s * ss;
-#pragma omp simd
-          for (int64_t i = 0; i < half; ++i) {
-            const acc_t ge = ld(gr, 2 * i);
-            const acc_t go = ld(gr, 2 * i + 1);
-            dn[2 * i] = ge * c[2 * i] + go * sn[2 * i + 1];
-            dn[2 * i + 1] = go * c[2 * i + 1] - ge * sn[2 * i];
-          }
-        }
+        unrotate(gr, rope, hx.seq_index(r), d, dn.data());
         const acc_t rstd = row_rstd(xr, d, eps);
         if (need_dw) {
 #pragma omp simd
@@ -193,11 +212,8 @@ at::Tensor qk_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& we
   check_weight(weight, x);
   check_rope(cos, sin, x);
   if (need_dx) check_output(dx, "dx", x, "x");
-  at::Tensor dw;
-  LK_DISPATCH_FLOATING(x.scalar_type(), "qk_bwd", [&] {
-    dw = qk_bwd_kernel<scalar_t>(g, x, weight, cos, sin, eps, dx, need_dx, need_dw);
-  });
-  return dw;
+  return LK_DISPATCH_FLOATING(x.scalar_type(), "qk_bwd",
+                              [&] { return qk_bwd_kernel<scalar_t>(g, x, weight, cos, sin, eps, dx, need_dx, need_dw); });
 }
 
 }  // namespace

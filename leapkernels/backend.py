@@ -10,12 +10,15 @@ Backends:
                    tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
     ``reference``  the same kernel contracts written in plain PyTorch (fp32 arithmetic); the CPU
                    default without the interpreter.
-    ``native``     the C++/OpenMP CPU kernels in ``csrc/`` (`leapkernels.native` registers them
-                   when the library was built).
+    others         declared by the module that provides them (`declare_backend`): this module
+                   knows nothing of them but what they declare — the device types ``auto``
+                   prefers them on and why they may be unavailable (e.g. a C++ CPU backend
+                   whose library was not built).
 
 Choice (``select_backend``): a `force_backend` context wins, then ``LEAPKERNELS_BACKEND``
-(``triton|reference|native|auto``, default ``auto``), then ``auto``: CUDA -> triton, CPU ->
-triton under the interpreter, else native where the op has native kernels, else reference. A forced backend that cannot run raises
+(``triton``, ``reference``, a declared backend, or ``auto``; default ``auto``), then ``auto``:
+CUDA -> triton, CPU -> triton under the interpreter, else a declared backend preferred on that
+device where the op has its kernels, else reference. A forced backend that cannot run raises
 `BackendUnavailableError`; nothing ever falls back quietly.
 """
 from __future__ import annotations
@@ -28,11 +31,11 @@ from typing import Callable, Iterator
 import torch
 
 ENV_VAR = "LEAPKERNELS_BACKEND"
-BACKENDS = ("triton", "reference", "native")
-_CHOICES = BACKENDS + ("auto",)
+BUILTIN_BACKENDS = ("triton", "reference")
 
 _forced: str | None = None
 _registry: dict[str, dict[str, "KernelSet"]] = {}
+_declared: dict[str, "BackendInfo"] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -51,11 +54,48 @@ class KernelSet:
     backward: Callable
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend other than the built-in two declares about itself.
+
+    ``auto_devices``: device types on which ``auto`` prefers it (for ops that have its kernels).
+    ``unavailable_reason``: called when a forced backend lacks an op's kernels; a sentence saying
+    why (library not built, ...), or ``None`` when it is available.
+    """
+
+    name: str
+    auto_devices: tuple[str, ...] = ()
+    unavailable_reason: Callable[[], str | None] = lambda: None
+
+
+def declare_backend(
+    name: str, *, auto_devices: tuple[str, ...] = (), unavailable_reason: Callable[[], str | None] | None = None
+) -> None:
+    """Make ``name`` a backend ops may register kernels for and users may ask for (idempotent)."""
+    if name in BUILTIN_BACKENDS or name == "auto":
+        raise ValueError(f"{name!r} is a built-in backend name; choose another")
+    _declared[name] = BackendInfo(name, tuple(auto_devices), unavailable_reason or (lambda: None))
+
+
+def backends() -> tuple[str, ...]:
+    """Every backend name: the built-in ones, then the declared ones."""
+    return BUILTIN_BACKENDS + tuple(_declared)
+
+
+def _choices() -> tuple[str, ...]:
+    return backends() + ("auto",)
+
+
 def register(op: str, backend: str, kernels: KernelSet) -> None:
     """Register ``kernels`` as ``backend``'s implementation of ``op`` (later calls replace)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backends():
+        raise ValueError(f"backend must be one of {backends()} (declare others with declare_backend), got {backend!r}")
     _registry.setdefault(op, {})[backend] = kernels
+
+
+def unregister(op: str, backend: str) -> None:
+    """Remove ``backend``'s kernels for ``op`` (no-op if absent)."""
+    _registry.get(op, {}).pop(backend, None)
 
 
 def registered(op: str) -> tuple[str, ...]:
@@ -89,30 +129,20 @@ def requested_backend() -> str:
     if _forced is not None:
         return _forced
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {value!r}")
+    if value not in _choices():
+        raise ValueError(f"{ENV_VAR} must be one of {_choices()}, got {value!r}")
     return value
 
 
 def select_backend(device: torch.device, op: str | None = None) -> str:
     """The backend that will run ``op`` on ``device``; raises if a forced one cannot run there.
 
-    ``auto`` on CPU prefers ``native`` for an op that has native kernels (``op`` given).
+    ``auto`` prefers a declared backend whose ``auto_devices`` hold the device type, for an op
+    (``op`` given) that has its kernels.
     """
     wanted = requested_backend()
     if wanted == "auto":
-        if device.type == "cuda":
-            if not triton_available():
-                raise BackendUnavailableError(
-                    "CUDA tensors run Triton kernels but `import triton` fails; install triton or set "
-                    f"{ENV_VAR}=reference to run the PyTorch reference on purpose"
-                )
-            return "triton"
-        if device.type == "cpu" and interpreter_enabled():
-            return "triton"
-        if device.type == "cpu" and op is not None and "native" in _registry.get(op, {}):
-            return "native"
-        return "reference"
+        return _auto_backend(device, op)
     if wanted == "triton":
         if not triton_available():
             raise BackendUnavailableError(f"{ENV_VAR}=triton but `import triton` fails")
@@ -126,6 +156,23 @@ def select_backend(device: torch.device, op: str | None = None) -> str:
     return wanted
 
 
+def _auto_backend(device: torch.device, op: str | None) -> str:
+    if device.type == "cuda":
+        if not triton_available():
+            raise BackendUnavailableError(
+                "CUDA tensors run Triton kernels but `import triton` fails; install triton or set "
+                f"{ENV_VAR}=reference to run the PyTorch reference on purpose"
+            )
+        return "triton"
+    if device.type == "cpu" and interpreter_enabled():
+        return "triton"
+    impls = _registry.get(op, {}) if op is not None else {}
+    for info in _declared.values():
+        if device.type in info.auto_devices and info.name in impls:
+            return info.name
+    return "reference"
+
+
 def kernels_for(op: str, device: torch.device) -> KernelSet:
     """The registered kernels of ``op`` for the backend chosen on ``device``."""
     backend = select_backend(device, op)
@@ -133,12 +180,9 @@ def kernels_for(op: str, device: torch.device) -> KernelSet:
     if impls is None:
         raise KeyError(f"no op named {op!r} is registered; known: {sorted(_registry)}")
     if backend not in impls:
-        why = ""
-        if backend == "native":
-            from leapkernels import native
-
-            reason = native.unavailable_reason()
-            why = f" (native library: {reason})" if reason else ""
+        info = _declared.get(backend)
+        reason = info.unavailable_reason() if info is not None else None
+        why = f" ({backend}: {reason})" if reason else ""
         raise BackendUnavailableError(
             f"op {op!r} has no {backend!r} backend (registered: {sorted(impls)}){why}; "
             f"choose another with {ENV_VAR}"
@@ -150,8 +194,8 @@ def kernels_for(op: str, device: torch.device) -> KernelSet:
 def force_backend(name: str | None) -> Iterator[None]:
     """Run the block with ``name`` as the requested backend (``None``: back to the env var)."""
     global _forced
-    if name is not None and name not in _CHOICES:
-        raise ValueError(f"backend must be one of {_CHOICES} or None, got {name!r}")
+    if name is not None and name not in _choices():
+        raise ValueError(f"backend must be one of {_choices()} or None, got {name!r}")
     previous, _forced = _forced, name
     try:
         yield

@@ -12,7 +12,7 @@
       `LeapFluxAttnProcessor`: q/k projection + RMSNorm + RoPE in one Function that recomputes
       the projection in backward; attention itself still goes through diffusers'
       ``dispatch_attention_fn`` with the processor's backend;
-    * ``norm_out.forward`` (AdaLayerNormContinuous, chunks scale, shift) by the modulated LayerNorm.
+    * ``norm_out.forward`` (AdaLayerNormContinuous, chunks scale, shift) by `ada_layernorm_continuous`.
 `revert_leapkernels` deletes the instance attributes and restores the processors, so the model
 is the unpatched one again, bit for bit.
 
@@ -23,24 +23,40 @@ Projections are always *called* as modules (LoRA / hooks keep working) unless th
 ``nn.Linear`` with no hooks: only then is the weight read directly by a fused op. Any input the
 fused ops cannot take (mixed dtypes, say from layerwise casting) runs the eager arithmetic.
 Works under diffusers' gradient checkpointing (the patched forwards are deterministic).
+
+The forwards are copies of diffusers' own, so they are right only for the diffusers releases
+their parity tests (tests/kernels/test_flux_patch.py: patched vs unpatched outputs and every
+gradient) were run against: `VERIFIED_DIFFUSERS`. Any other installed diffusers is refused
+unless the caller opts in with ``allow_unverified_diffusers=True`` (then a warning).
 """
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from leapkernels.ops.gated_linear import gated_linear
 from leapkernels.ops.gated_residual import gated_residual
 from leapkernels.ops.gelu import gelu_linear, gelu_tanh
-from leapkernels.ops.modulated_layernorm import modulated_layernorm
-from leapkernels.ops.qk_norm_rope import linear_qk_norm_rope, qk_norm_rope
+from leapkernels.ops.modulated_layernorm import ada_layernorm_continuous, modulated_layernorm
+from leapkernels.flux_attention import LeapFluxAttnProcessor, plain_linear, same_dtype_device
+
+VERIFIED_DIFFUSERS = SpecifierSet(">=0.42.1,<0.43")
+"""diffusers releases whose Flux blocks the patched forwards were checked against (0.42.1 is what
+CI installs and the parity tests run on; setup.py pins the same range)."""
 
 _OPTIONS = "_leapkernels_options"
+
+
+class UnverifiedDiffusersError(RuntimeError):
+    """The installed diffusers is not one the patched Flux forwards were verified against."""
 _ORIGINAL_PROCESSOR = "_leapkernels_original_processor"
 
 
@@ -56,31 +72,16 @@ class FluxPatchOptions:
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _same(*tensors: torch.Tensor) -> bool:
-    """Whether the fused ops can take these tensors together (one dtype, one device)."""
-    return all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors[1:])
-
-
 def _modulate(opts: FluxPatchOptions, norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    if opts.modulated_layernorm and _same(x, scale, shift):
+    if opts.modulated_layernorm and same_dtype_device(x, scale, shift):
         return modulated_layernorm(x, scale, shift, norm.eps)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 def _gate(opts: FluxPatchOptions, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if opts.gated_residual and _same(x, gate, y) and x.shape == y.shape:
+    if opts.gated_residual and same_dtype_device(x, gate, y) and x.shape == y.shape:
         return gated_residual(x, gate, y)
     return x + gate.unsqueeze(1) * y
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """A bare ``nn.Linear`` whose weight may be read directly (no LoRA wrapper, no hooks)."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
-    )
 
 
 def _inactive(dropout: nn.Module | None) -> bool:
@@ -105,8 +106,8 @@ def _branch_out(
     projection's). Otherwise `gelu_linear` (GELU + projection), else module calls; then the gate.
     """
     operands = (x, linear.weight) + ((prefix,) if prefix is not None else ())
-    fusable = _plain_linear(linear) and _inactive(dropout) and _inactive(dropout_after) and _same(*operands)
-    if opts.gated_residual and fusable and _same(residual, gate, x) and residual.shape[:2] == x.shape[:2]:
+    fusable = plain_linear(linear) and _inactive(dropout) and _inactive(dropout_after) and same_dtype_device(*operands)
+    if opts.gated_residual and fusable and same_dtype_device(residual, gate, x) and residual.shape[:2] == x.shape[:2]:
         if gelu and not opts.gelu:
             x, gelu = F.gelu(x, approximate="tanh"), False
         return gated_linear(residual, gate, x, linear.weight, linear.bias, prefix, gelu)
@@ -148,14 +149,12 @@ def _ada_zero(opts: FluxPatchOptions, norm: nn.Module, x: torch.Tensor, temb: to
 
 
 # ----------------------------------------------------------------------------- patched forwards
-def _double_block_forward(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    temb: torch.Tensor,
-    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    joint_attention_kwargs: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+Rope = Optional[tuple[torch.Tensor, torch.Tensor]]  # diffusers' image_rotary_emb: (cos, sin)
+
+
+def _double_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                          temb: torch.Tensor, image_rotary_emb: Rope = None,
+                          joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' FluxTransformerBlock.forward (0.42), with the fused ops switched in."""
     opts: FluxPatchOptions = getattr(self, _OPTIONS)
     norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero(opts, self.norm1, hidden_states, temb, 6)
@@ -201,14 +200,9 @@ def _double_block_forward(
     return encoder_hidden_states, hidden_states
 
 
-def _single_block_forward(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    temb: torch.Tensor,
-    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    joint_attention_kwargs: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _single_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                          temb: torch.Tensor, image_rotary_emb: Rope = None,
+                          joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' FluxSingleTransformerBlock.forward (0.42), with the fused ops switched in."""
     opts: FluxPatchOptions = getattr(self, _OPTIONS)
     text_seq_len = encoder_hidden_states.shape[1]
@@ -228,116 +222,10 @@ def _single_block_forward(
 def _norm_out_forward(self: nn.Module, x: torch.Tensor, conditioning_embedding: torch.Tensor) -> torch.Tensor:
     """diffusers' AdaLayerNormContinuous.forward: chunk order (scale, shift)."""
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+    if same_dtype_device(x, emb):
+        return ada_layernorm_continuous(x, emb, self.norm.eps)
     scale, shift = torch.chunk(emb, 2, dim=1)
-    if _same(x, scale, shift):
-        return modulated_layernorm(x, scale, shift, self.norm.eps)
     return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
-
-
-# ----------------------------------------------------------------------------- attention processor
-def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice):
-    return (rope[0][rows], rope[1][rows]) if rope is not None else (None, None)
-
-
-def _norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
-    """``apply_rotary_emb(norm(x), rope[rows])`` fused (RMSNorm + interleaved RoPE)."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    weight = norm.weight if norm.weight is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-    cos, sin = _rope_rows(rope, rows)
-    if _same(x, weight) and (cos is None or (cos.device == x.device and cos.shape[0] == x.shape[1])):
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return qk_norm_rope(x, weight, cos, sin, eps)
-    x = norm(x)
-    return apply_rotary_emb(x, (cos, sin), sequence_dim=1) if cos is not None else x
-
-
-def _project_norm_rope(proj: nn.Module, norm: nn.Module, x: torch.Tensor, head_dim: int,
-                       rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
-    """``apply_rotary_emb(norm(proj(x) as heads), rope[rows])``; plain Linear: the projection is
-    recomputed in backward instead of saved (`linear_qk_norm_rope`)."""
-    cos, sin = _rope_rows(rope, rows)
-    weight = norm.weight
-    if (_plain_linear(proj) and weight is not None and _same(x, proj.weight, weight)
-            and (cos is None or (cos.device == x.device and cos.shape[0] == x.shape[1]))):
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return linear_qk_norm_rope(x, proj.weight, proj.bias, weight, cos, sin, eps, head_dim)
-    return _norm_rope(norm, proj(x).unflatten(-1, (-1, head_dim)), rope, rows)
-
-
-class LeapFluxAttnProcessor:
-    """diffusers' FluxAttnProcessor (0.42) with the q/k path fused (projection + RMSNorm + RoPE,
-    when ``fuse_qk``); attention still goes through ``dispatch_attention_fn`` with this processor's
-    backend. ``leap_defer_out_projection=True`` (joint attention only) returns the attention output
-    before ``to_out`` / ``to_add_out`` so the block can fuse them with its gated residual."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, fuse_qk: bool = True) -> None:
-        self.fuse_qk = fuse_qk
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        leap_defer_out_projection: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        hd = attn.head_dim
-        joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
-        txt = encoder_hidden_states.shape[1] if joint else 0
-        img_rows, txt_rows = slice(txt, None), slice(0, txt)
-        if self.fuse_qk and not attn.fused_projections:
-            value = attn.to_v(hidden_states).unflatten(-1, (-1, hd))
-            query = _project_norm_rope(attn.to_q, attn.norm_q, hidden_states, hd, image_rotary_emb, img_rows)
-            key = _project_norm_rope(attn.to_k, attn.norm_k, hidden_states, hd, image_rotary_emb, img_rows)
-            if joint:
-                e = encoder_hidden_states
-                query = torch.cat([_project_norm_rope(attn.add_q_proj, attn.norm_added_q, e, hd, image_rotary_emb, txt_rows), query], dim=1)
-                key = torch.cat([_project_norm_rope(attn.add_k_proj, attn.norm_added_k, e, hd, image_rotary_emb, txt_rows), key], dim=1)
-                value = torch.cat([attn.add_v_proj(e).unflatten(-1, (-1, hd)), value], dim=1)
-        else:  # diffusers' own q/k path
-            query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-                attn, hidden_states, encoder_hidden_states
-            )
-            query, key, value = (t.unflatten(-1, (-1, hd)) for t in (query, key, value))
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            if attn.added_kv_proj_dim is not None:
-                encoder_query, encoder_key, encoder_value = (
-                    t.unflatten(-1, (-1, hd)) for t in (encoder_query, encoder_key, encoder_value)
-                )
-                query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
-                key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
-                value = torch.cat([encoder_value, value], dim=1)
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            if leap_defer_out_projection:
-                return hidden_states, encoder_hidden_states
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
 
 
 # ----------------------------------------------------------------------------- apply / revert
@@ -371,6 +259,32 @@ def _check_flux(transformer: nn.Module) -> None:
         raise NotImplementedError("norm_out is not an affine-free LayerNorm AdaLayerNormContinuous")
 
 
+def check_diffusers_version(allow_unverified: bool = False) -> str:
+    """The installed diffusers version; raises `UnverifiedDiffusersError` unless it is in
+    `VERIFIED_DIFFUSERS` (with ``allow_unverified``: warns instead)."""
+    import diffusers
+
+    installed = diffusers.__version__
+    try:
+        verified = Version(installed) in VERIFIED_DIFFUSERS
+    except InvalidVersion:
+        verified = False
+    if verified:
+        return installed
+    what = (
+        f"leapkernels' patched Flux block forwards are copies of diffusers' code verified against diffusers "
+        f"{VERIFIED_DIFFUSERS}, but diffusers {installed} is installed: if its Flux blocks changed, the patched "
+        "model computes something else, silently"
+    )
+    if not allow_unverified:
+        raise UnverifiedDiffusersError(
+            f"{what}. Install diffusers{VERIFIED_DIFFUSERS}, or pass allow_unverified_diffusers=True to patch anyway "
+            "(then run tests/kernels/test_flux_patch.py against this diffusers)"
+        )
+    warnings.warn(f"{what}; patching anyway (allow_unverified_diffusers=True)", UserWarning, stacklevel=3)
+    return installed
+
+
 def is_patched(transformer: nn.Module) -> bool:
     """Whether `apply_leapkernels_to_flux` is in effect on ``transformer``."""
     blocks = list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
@@ -384,6 +298,8 @@ def apply_leapkernels_to_flux(
     qk_norm_rope: bool = True,
     gelu: bool = True,
     norm_out: bool = True,
+    *,
+    allow_unverified_diffusers: bool = False,
 ) -> FluxPatchOptions:
     """Patch a diffusers ``FluxTransformer2DModel`` in place with the fused ops; returns the options.
 
@@ -391,9 +307,13 @@ def apply_leapkernels_to_flux(
     (the four gated adds per block), ``qk_norm_rope`` (attention processors), ``gelu`` (GELU and
     GELU + down projection), ``norm_out`` (final AdaLayerNormContinuous). Patching a patched model
     replaces the previous options. Undo with `revert_leapkernels`.
+
+    The diffusers installed must be one of `VERIFIED_DIFFUSERS` (raises `UnverifiedDiffusersError`
+    otherwise); ``allow_unverified_diffusers=True`` patches any version, with a warning.
     """
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+    check_diffusers_version(allow_unverified_diffusers)
     _check_flux(transformer)
     if is_patched(transformer):
         revert_leapkernels(transformer)

@@ -8,11 +8,12 @@ following the op's kernel contract (the comment block in ``leapkernels/ops/<op>.
 own ``torch.autograd.Function`` is unchanged, so what is saved and recomputed is identical to
 every other backend.
 
-`register_all()` adds the kernels to the registry (importing this module only loads the library).
-When the library is absent this module still imports: `status()` says why (no compiler, build
-failed — with the build log —, built against another torch, load error), `register_all()`
-registers nothing, and asking for ``LEAPKERNELS_BACKEND=native`` fails loudly in
-`leapkernels.backend`.
+Importing this module loads the library and declares the ``native`` backend to
+`leapkernels.backend` (preferred by ``auto`` on CPU, with `unavailable_reason` as its reason);
+`register_all()` adds the kernels to the registry. When the library is absent this module still
+imports: `status()` says why (no compiler, build failed — with the build log —, built against
+another torch, load error), `register_all()` registers nothing, and asking for
+``LEAPKERNELS_BACKEND=native`` fails loudly, with that reason.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from typing import Callable
 import torch
 
 from leapkernels import backend
+from leapkernels.ops._common import no_forward
 
+NAME = "native"
 LIBRARY_DIR = Path(__file__).resolve().parent / "_native"
 LIBRARY_PATH = LIBRARY_DIR / "libleapkernels_native.so"
 BUILD_RECORD = LIBRARY_DIR / "build.json"
@@ -106,6 +109,9 @@ def _ops():
     return torch.ops.leapkernels_native
 
 
+backend.declare_backend(NAME, auto_devices=("cpu",), unavailable_reason=lambda: unavailable_reason())
+
+
 # ----------------------------------------------------------------------------- kernel adapters
 # Each pair follows the kernel contract written in the op's module; full-size outputs come from
 # backend.empty (NaN under backend.poison_outputs, so an unwritten element fails a test).
@@ -125,10 +131,6 @@ def _leap_connector_backward(g, v, c, need_dc):
         return grad_v, _ops().leap_bwd_dc(g, v, c, grad_v)
     _ops().leap_bwd(g, c, grad_v)
     return grad_v, None
-
-
-def _no_forward(*args):
-    raise AssertionError("grad_scale has no forward kernel: its forward is a view")
 
 
 def _grad_scale_backward(g, alpha, max_norm):
@@ -204,7 +206,7 @@ def _gelu_tanh_backward(da, h):
 
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "leap_connector": (_leap_connector_forward, _leap_connector_backward),
-    "grad_scale": (_no_forward, _grad_scale_backward),
+    "grad_scale": (no_forward("grad_scale"), _grad_scale_backward),
     "modulated_layernorm": (_modulated_layernorm_forward, _modulated_layernorm_backward),
     "gated_residual": (_gated_residual_forward, _gated_residual_backward),
     "qk_norm_rope": (_qk_norm_rope_forward, _qk_norm_rope_backward),
@@ -223,12 +225,11 @@ def register_all() -> tuple[str, ...]:
     if not _STATUS.available:
         return ()
     for op, (forward, backward) in KERNELS.items():
-        backend.register(op, "native", backend.KernelSet(forward, backward))
+        backend.register(op, NAME, backend.KernelSet(forward, backward))
     return tuple(KERNELS)
 
 
 def unregister_all() -> None:
     """Remove the native kernels from the registry again (tests that need a registry without them)."""
-    # backend has no public unregister; its registry is a dict of dicts keyed op -> backend.
     for op in KERNELS:
-        backend._registry.get(op, {}).pop("native", None)
+        backend.unregister(op, NAME)

@@ -1,13 +1,15 @@
 """LeapAlign's small tensor operations, in plain PyTorch, in one place.
 
-These are the ops ``leapkernels`` fuses into Triton kernels (DESIGN §3: "leap update and
-connectors" and "per-term gradient magnitude scaling"). Objectives never call them directly: they
-ask :func:`leap_ops` for a :class:`LeapOps` bundle, so switching to the fused kernels is the
-one-line change marked in :func:`leap_ops`.
+These are the ops ``leapkernels`` fuses into kernels (DESIGN §3: "leap update and connectors"
+and "per-term gradient magnitude scaling"). Objectives never call them directly: they ask
+:func:`leap_ops` for a :class:`LeapOps` bundle — the fused ``leapkernels`` ops by default
+(``use_kernels=True``), or the plain-PyTorch reference ops here, the truth tests compare against.
 
-Both value-preserving ops are written so the forward value is **bit-identical** to the true latent
-(``x_true + (a - sg(a))`` is ``x_true + 0``), not ``a + sg(x_true - a)``, whose rounding would
-perturb the rollout the reward sees.
+The connector is ``leapkernels``' own reference (`leapkernels.leap_connector_reference`, one
+definition for both packages). Both value-preserving ops are written so the forward value is
+**bit-identical** to the true latent (``x_true + (a - sg(a))`` is ``x_true + 0``), not
+``a + sg(x_true - a)``, whose rounding would perturb the rollout the reward sees. Distances and
+the trajectory weight are computed in the wider of float32 and the latents' dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable
 import torch
 
 from leapalign.flow import per_sample
+from leapkernels.ops.leap_connector import leap_connector_reference, mean_abs_distance
 
 __all__ = [
     "LeapOps",
@@ -32,31 +35,23 @@ __all__ = [
 WEIGHTINGS = ("both", "d_j", "d_0", "off")
 
 
-def mean_abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``mean |a - b|`` over all non-batch dims, float32 accumulation, no gradient: ``[B]``."""
-    with torch.no_grad():
-        diff = (a.detach() - b.detach()).abs()
-        return diff.reshape(diff.shape[0], -1).mean(dim=1, dtype=torch.float32)
-
-
 def leap_connector(
     x_from: torch.Tensor, v: torch.Tensor, c: torch.Tensor | float, x_true: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leap ``xhat = x_from + c v`` joined to the true latent by a straight-through connector.
 
     Returns ``(connected, distance)``: ``connected`` has the value of ``x_true`` (bit for bit) and
-    the gradient of ``xhat`` (to ``x_from`` and ``v``); ``distance = mean |x_true - xhat|`` per
-    sample, float32, no gradient. ``c`` is ``sigma_to - sigma_from``, a scalar or ``[B]``.
+    the gradient of ``xhat`` (to ``x_from``, ``v`` and a tensor ``c``); ``distance = mean |x_true - xhat|``
+    per sample, no gradient, in the wider of float32 and the latents' dtype. ``c`` is
+    ``sigma_to - sigma_from``, a scalar or ``[B]``.
     """
     if x_from.shape != v.shape or x_true.shape != v.shape:
         raise ValueError(
             f"leap_connector needs x_from, v and x_true of one shape, got {tuple(x_from.shape)}, "
             f"{tuple(v.shape)}, {tuple(x_true.shape)}"
         )
-    xhat = x_from + per_sample(c, v) * v
-    distance = mean_abs_distance(x_true, xhat)
-    connected = x_true.detach() + (xhat - xhat.detach())
-    return connected, distance
+    per_sample(c, v)  # checks c is a scalar or one value per sample
+    return leap_connector_reference(x_from, v, c, x_true)
 
 
 def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
@@ -108,20 +103,23 @@ def trajectory_weight(
     ``d_intermediate`` holds the distances at the intermediate connectors (``[d_j]`` for two leaps,
     ``[]`` for one, two entries for three); ``mode`` keeps both kinds (``"both"``), only the
     intermediate ones (``"d_j"``), only the final one (``"d_0"``), or none (``"off"``: weight 1).
-    Returned as float32 ``[B]`` without gradient.
+    Returned as ``[B]`` without gradient, in the wider of float32 and the distances' dtype.
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if mode not in WEIGHTINGS:
         raise ValueError(f"weighting mode must be one of {WEIGHTINGS}, got {mode!r}")
-    d_0 = d_0.detach().float()
+    acc = torch.promote_types(d_0.dtype, torch.float32)
+    for d in d_intermediate:
+        acc = torch.promote_types(acc, d.dtype)
+    d_0 = d_0.detach().to(acc)
     if mode == "off":
         return torch.ones_like(d_0)
     terms: list[torch.Tensor] = []
     if mode in ("both", "d_j"):
         if mode == "d_j" and not d_intermediate:
             raise ValueError("weighting='d_j' needs an intermediate connector (2 or 3 leaps), got 1 leap")
-        terms += [d.detach().float().clamp_min(tau) for d in d_intermediate]
+        terms += [d.detach().to(acc).clamp_min(tau) for d in d_intermediate]
     if mode in ("both", "d_0"):
         terms.append(d_0.clamp_min(tau))
     return 1.0 / torch.stack(terms).sum(dim=0)

@@ -12,19 +12,8 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-
-    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
-    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
-    _sum = tl.standard._sum_combine
-except ImportError:
-    triton = None
+from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gated_residual"
 
@@ -95,25 +84,18 @@ if triton is not None:
                 tl.store(dy_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dy, dy_ptr.dtype.element_ty, RTNE), mask=mask)
             if NEED_DGATE:
                 y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
-                dgate += tl.reduce(g * y, 0, _sum)
+                dgate += tl.sum(g * y, 0)
         if NEED_DGATE:
             tl.store(dgate_ptr + (b * n_progs + p) * D + cols, dgate, mask=cmask)
 
 
-def _launch_shape(batch: int, rows: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(backend.tile_elements(device) // block_d, triton.next_power_of_2(rows)))
-    n_progs = max(1, min(triton.cdiv(rows, block_r), backend.program_budget(device) // batch or 1))
-    return block_r, block_d, n_progs
-
-
 def _forward_triton(x, gate, y):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, x.device)
+    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
     out = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device)
     _gr_fwd_kernel[(batch, n_progs)](
         x, gate, y, out, seq, dim, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
-        BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype),
         RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(block_r * block_d),
     )
     return out
@@ -121,22 +103,20 @@ def _forward_triton(x, gate, y):
 
 def _backward_triton(g, gate, y, need_dy, need_dgate):
     batch, seq, dim = g.shape
-    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, g.device)
+    block_r, block_d, n_progs = row_launch(batch, seq, dim, g.device)
     acc = backend.accumulator_dtype(g.dtype)
     dy = backend.empty((batch, seq, dim), dtype=y.dtype, device=g.device) if need_dy else g
     dgate = backend.empty((batch, n_progs, dim) if need_dgate else (1,), dtype=acc, device=g.device)
     _gr_bwd_kernel[(batch, n_progs)](
         g, gate, y, dy, dgate, seq, dim, g.stride(0), g.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
         NEED_DY=need_dy, NEED_DGATE=need_dgate, BLOCK_R=block_r, BLOCK_D=block_d,
-        ACC=tl.float64 if g.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(g.dtype, g.device),
+        ACC=acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
         num_warps=backend.num_warps(block_r * block_d),
     )
     return (dy if need_dy else None), (dgate.sum(1).to(gate.dtype) if need_dgate else None)
 
 
-backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
 

@@ -22,15 +22,8 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_tensor
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-except ImportError:
-    triton = None
+from leapkernels.ops._common import acc_tl, register_op, stream_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gelu_tanh"
 _K0 = math.sqrt(2.0 / math.pi)
@@ -101,34 +94,27 @@ if triton is not None:
             tl.store(dh_ptr + offs, rounded(da * d, dh_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
-def _launch_shape(n: int, device: torch.device) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(n, 1)), backend.tile_elements(device))
-    return block, max(1, min(triton.cdiv(n, block), backend.program_budget(device)))
-
-
 def _forward_triton(h):
     out = backend.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, n_progs = _launch_shape(h.numel(), h.device)
+    block, n_progs = stream_launch(1, h.numel(), h.device)
     _gelu_fwd_kernel[(n_progs,)](
         h, out, h.numel(), n_progs, BLOCK=block,
-        ACC=tl.float64 if h.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(h.dtype, h.device),
+        ACC=acc_tl(h.dtype), RTNE=emulate_bf16_rtne(h.dtype, h.device),
     )
     return out
 
 
 def _backward_triton(da, h):
     dh = backend.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, n_progs = _launch_shape(h.numel(), h.device)
+    block, n_progs = stream_launch(1, h.numel(), h.device)
     _gelu_bwd_kernel[(n_progs,)](
         da, h, dh, h.numel(), n_progs, BLOCK=block,
-        ACC=tl.float64 if h.dtype == torch.float64 else tl.float32, RTNE=emulate_bf16_rtne(h.dtype, h.device),
+        ACC=acc_tl(h.dtype), RTNE=emulate_bf16_rtne(h.dtype, h.device),
     )
     return dh
 
 
-backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -15,19 +15,8 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_tensor, per_sample
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-
-    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
-    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
-    _sum = tl.standard._sum_combine
-except ImportError:
-    triton = None
+from leapkernels.ops._common import acc_tl, no_forward, register_op, stream_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "grad_scale"
 
@@ -77,7 +66,7 @@ if triton is not None:
             offs = cols + start
             g = tl.load(g_ptr + b * stride_g + offs, mask=offs < N, other=0.0).to(ACC)
             acc += g * g
-        tl.store(part_ptr + b * n_progs + p, tl.reduce(acc, 0, _sum))
+        tl.store(part_ptr + b * n_progs + p, tl.sum(acc, 0))
 
     @triton.jit
     def _scale_kernel(
@@ -89,7 +78,7 @@ if triton is not None:
         factor = tl.load(alpha_ptr + b).to(ACC)
         if HAS_CAP:
             pcols = tl.arange(0, BLOCK_P)
-            sumsq = tl.reduce(tl.load(part_ptr + b * n_progs + pcols, mask=pcols < n_progs, other=0.0), 0, _sum)
+            sumsq = tl.sum(tl.load(part_ptr + b * n_progs + pcols, mask=pcols < n_progs, other=0.0), 0)
             norm = tl.abs(factor) * tl.sqrt(sumsq)
             factor = tl.where(norm > max_norm, factor * (max_norm / norm), factor)
         cols = tl.arange(0, BLOCK).to(tl.int64)
@@ -102,29 +91,21 @@ if triton is not None:
 
 def _backward_triton(g, alpha, max_norm):
     batch, n = g.shape
-    block = min(triton.next_power_of_2(max(n, 1)), backend.tile_elements(g.device))
-    n_progs = max(1, min(triton.cdiv(n, block), backend.program_budget(g.device) // batch or 1))
+    block, n_progs = stream_launch(batch, n, g.device)
     acc = backend.accumulator_dtype(g.dtype)
-    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     out = backend.empty((batch, n), dtype=g.dtype, device=g.device)
     part = backend.empty((batch, n_progs), dtype=acc, device=g.device)
     if max_norm is not None:
-        _sumsq_kernel[(batch, n_progs)](g, part, n, g.stride(0), n_progs, BLOCK=block, ACC=acc_tl)
+        _sumsq_kernel[(batch, n_progs)](g, part, n, g.stride(0), n_progs, BLOCK=block, ACC=acc_tl(g.dtype))
     _scale_kernel[(batch, n_progs)](
         g, alpha, part, out, n, g.stride(0), n_progs, float(max_norm or 0.0),
-        HAS_CAP=max_norm is not None, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_progs), ACC=acc_tl,
+        HAS_CAP=max_norm is not None, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_progs), ACC=acc_tl(g.dtype),
         RTNE=emulate_bf16_rtne(g.dtype, g.device),
     )
     return out
 
 
-def _no_forward(*args):
-    raise AssertionError("grad_scale has no forward kernel: its forward is a view")
-
-
-backend.register(OP, "reference", backend.KernelSet(_no_forward, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_no_forward, _backward_triton))
+register_op(OP, (no_forward(OP), _backward_reference), (no_forward(OP), _backward_triton))
 
 
 # ----------------------------------------------------------------------------- autograd

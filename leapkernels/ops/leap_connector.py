@@ -2,11 +2,11 @@
 
     leap      = x_from + c * v                    (c: one coefficient per sample, or a scalar)
     connected = x_true   in value, gradient to the leap (straight-through: d/dx_from = I, d/dv = c)
-    distance  = mean |x_true - leap| per sample   (fp32, no gradient)
+    distance  = mean |x_true - leap| per sample   (fp32; fp64 for fp64 inputs; no gradient)
 
 The paper writes the connector as ``leap + sg(x_true - leap)``; here its value is ``x_true``
-exactly (no low-precision round trip), and the distance is accumulated in fp32 from the
-un-rounded fp32 leap. Nothing is saved for backward except ``v`` (and only when ``c`` needs a
+exactly (no low-precision round trip), and the distance is accumulated in fp32 (fp64 for fp64
+inputs) from the un-rounded leap. Nothing is saved for backward except ``v`` (and only when ``c`` needs a
 gradient): ``d/dx_from = g`` and ``d/dv = c g`` need no activations.
 """
 from __future__ import annotations
@@ -15,19 +15,8 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_shape, check_tensor, per_sample
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-
-    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
-    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
-    _sum = tl.standard._sum_combine
-except ImportError:  # CPU-only platforms without triton: the reference backend still works
-    triton = None
+from leapkernels.ops._common import acc_tl, register_op, stream_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "leap_connector"
 
@@ -36,23 +25,33 @@ OP = "leap_connector"
 def leap_connector_reference(
     x_from: torch.Tensor, v: torch.Tensor, c: float | torch.Tensor, x_true: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain PyTorch, autograd-composed: the truth the kernels are tested against (run it in fp64).
+    """Plain PyTorch, autograd-composed: the truth the kernels are tested against (run it in fp64),
+    and the op LeapAlign's objectives run when told not to use the kernels.
 
-    Arithmetic in the inputs' dtype (the low-precision baseline); the distance in fp32 (fp64 for
-    fp64 inputs).
+    ``connected = x_true + (leap - sg(leap))``: its value is ``x_true`` bit for bit (``+ 0``), its
+    gradient the leap's. (The paper's ``leap + sg(x_true - leap)`` rounds twice in low precision
+    and would perturb the rollout the reward sees.) Arithmetic in the inputs' dtype (the
+    low-precision baseline); the distance ``mean |x_true - leap|`` per sample, without gradient,
+    in the wider of float32 and the inputs' dtype.
     """
-    coef = c.reshape(-1, *([1] * (x_from.dim() - 1))) if isinstance(c, torch.Tensor) else c
+    coef = c.reshape(-1, *([1] * (x_from.dim() - 1))).to(x_from.dtype) if isinstance(c, torch.Tensor) else c
     leap = x_from + coef * v
     if x_true is None:
         return leap, None
-    connected = leap + (x_true - leap).detach()
-    acc = torch.promote_types(x_from.dtype, torch.float32)
-    distance = (x_true.detach().to(acc) - leap.detach().to(acc)).abs().flatten(1).mean(1)
-    return connected, distance
+    connected = x_true.detach() + (leap - leap.detach())
+    return connected, mean_abs_distance(x_true, leap)
+
+
+def mean_abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean |a - b|`` over all non-batch dims, no gradient: ``[B]`` in the wider of
+    float32 and the inputs' dtype (float32 for bf16/fp16, float64 for float64)."""
+    acc = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.no_grad():
+        return (a.detach().to(acc) - b.detach().to(acc)).abs().flatten(1).mean(1)
 
 
 # ----------------------------------------------------------------------------- kernels (contract)
-# forward(x[B,N], v[B,N], c[B] acc, x_true[B,N] | None) -> (out[B,N] (connected or leap), distance[B] fp32 | None)
+# forward(x[B,N], v[B,N], c[B] acc, x_true[B,N] | None) -> (out[B,N] (connected or leap), distance[B] acc | None)
 # backward(g[B,N], v[B,N] | None, c[B] acc, need_dc) -> (grad_v[B,N], dc[B] acc | None)
 
 
@@ -61,7 +60,7 @@ def _forward_reference(x, v, c, x_true):
     leap = x.to(acc) + c[:, None] * v.to(acc)
     if x_true is None:
         return leap.to(x.dtype), None
-    distance = (x_true.to(acc) - leap).abs().mean(1).to(torch.float32)
+    distance = (x_true.to(acc) - leap).abs().mean(1)
     return x_true.clone(memory_format=torch.contiguous_format), distance
 
 
@@ -98,7 +97,7 @@ if triton is not None:
             else:
                 tl.store(out_ptr + b * N + offs, rounded(leap, out_ptr.dtype.element_ty, RTNE), mask=mask)
         if HAS_TRUE:
-            tl.store(part_ptr + b * n_progs + p, tl.reduce(dist, 0, _sum))
+            tl.store(part_ptr + b * n_progs + p, tl.sum(dist, 0))
 
     @triton.jit
     def _leap_bwd_kernel(
@@ -120,50 +119,38 @@ if triton is not None:
                 v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
                 dc += g * v
         if NEED_DC:
-            tl.store(part_ptr + b * n_progs + p, tl.reduce(dc, 0, _sum))
-
-
-def _grid(batch: int, n: int, device: torch.device) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(n, 1)), backend.tile_elements(device))
-    n_progs = max(1, min(triton.cdiv(n, block), backend.program_budget(device) // batch or 1))
-    return block, n_progs
-
-
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+            tl.store(part_ptr + b * n_progs + p, tl.sum(dc, 0))
 
 
 def _forward_triton(x, v, c, x_true):
     batch, n = x.shape
-    block, n_progs = _grid(batch, n, x.device)
+    block, n_progs = stream_launch(batch, n, x.device)
     out = backend.empty((batch, n), dtype=x.dtype, device=x.device)
     part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
     t = x_true if x_true is not None else x
     _leap_fwd_kernel[(batch, n_progs)](
         x, v, t, c, out, part, n, x.stride(0), v.stride(0), t.stride(0), n_progs,
-        HAS_TRUE=x_true is not None, BLOCK=block, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        HAS_TRUE=x_true is not None, BLOCK=block, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
     )
     if x_true is None:
         return out, None
-    return out, (part.sum(1) / n).to(torch.float32)
+    return out, part.sum(1) / n
 
 
 def _backward_triton(g, v, c, need_dc):
     batch, n = g.shape
-    block, n_progs = _grid(batch, n, g.device)
+    block, n_progs = stream_launch(batch, n, g.device)
     grad_v = backend.empty((batch, n), dtype=g.dtype, device=g.device)
     part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(g.dtype), device=g.device)
     vv = v if v is not None else g
     _leap_bwd_kernel[(batch, n_progs)](
         g, vv, c, grad_v, part, n, g.stride(0), vv.stride(0), n_progs,
-        NEED_DC=need_dc, BLOCK=block, ACC=_acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
+        NEED_DC=need_dc, BLOCK=block, ACC=acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
     )
     return grad_v, (part.sum(1) if need_dc else None)
 
 
-backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -221,7 +208,7 @@ def leap_connector(
 
     ``connected`` has the value of ``x_true`` and the gradient of the leap (``d/dx_from = I``,
     ``d/dv = c``, ``d/dc = <g, v>`` per sample if ``c`` is a tensor needing grad); ``distance`` is
-    the fp32 per-sample ``mean |x_true - leap|``, without gradient. ``c``: a float, a 0-d tensor
+    the per-sample ``mean |x_true - leap|`` (fp32; fp64 for fp64 inputs), without gradient. ``c``: a float, a 0-d tensor
     or one value per sample ``[B]``. ``x_from``, ``v``, ``x_true``: same shape ``[B, ...]``,
     dtype and device.
     """

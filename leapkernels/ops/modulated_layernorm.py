@@ -17,19 +17,8 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-
-    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
-    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
-    _sum = tl.standard._sum_combine
-except ImportError:
-    triton = None
+from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "modulated_layernorm"
 
@@ -95,9 +84,9 @@ if triton is not None:
             rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
             mask = (rows < S)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.reduce(x, 1, _sum) / D
+            mean = tl.sum(x, 1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _sum) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
             y = xc * rstd[:, None] * one_plus_scale[None, :] + shift[None, :]
             tl.store(y_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(y, y_ptr.dtype.element_ty, RTNE), mask=mask)
 
@@ -120,17 +109,17 @@ if triton is not None:
             mask = (rows < S)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
             g = tl.load(g_ptr + b * stride_gb + rows[:, None] * stride_gs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.reduce(x, 1, _sum) / D
+            mean = tl.sum(x, 1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _sum) / D + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
             xhat = xc * rstd[:, None]
             if NEED_DMOD:
-                dscale += tl.reduce(g * xhat, 0, _sum)
-                dshift += tl.reduce(g, 0, _sum)
+                dscale += tl.sum(g * xhat, 0)
+                dshift += tl.sum(g, 0)
             if NEED_DX:
                 dxhat = g * one_plus_scale[None, :]
-                c1 = tl.reduce(dxhat, 1, _sum) / D
-                c2 = tl.reduce(dxhat * xhat, 1, _sum) / D
+                c1 = tl.sum(dxhat, 1) / D
+                c2 = tl.sum(dxhat * xhat, 1) / D
                 dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
                 tl.store(dx_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dx, dx_ptr.dtype.element_ty, RTNE), mask=mask)
         if NEED_DMOD:
@@ -138,24 +127,13 @@ if triton is not None:
             tl.store(dshift_ptr + (b * n_progs + p) * D + cols, dshift, mask=cmask)
 
 
-def _launch_shape(batch: int, rows: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(backend.tile_elements(device) // block_d, triton.next_power_of_2(rows)))
-    n_progs = max(1, min(triton.cdiv(rows, block_r), backend.program_budget(device) // batch or 1))
-    return block_r, block_d, n_progs
-
-
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _forward_triton(x, scale, shift, eps):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, x.device)
+    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
     y = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device)
     _mln_fwd_kernel[(batch, n_progs)](
         x, scale, shift, y, seq, dim, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps, n_progs,
-        BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
         num_warps=backend.num_warps(block_r * block_d),
     )
     return y
@@ -163,7 +141,7 @@ def _forward_triton(x, scale, shift, eps):
 
 def _backward_triton(g, x, scale, eps, need_dx, need_dmod):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = _launch_shape(batch, seq, dim, x.device)
+    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
     acc = backend.accumulator_dtype(x.dtype)
     dx = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device) if need_dx else x
     shape = (batch, n_progs, dim) if need_dmod else (1,)
@@ -171,7 +149,7 @@ def _backward_triton(g, x, scale, eps, need_dx, need_dmod):
     _mln_bwd_kernel[(batch, n_progs)](
         g, x, scale, dx, dscale, dshift, seq, dim, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         scale.stride(0), eps, n_progs, NEED_DX=need_dx, NEED_DMOD=need_dmod,
-        BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
         num_warps=backend.num_warps(block_r * block_d),
     )
     if not need_dmod:
@@ -179,9 +157,7 @@ def _backward_triton(g, x, scale, eps, need_dx, need_dmod):
     return (dx if need_dx else None), dscale.sum(1).to(scale.dtype), dshift.sum(1).to(scale.dtype)
 
 
-backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
 # ----------------------------------------------------------------------------- autograd

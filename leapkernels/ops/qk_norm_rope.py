@@ -17,19 +17,8 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops.rounding import emulate_bf16_rtne
-
-try:
-    import triton
-    import triton.language as tl
-
-    from leapkernels.ops.rounding import rounded
-
-    # tl.sum's own combine function, called through tl.reduce: the same code compiled, but the
-    # interpreter sums with numpy instead of re-patching triton.language for a nested jit call.
-    _sum = tl.standard._sum_combine
-except ImportError:
-    triton = None
+from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "qk_norm_rope"
 
@@ -108,7 +97,7 @@ if triton is not None:
             base = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
             xe = tl.load(x_ptr + base + ev[None, :], mask=mask, other=0.0).to(ACC)
             xo = tl.load(x_ptr + base + od[None, :], mask=mask, other=0.0).to(ACC)
-            rstd = 1.0 / tl.sqrt((tl.reduce(xe * xe, 1, _sum) + tl.reduce(xo * xo, 1, _sum)) / D + eps)
+            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)) / D + eps)
             ne = xe * rstd[:, None] * we[None, :]
             no = xo * rstd[:, None] * wo[None, :]
             if HAS_ROPE:
@@ -165,16 +154,16 @@ if triton is not None:
             else:
                 gne = ge
                 gno = go
-            rstd = 1.0 / tl.sqrt((tl.reduce(xe * xe, 1, _sum) + tl.reduce(xo * xo, 1, _sum)) / D + eps)
+            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)) / D + eps)
             xhe = xe * rstd[:, None]
             xho = xo * rstd[:, None]
             if NEED_DW:
-                dwe += tl.reduce(gne * xhe, 0, _sum)
-                dwo += tl.reduce(gno * xho, 0, _sum)
+                dwe += tl.sum(gne * xhe, 0)
+                dwo += tl.sum(gno * xho, 0)
             if NEED_DX:
                 dhe = gne * we[None, :]
                 dho = gno * wo[None, :]
-                c = (tl.reduce(dhe * xhe, 1, _sum) + tl.reduce(dho * xho, 1, _sum)) / D
+                c = (tl.sum(dhe * xhe, 1) + tl.sum(dho * xho, 1)) / D
                 dxe = (dhe - xhe * c[:, None]) * rstd[:, None]
                 dxo = (dho - xho * c[:, None]) * rstd[:, None]
                 obase = (rows * D)[:, None]
@@ -185,27 +174,17 @@ if triton is not None:
             tl.store(dw_ptr + p * D + od, dwo, mask=cmask)
 
 
-def _launch_shape(rows: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    half = triton.next_power_of_2(d // 2)
-    block_r = max(1, min(backend.tile_elements(device) // (2 * half), triton.next_power_of_2(rows)))
-    n_progs = max(1, min(triton.cdiv(rows, block_r), backend.program_budget(device)))
-    return block_r, half, n_progs
-
-
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _forward_triton(x, weight, cos, sin, eps):
     batch, seq, heads, dim = x.shape
     rows = batch * seq * heads
-    block_r, half, n_progs = _launch_shape(rows, dim, x.device)
+    block_r, block_d, n_progs = row_launch(1, rows, dim, x.device)
+    half = block_d // 2
     out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
     has_rope = cos is not None
     _qkr_fwd_kernel[(n_progs,)](
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
         rows, seq, heads, seq * heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
-        HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
         num_warps=backend.num_warps(2 * block_r * half),
     )
     return out
@@ -214,7 +193,8 @@ def _forward_triton(x, weight, cos, sin, eps):
 def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
     batch, seq, heads, dim = x.shape
     rows = batch * seq * heads
-    block_r, half, n_progs = _launch_shape(rows, dim, x.device)
+    block_r, block_d, n_progs = row_launch(1, rows, dim, x.device)
+    half = block_d // 2
     dx = backend.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x
     dw = backend.empty((n_progs, dim) if need_dw else (1,), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
     has_rope = cos is not None
@@ -223,14 +203,12 @@ def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
         rows, seq, heads, seq * heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if has_rope else 0, eps, n_progs,
         HAS_ROPE=has_rope, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_R=block_r, HALF=half,
-        ACC=_acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(2 * block_r * half),
+        ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(2 * block_r * half),
     )
     return (dx if need_dx else None), (dw.sum(0).to(weight.dtype) if need_dw else None)
 
 
-backend.register(OP, "reference", backend.KernelSet(_forward_reference, _backward_reference))
-if triton is not None:
-    backend.register(OP, "triton", backend.KernelSet(_forward_triton, _backward_triton))
+register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from leapkernels import backend
+from leapkernels.ops._common import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+rounded = None  # without triton (set below otherwise)
 
 
 def emulate_bf16_rtne(dtype: torch.dtype, device: torch.device) -> bool:

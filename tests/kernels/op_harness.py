@@ -162,6 +162,30 @@ def _as_tuple(value: object) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
+def native_only() -> list:
+    """``pytestmark`` of a native-backend test module: skipped without the library, and with the
+    native kernels registered for each test (the ``native_registered`` fixture)."""
+    from leapkernels import native
+
+    return [
+        pytest.mark.skipif(not native.available(), reason=f"native backend absent: {native.unavailable_reason()}"),
+        pytest.mark.usefixtures("native_registered"),
+    ]
+
+
+def results_per_thread_count(fn: Callable[[], object], counts: Sequence[int] = (1, 2)) -> list:
+    """``fn()`` run once under each torch thread count (the count is restored after)."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def cuda_or_skip(device: str) -> None:
     """Skip a test parametrised on ``device`` where that device is absent."""
     if device == "cuda" and not torch.cuda.is_available():

@@ -66,3 +66,38 @@ def test_native_is_a_registry_hook(monkeypatch):
 def test_every_op_registers_triton_and_reference():
     for op in ("leap_connector", "grad_scale", "modulated_layernorm", "gated_residual", "qk_norm_rope", "gelu_tanh"):
         assert {"triton", "reference"} <= set(backend.registered(op)), op
+
+
+def test_backend_imports_none_of_the_backends_that_register_with_it():
+    """backend.py knows nothing of native (or any declared backend): no import of leapkernels.*."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(backend.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("leapkernels")], imported
+
+
+def test_a_declared_backend_is_chosen_by_auto_and_explains_its_absence(monkeypatch):
+    """declare_backend: the name becomes a valid choice, auto prefers it on its devices where the
+    op has its kernels, and a forced one without kernels raises with the reason it declared."""
+    monkeypatch.setattr(backend, "_declared", dict(backend._declared))
+    monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    backend.declare_backend("_probe", auto_devices=("cpu",), unavailable_reason=lambda: "probe library not built")
+    assert "_probe" in backend.backends()
+    reference = backend._registry["gated_residual"]["reference"]
+    monkeypatch.setitem(backend._registry, "_probe_op", {"reference": reference})
+    assert backend.select_backend(CPU, "_probe_op") == "reference"
+    backend.register("_probe_op", "_probe", reference)
+    assert backend.select_backend(CPU, "_probe_op") == "_probe"
+    backend.unregister("_probe_op", "_probe")
+    assert backend.registered("_probe_op") == ("reference",)
+    with backend.force_backend("_probe"):
+        with pytest.raises(backend.BackendUnavailableError, match=r"\(_probe: probe library not built\)"):
+            backend.kernels_for("_probe_op", CPU)
+    with pytest.raises(ValueError, match="built-in backend name"):
+        backend.declare_backend("triton")
+    with pytest.raises(ValueError, match="declare others with declare_backend"):
+        backend.register("_probe_op", "_undeclared", reference)

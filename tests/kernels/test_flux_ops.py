@@ -28,68 +28,69 @@ QK_CASES = [((1, 5, 3, 16), "transposed"), ((2, 11, 2, 34), "rows")]
 GELU_CASES = [((3, 5, 129), "transposed"), ((1, 2**10 + 17), "rows")]
 
 
-@pytest.mark.parametrize("device,backend_name", backends_under_test())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", MLN_CASES, ids=str)
-def test_modulated_layernorm_matches_fp64_reference(device, backend_name, dtype, shape, layout):
-    cuda_or_skip(device)
+def _modulated_layernorm_case(shape):
     b, _, d = shape
     inputs = {"x": _randn(*shape, seed=1) * 3 + 0.5, "scale": _randn(b, d, seed=2), "shift": _randn(b, d, seed=3)}
-    run_and_compare(
-        lk.modulated_layernorm, lk.modulated_layernorm_reference, inputs, grad_inputs=["x", "scale", "shift"],
-        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
-    )
+    return lk.modulated_layernorm, lk.modulated_layernorm_reference, inputs, ["x", "scale", "shift"], {}
 
 
-@pytest.mark.parametrize("device,backend_name", backends_under_test())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ada_layernorm_continuous_matches_fp64_reference(device, backend_name, dtype):
+def _ada_layernorm_continuous_case(shape):
     """AdaLayerNormContinuous's chunk order is (scale, shift): swapped chunks would fail here."""
-    cuda_or_skip(device)
-    inputs = {"x": _randn(2, 9, 24, seed=4), "emb": _randn(2, 48, seed=5)}
-    run_and_compare(
-        lk.ada_layernorm_continuous, lk.ada_layernorm_continuous_reference, inputs, grad_inputs=["x", "emb"],
-        dtype=dtype, device=device, backend_name=backend_name, layout="rows",
-    )
+    inputs = {"x": _randn(*shape, seed=4), "emb": _randn(shape[0], 2 * shape[2], seed=5)}
+    return lk.ada_layernorm_continuous, lk.ada_layernorm_continuous_reference, inputs, ["x", "emb"], {}
 
 
-@pytest.mark.parametrize("device,backend_name", backends_under_test())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", MLN_CASES, ids=str)
-def test_gated_residual_matches_fp64_reference(device, backend_name, dtype, shape, layout):
-    cuda_or_skip(device)
+def _gated_residual_case(shape):
     b, _, d = shape
     inputs = {"x": _randn(*shape, seed=6), "gate": _randn(b, d, seed=7), "y": _randn(*shape, seed=8)}
-    run_and_compare(
-        lk.gated_residual, lk.gated_residual_reference, inputs, grad_inputs=["x", "gate", "y"],
-        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
-    )
+    return lk.gated_residual, lk.gated_residual_reference, inputs, ["x", "gate", "y"], {}
 
 
-@pytest.mark.parametrize("device,backend_name", backends_under_test())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", QK_CASES, ids=str)
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norm-only"])
-def test_qk_norm_rope_matches_fp64_reference(device, backend_name, dtype, shape, layout, rope):
-    cuda_or_skip(device)
+def _qk_norm_rope_case(shape, rope=True):
     _, s, _, d = shape
     cos, sin = _rope_tables(s, d) if rope else (None, None)
     inputs = {"x": _randn(*shape, seed=9) * 2, "weight": 1 + 0.3 * _randn(d, seed=10), "cos": cos, "sin": sin}
-    run_and_compare(
-        lk.qk_norm_rope, lk.qk_norm_rope_reference, inputs, grad_inputs=["x", "weight"], dtype=dtype,
-        device=device, backend_name=backend_name, layout=layout, fp32_inputs=["cos", "sin"],
-    )
+    return lk.qk_norm_rope, lk.qk_norm_rope_reference, inputs, ["x", "weight"], {"fp32_inputs": ["cos", "sin"]}
+
+
+def _gelu_tanh_case(shape):
+    return lk.gelu_tanh, lk.gelu_tanh_reference, {"h": _randn(*shape, seed=11) * 3}, ["h"], {}
+
+
+CASE_BUILDERS = {
+    "modulated_layernorm": _modulated_layernorm_case,
+    "ada_layernorm_continuous": _ada_layernorm_continuous_case,
+    "gated_residual": _gated_residual_case,
+    "qk_norm_rope": _qk_norm_rope_case,
+    "qk_norm_only": lambda shape: _qk_norm_rope_case(shape, rope=False),
+    "gelu_tanh": _gelu_tanh_case,
+}
+"""op case name -> (shape -> (op, reference, fp64 inputs, inputs needing grad, harness options))"""
+
+ELEMENTWISE_CASES = (
+    [("modulated_layernorm", shape, layout) for shape, layout in MLN_CASES]
+    + [("ada_layernorm_continuous", (2, 9, 24), "rows")]
+    + [("gated_residual", shape, layout) for shape, layout in MLN_CASES]
+    + [(op, shape, layout) for op in ("qk_norm_rope", "qk_norm_only") for shape, layout in QK_CASES]
+    + [("gelu_tanh", shape, layout) for shape, layout in GELU_CASES]
+)
+
+
+def check_case(op_case: str, shape: tuple, layout: str, device: str, backend_name: str, dtype: torch.dtype) -> None:
+    """Run one op case through the harness (the native tests call this with backend "native")."""
+    op, reference, inputs, grads, options = CASE_BUILDERS[op_case](shape)
+    run_and_compare(op, reference, inputs, grad_inputs=grads, dtype=dtype, device=device, backend_name=backend_name,
+                    layout=layout, **options)
 
 
 @pytest.mark.parametrize("device,backend_name", backends_under_test())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", GELU_CASES, ids=str)
-def test_gelu_tanh_matches_fp64_reference(device, backend_name, dtype, shape, layout):
+@pytest.mark.parametrize("op_case,shape,layout", ELEMENTWISE_CASES, ids=str)
+def test_flux_op_matches_fp64_reference(device, backend_name, dtype, op_case, shape, layout):
+    """Modulated LayerNorm (and AdaLayerNormContinuous), gated residual, QK norm (+ RoPE), GELU:
+    output and every gradient vs fp64."""
     cuda_or_skip(device)
-    run_and_compare(
-        lk.gelu_tanh, lk.gelu_tanh_reference, {"h": _randn(*shape, seed=11) * 3}, grad_inputs=["h"],
-        dtype=dtype, device=device, backend_name=backend_name, layout=layout,
-    )
+    check_case(op_case, shape, layout, device, backend_name, dtype)
 
 
 @pytest.mark.parametrize("device,backend_name", backends_under_test())

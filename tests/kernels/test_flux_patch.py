@@ -3,6 +3,7 @@ gradients as the unpatched model (judged against an fp64 copy), exact revert, ch
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -163,3 +164,49 @@ def test_lora_wrapped_flux_matches_unpatched():
 def test_apply_rejects_a_non_flux_module():
     with pytest.raises(TypeError, match="transformer must be a diffusers FluxTransformer2DModel"):
         apply_leapkernels_to_flux(torch.nn.Linear(2, 2))
+
+
+def test_norm_out_runs_ada_layernorm_continuous(monkeypatch):
+    """norm_out alone: the final AdaLayerNormContinuous goes through the fused op (once per forward),
+    matches the unpatched model in output and gradients, and reverts bit for bit."""
+    import leapkernels.flux as lkflux
+
+    model, inputs = _model("tiny")
+    cot = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    before = _run(model, inputs, torch.float32, cot)
+    calls = []
+    fused = lkflux.ada_layernorm_continuous
+    monkeypatch.setattr(lkflux, "ada_layernorm_continuous", lambda *a: calls.append(1) or fused(*a))
+    names = ["modulated_layernorm", "gated_residual", "qk_norm_rope", "gelu"]
+    apply_leapkernels_to_flux(model, **{n: False for n in names}, norm_out=True)
+    patched = _run(model, inputs, torch.float32, cot)
+    assert calls == [1]
+    assert rel_err(patched[0], before[0]) < 2e-6
+    assert max(rel_err(patched[1][n], before[1][n]) for n in before[1]) < 2e-5
+    revert_leapkernels(model)
+    after = _run(model, inputs, torch.float32, cot)
+    assert torch.equal(after[0], before[0]) and all(torch.equal(after[1][n], before[1][n]) for n in before[1])
+
+
+# ----------------------------------------------------------------------------- diffusers version guard
+def test_installed_diffusers_is_a_verified_one():
+    """CI runs the parity tests above on the installed diffusers: it must be one the guard accepts."""
+    from leapkernels.flux import VERIFIED_DIFFUSERS, check_diffusers_version
+
+    assert check_diffusers_version() == diffusers.__version__
+    assert diffusers.__version__ in VERIFIED_DIFFUSERS
+
+
+@pytest.mark.parametrize("version", ["0.43.0", "0.41.2", "0.43.0.dev0", "1.0.0"])
+def test_unverified_diffusers_is_refused_unless_allowed(monkeypatch, version):
+    from leapkernels.flux import UnverifiedDiffusersError
+
+    model, _ = _model("tiny")
+    monkeypatch.setattr(diffusers, "__version__", version)
+    with pytest.raises(UnverifiedDiffusersError, match=rf"verified against diffusers .*, but diffusers {re.escape(version)} is installed"):
+        apply_leapkernels_to_flux(model)
+    assert not is_patched(model)
+    with pytest.warns(UserWarning, match=rf"diffusers {re.escape(version)} is installed.*patching anyway"):
+        apply_leapkernels_to_flux(model, allow_unverified_diffusers=True)
+    assert is_patched(model)
+    revert_leapkernels(model)

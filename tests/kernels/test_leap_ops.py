@@ -67,7 +67,7 @@ def test_leap_gradcheck_fp64(backend_name):
 
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
 def test_connector_value_is_exactly_x_true_and_gradient_goes_to_leap(backend_name):
-    """Straight-through: the value is x_true bit for bit; d/dx_from = I and d/dv = c per sample."""
+    """(native: test_native_leap_ops runs this body with backend "native".) Straight-through: the value is x_true bit for bit; d/dx_from = I and d/dv = c per sample."""
     g = torch.Generator().manual_seed(4)
     x, v, t = (torch.randn(2, 65, generator=g, dtype=torch.bfloat16) for _ in range(3))
     x.requires_grad_(True)
@@ -150,7 +150,24 @@ def test_grad_scale_bad_input_names_the_argument():
         lk.grad_scale(x, "0.5")
 
 
-def test_distance_is_mean_abs_difference_in_fp32():
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_distance_is_mean_abs_difference_in_fp32(backend_name):
     x, v, t = torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    _, dist = lk.leap_connector(x, v, torch.tensor([1.0, 2.0]), t)
+    with backend.force_backend(backend_name):
+        _, dist = lk.leap_connector(x, v, torch.tensor([1.0, 2.0]), t)
+    assert dist.dtype == torch.float32
     assert rel_err(dist, torch.tensor([1.0, 2.0])) < 1e-7
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_distance_of_fp64_latents_is_fp64(backend_name):
+    """fp64 latents: the distance is accumulated and returned in fp64 (agrees with fp64 to 1e-15,
+    where an fp32 distance would stop at ~1e-7)."""
+    g = torch.Generator().manual_seed(8)
+    x, v, t = (torch.randn(3, 2 * 4096 + 7, generator=g, dtype=torch.float64) for _ in range(3))
+    c = torch.tensor([0.3, -1.1, 0.7], dtype=torch.float64)
+    with backend.force_backend(backend_name):
+        _, dist = lk.leap_connector(x, v, c, t)
+    truth = (t - (x + c[:, None] * v)).abs().mean(1)
+    assert dist.dtype == torch.float64
+    assert rel_err(dist, truth) < 1e-14

@@ -15,17 +15,10 @@ import leapkernels as lk
 from leapkernels import backend, native
 
 from . import test_flux_ops as flux
-from .op_harness import DTYPES, run_and_compare
+from .op_harness import DTYPES, native_only, results_per_thread_count, run_and_compare
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native backend absent: {native.unavailable_reason()}")
+pytestmark = native_only()
 
-
-@pytest.fixture(autouse=True)
-def native_registered():
-    """Native joins the registry for these tests only (other tests see the registry they expect)."""
-    native.register_all()
-    yield
-    native.unregister_all()
 
 
 def test_native_kernels_are_registered_for_every_flux_op():
@@ -35,33 +28,9 @@ def test_native_kernels_are_registered_for_every_flux_op():
 
 # ----------------------------------------------------------------------------- the shared suite
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", flux.MLN_CASES, ids=str)
-def test_native_modulated_layernorm_matches_fp64_reference(dtype, shape, layout):
-    flux.test_modulated_layernorm_matches_fp64_reference("cpu", "native", dtype, shape, layout)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_ada_layernorm_continuous_matches_fp64_reference(dtype):
-    flux.test_ada_layernorm_continuous_matches_fp64_reference("cpu", "native", dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", flux.MLN_CASES, ids=str)
-def test_native_gated_residual_matches_fp64_reference(dtype, shape, layout):
-    flux.test_gated_residual_matches_fp64_reference("cpu", "native", dtype, shape, layout)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", flux.QK_CASES, ids=str)
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norm-only"])
-def test_native_qk_norm_rope_matches_fp64_reference(dtype, shape, layout, rope):
-    flux.test_qk_norm_rope_matches_fp64_reference("cpu", "native", dtype, shape, layout, rope)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", flux.GELU_CASES, ids=str)
-def test_native_gelu_tanh_matches_fp64_reference(dtype, shape, layout):
-    flux.test_gelu_tanh_matches_fp64_reference("cpu", "native", dtype, shape, layout)
+@pytest.mark.parametrize("op_case,shape,layout", flux.ELEMENTWISE_CASES, ids=str)
+def test_native_flux_op_matches_fp64_reference(dtype, op_case, shape, layout):
+    flux.check_case(op_case, shape, layout, "cpu", "native", dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -114,15 +83,9 @@ def test_native_flux_reductions_do_not_depend_on_the_thread_count():
     x = torch.randn(2, 97, 40, requires_grad=True)
     scale, shift = torch.randn(2, 40, requires_grad=True), torch.randn(2, 40, requires_grad=True)
     up = torch.randn(2, 97, 40)
-    threads = torch.get_num_threads()
-    grads = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with backend.force_backend("native"):
-                grads.append(torch.autograd.grad(lk.modulated_layernorm(x, scale, shift), (x, scale, shift), up))
-    finally:
-        torch.set_num_threads(threads)
+    with backend.force_backend("native"):
+        grads = results_per_thread_count(
+            lambda: torch.autograd.grad(lk.modulated_layernorm(x, scale, shift), (x, scale, shift), up))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 

@@ -8,18 +8,12 @@ import pytest
 from leapkernels import native
 
 from . import test_fuzz as fuzz
-from .op_harness import run_and_compare
+from .op_harness import native_only, run_and_compare
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native backend absent: {native.unavailable_reason()}")
+pytestmark = native_only()
 
 FUZZ_TESTS = [name for name in dir(fuzz) if name.startswith("test_fuzz_")]
 
-
-@pytest.fixture(autouse=True)
-def native_registered():
-    native.register_all()
-    yield
-    native.unregister_all()
 
 
 CALLS: list[str] = []
