@@ -202,3 +202,17 @@ def test_conditioning_and_velocity_reject_bad_input(pipe):
     with pytest.raises(ValueError, match="no text path"):
         bare.encode_prompts(PROMPTS)
     assert random_cond().select([1]).batch_size == 1
+
+
+def test_adapter_prompt_encoder_serves_the_trainer_interface():
+    """encode / precompute / release_text_encoders / released, as FluxPromptEncoder offers them."""
+    from leapalign.adapters.prompt_cache import AdapterPromptEncoder
+
+    model = adapter(tiny_sd3_pipeline())
+    encoder = AdapterPromptEncoder(model)
+    encoder.precompute(PROMPTS + PROMPTS[:1])
+    assert len(encoder) == 3 and not encoder.released  # the negative "" and two prompts
+    encoder.release_text_encoders()
+    assert encoder.released and torch.equal(encoder.encode(PROMPTS).prompt_embeds, model.encode_prompts(PROMPTS).prompt_embeds)
+    with pytest.raises(ValueError, match="has no text path"):
+        AdapterPromptEncoder(SD3VelocityModel(tiny_sd3_transformer(), height=H, width=W))

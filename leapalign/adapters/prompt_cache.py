@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["PromptEmbeddingCache"]
+__all__ = ["PromptEmbeddingCache", "AdapterPromptEncoder"]
 
 
 class PromptEmbeddingCache:
@@ -83,3 +83,39 @@ class PromptEmbeddingCache:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class AdapterPromptEncoder:
+    """An adapter's own text path behind :class:`leapalign.prompts.FluxPromptEncoder`'s interface.
+
+    ``encode(prompts) -> cond``, ``precompute(prompts)``, ``release_text_encoders()`` and
+    ``released``, so a trainer treats FLUX.1's separate encoder and the FLUX.2 / SD3 adapters'
+    built-in ones alike. ``model`` is a ``Flux2VelocityModel`` or ``SD3VelocityModel`` built by
+    ``from_pipeline`` with the pipeline's text encoders.
+    """
+
+    def __init__(self, model: Any) -> None:
+        cache = getattr(model, "prompt_cache", None)
+        if cache is None:
+            raise ValueError(
+                f"{type(model).__name__} has no text path (its pipeline had no text encoders); pass conditioning "
+                "built from prompt embeddings instead"
+            )
+        self.model = model
+        self.cache: PromptEmbeddingCache = cache
+
+    @property
+    def released(self) -> bool:
+        return self.cache.released
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def precompute(self, prompts: Iterable[str]) -> None:
+        self.cache.precompute(prompts)
+
+    def encode(self, prompts: Sequence[str]) -> Any:
+        return self.model.encode_prompts(prompts)
+
+    def release_text_encoders(self) -> None:
+        self.cache.release()
