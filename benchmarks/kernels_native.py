@@ -228,8 +228,9 @@ def run_native_iteration(
     """One LeapAlign iteration of ``model``: eager vs patched+reference vs patched+native.
 
     Built with `benchmarks.workload` (same model, batch, seed and reward as the throughput
-    suite) and ``build_objective("leapalign", hinge_lambda=None, use_kernels=...)``. The three variants run round-robin; medians of ``repeats`` iterations after one
-    warm-up each. Each record carries the loss, so the variants can be seen to agree.
+    suite) and ``build_objective("leapalign", hinge_lambda=None, use_kernels=...)``. The three variants
+    run round-robin; medians of ``repeats`` iterations after one warm-up each. Each record carries the
+    loss, so the variants can be seen to agree.
     """
     from benchmarks.workload import WorkloadConfig, build_workload, run_iteration
     from leapalign.objectives import build_objective
@@ -245,11 +246,7 @@ def run_native_iteration(
     config = WorkloadConfig(model=model, dtype=dtype)
     # eager: unpatched diffusers Flux + plain-PyTorch leap ops; patched: every fused op (Flux blocks
     # through apply_leapkernels_to_flux, leap/connector/discount through use_kernels) on one backend.
-    variants = {
-        "eager": (False, None),
-        "patched[reference]": (True, "reference"),
-        "patched[native]": (True, "native"),
-    }
+    variants = {"eager": (False, None), "patched[reference]": (True, "reference"), "patched[native]": (True, "native")}
     state: dict[str, dict[str, Any]] = {}
     for name, (kernels, forced) in variants.items():
         workload = build_workload(config, kernels=kernels)

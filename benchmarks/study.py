@@ -78,7 +78,7 @@ def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, base_model: An
     """
     import copy
 
-    from leapalign.shapes.demo import evaluate_alignment, make_trainer, objective_kwargs, train_and_track
+    from leapalign.shapes.experiment import evaluate_alignment, make_trainer, objective_kwargs, train_and_track
     from leapalign.shapes.world import eval_prompts
 
     s = replace(settings, seed=seed)
@@ -106,15 +106,11 @@ def _asset_hashes(model: Path | None, scorer: Path | None) -> dict[str, str]:
     """sha256 of the model and scorer weights the study used (the shipped ones unless given)."""
     import hashlib
 
-    from leapalign.shapes.model import ASSETS_DIR
+    from leapalign.shapes.model import shapes_model_files
+    from leapalign.shapes.scorer import shapes_scorer_files
 
-    files = {"model": model or ASSETS_DIR / "shapes_flux.safetensors", "scorer": scorer or ASSETS_DIR / "shapes_scorer.safetensors"}
-    out = {}
-    for k, f in files.items():
-        f = Path(f)
-        f = f / ("shapes_flux.safetensors" if k == "model" else "shapes_scorer.safetensors") if f.is_dir() else f.with_suffix(".safetensors")
-        out[k] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
+    weights = {"model": shapes_model_files(model)[0], "scorer": shapes_scorer_files(scorer)[0]}
+    return {k: hashlib.sha256(f.read_bytes()).hexdigest() for k, f in weights.items()}
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -233,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from leapalign.shapes.demo import DemoSettings, evaluate_alignment
+    from leapalign.shapes.experiment import DemoSettings, evaluate_alignment
     from leapalign.shapes.model import load_shapes_model
     from leapalign.shapes.scorer import load_shapes_scorer
     from leapalign.shapes.world import eval_prompts

@@ -1,4 +1,5 @@
-"""``leapalign demo`` and ``python -m benchmarks study`` on the shipped shapes-world assets, tiny budgets.
+"""``leapalign demo``, its library (``leapalign.shapes.experiment``) and ``python -m benchmarks study`` on the
+shipped shapes-world assets, tiny budgets.
 
 The demo test is the CI guarantee behind ``make demo``: the quick run goes end to end through the
 real trainer and writes every output with sane contents. The study test runs one point of the
@@ -13,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from leapalign.shapes import demo
+from leapalign.shapes import demo, experiment
 from leapalign.shapes.world import CATEGORIES, eval_prompts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +31,7 @@ def test_demo_quick_runs_end_to_end_and_writes_every_output(tmp_path):
     for name in ("before_after.png", "curves.png"):
         assert _is_png(out / name), name
     summary = json.loads((out / "summary.json").read_text())
-    quick = demo.quick_settings()
+    quick = experiment.quick_settings()
     assert summary["train_steps_done"] == quick.train_steps
     assert summary["command"].startswith("leapalign demo --quick")
     for when in ("before", "after"):
@@ -60,23 +61,23 @@ def test_eval_is_deterministic_and_sees_training(tmp_path):
 
     model, scorer = load_shapes_model(), load_shapes_scorer()
     specs = eval_prompts(3, seed=5)
-    a = demo.evaluate_alignment(model, scorer, specs, num_steps=2, seed=11)
-    b = demo.evaluate_alignment(model, scorer, specs, num_steps=2, seed=11)
+    a = experiment.evaluate_alignment(model, scorer, specs, num_steps=2, seed=11)
+    b = experiment.evaluate_alignment(model, scorer, specs, num_steps=2, seed=11)
     assert torch.equal(a.images, b.images) and a.reward == b.reward
-    settings = replace(demo.quick_settings(), train_steps=1, learning_rate=1e-2)
-    trainer = demo.make_trainer(model, scorer, settings, tmp_path)
-    log = demo.train_and_track(trainer, settings, lambda: demo.evaluate_alignment(model, scorer, specs, 2, 11), show_progress=False)
+    settings = replace(experiment.quick_settings(), train_steps=1, learning_rate=1e-2)
+    trainer = experiment.make_trainer(model, scorer, settings, tmp_path)
+    log = experiment.train_and_track(trainer, settings, lambda: experiment.evaluate_alignment(model, scorer, specs, 2, 11), show_progress=False)
     assert len(log.steps) == 1 and log.last_eval is not None
     assert not torch.equal(log.last_eval.images, a.images)
 
 
 def test_reading_calls_out_a_hacked_scorer():
-    def res(acc: float, reward: float) -> demo.EvalResult:
-        return demo.EvalResult({"overall": acc}, reward, {}, torch.zeros(1, 3, 2, 2))
+    def res(acc: float, reward: float) -> experiment.EvalResult:
+        return experiment.EvalResult({"overall": acc}, reward, {}, torch.zeros(1, 3, 2, 2))
 
-    assert "hacked" in demo._reading(res(0.10, 0.30), res(0.10, 0.60))
-    assert "reached" in demo._reading(res(0.10, 0.30), res(0.30, 0.60)) and "NOT" not in demo._reading(res(0.10, 0.30), res(0.30, 0.60))
-    assert "NOT reached" in demo._reading(res(0.10, 0.30), res(0.15, 0.31))
+    assert "hacked" in experiment.reading(res(0.10, 0.30), res(0.10, 0.60))
+    assert "reached" in experiment.reading(res(0.10, 0.30), res(0.30, 0.60)) and "NOT" not in experiment.reading(res(0.10, 0.30), res(0.30, 0.60))
+    assert "NOT reached" in experiment.reading(res(0.10, 0.30), res(0.15, 0.31))
 
 
 def test_study_runs_share_points_and_one_point_runs(tmp_path):
@@ -90,7 +91,7 @@ def test_study_runs_share_points_and_one_point_runs(tmp_path):
     assert shared["groups"] == ["methods", "alpha", "leaps"]
 
     point = next(s for s in specs if s["label"] == "leapalign a=0.3 leaps=3")
-    settings = replace(demo.quick_settings(), max_train_seconds=0.01, train_steps=100, eval_prompts=6)
+    settings = replace(experiment.quick_settings(), max_train_seconds=0.01, train_steps=100, eval_prompts=6)
     from leapalign.shapes.model import load_shapes_model
 
     base = load_shapes_model()
@@ -119,16 +120,16 @@ def test_log_score_reward_is_the_log_of_the_scorer_and_differentiable():
     specs = eval_prompts(4, seed=2)
     images = render_batch(specs, seed=0).requires_grad_(True)
     prompts = [s.text for s in specs]
-    log_r = call_reward(demo.training_reward(scorer, "log_score"), images, prompts)
+    log_r = call_reward(experiment.training_reward(scorer, "log_score"), images, prompts)
     torch.testing.assert_close(log_r, scorer(images, prompts).log(), rtol=1e-5, atol=1e-6)
     log_r.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
-    assert demo.training_reward(scorer, "score") is scorer
+    assert experiment.training_reward(scorer, "score") is scorer
     with pytest.raises(ValueError, match="reward must be one of"):
-        demo.training_reward(scorer, "logits")
+        experiment.training_reward(scorer, "logits")
 
 
 def test_demo_settings_reject_a_bad_ema():
     with pytest.raises(ValueError, match="ema_decay"):
-        demo.DemoSettings(ema_decay=1.0)
-    assert demo.DemoSettings(ema_decay=0.97).ema_decay == 0.97
+        experiment.DemoSettings(ema_decay=1.0)
+    assert experiment.DemoSettings(ema_decay=0.97).ema_decay == 0.97

@@ -70,7 +70,7 @@ def test_save_load_round_trip(tmp_path, scorer):
 
 
 def test_labelled_pool_uses_the_evaluator_and_detector():
-    from leapalign.shapes.scorer import LabelledPool
+    from leapalign.shapes.pools import LabelledPool
 
     specs = eval_prompts(6, seed=5)
     truth = render_batch(specs, seed=5)
@@ -86,7 +86,8 @@ def test_labelled_pool_uses_the_evaluator_and_detector():
 
 def test_fit_learns_from_a_pool_and_draws_hard_samples():
     """A few steps on a small pool lower the BCE; the hard pool is actually sampled."""
-    from leapalign.shapes.scorer import LabelledPool, fit, synthetic_pool
+    from leapalign.shapes.pools import LabelledPool, synthetic_pool
+    from leapalign.shapes.scorer import fit
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -137,7 +138,8 @@ def test_harden_runs_a_round_and_records_it(tmp_path):
 
 
 def test_bad_scorer_and_fit_settings_are_rejected():
-    from leapalign.shapes.scorer import ScorerConfig, fit, synthetic_pool
+    from leapalign.shapes.pools import synthetic_pool
+    from leapalign.shapes.scorer import ScorerConfig, fit
 
     with pytest.raises(ValueError, match="smoothing_sigma"):
         ScorerConfig(smoothing_sigma=-0.1)
@@ -146,8 +148,7 @@ def test_bad_scorer_and_fit_settings_are_rejected():
 
 
 def test_pixel_attack_raises_the_score_and_relabels():
-    from leapalign.shapes.scorer import pixel_attack
-    from leapalign.shapes.scorer import LabelledPool
+    from leapalign.shapes.pools import LabelledPool, pixel_attack
 
     specs = eval_prompts(6, seed=11)
     blank = torch.full((6, 3, 32, 32), 0.95)

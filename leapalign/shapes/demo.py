@@ -1,28 +1,23 @@
 """``leapalign demo`` (``make demo``): watch LeapAlign align the shipped shapes-world model on a CPU.
 
-What it does, in order, and what it writes to ``--out`` (default ``demo_out/``):
+The command line over :mod:`leapalign.shapes.experiment` (the settings, training, evaluation and
+measurement live there). What it does, in order, and what it writes to ``--out`` (default ``demo_out/``):
 
 1. loads the shipped tiny Flux model and the learned scorer (``leapalign/assets/``);
 2. samples a fixed evaluation set (:func:`leapalign.shapes.world.eval_prompts`, fixed noise seed)
    and reports the **rule-based accuracy** per GenEval-like category (the exact evaluator, which
    never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises);
-3. post-trains with :class:`leapalign.trainer.LeapAlignTrainer` and the ``leapalign`` objective for
-   a fixed number of steps (capped by a wall-clock budget), evaluating every ``--eval-every`` steps;
+3. post-trains with :class:`leapalign.LeapAlignTrainer` and the ``leapalign`` objective for a fixed
+   number of steps (capped by a wall-clock budget), evaluating every ``--eval-every`` steps;
 4. reports again on the same prompts and noise, and writes ``before_after.png`` (top half before,
    bottom half after, same prompts and seeds), ``curves.png`` (reward and accuracy vs step),
    ``memory_time.md`` / ``.json`` (bytes saved for backward, peak RSS and seconds per iteration of
    LeapAlign vs naive full backprop at the same T) and ``summary.json`` (everything, with the command).
 
-Tuned choices (see ``DemoSettings``; the runs behind them are in ``leapalign/assets/README.md``):
-full fine-tune (the model has 1.9M parameters), AdamW lr 1e-4, 240 steps of batch 16 capped at
-200 s of training, T = 12 for rollout and evaluation, alpha 0.3, two torch threads, and the
-training reward the scorer's probability with the hinge ``relu(0.95 - r)``. Maximising ``log p``
-instead weights each sample by ``1 / p`` and so pushes hardest on the worst images, where the
-scorer is least reliable: with it the rule-based accuracy collapsed (24 % -> 7 % in 120 steps).
-
-The learned scorer is a proxy, like HPS or PickScore: if the reward rises while the rule-based
-accuracy does not, the scorer is being hacked, and ``summary.json`` says so (``reading``).
-``--quick`` shrinks every budget so the whole run takes well under a minute (CI).
+The defaults are the tuned :class:`~leapalign.shapes.experiment.DemoSettings` (two torch threads:
+on 2 cores they step 1.5x faster than one). If the reward rises while the rule-based accuracy does
+not, the scorer is being hacked, and ``summary.json`` says so (``reading``). ``--quick`` shrinks
+every budget so the whole run takes well under a minute (CI).
 """
 from __future__ import annotations
 
@@ -31,313 +26,30 @@ import json
 import math
 import platform
 import shlex
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from leapalign.shapes.evaluator import accuracy_by_category, evaluate
+from leapalign.shapes.experiment import (
+    REWARDS,
+    DemoSettings,
+    EvalResult,
+    TrainLog,
+    evaluate_alignment,
+    make_trainer,
+    measure_memory_time,
+    quick_settings,
+    reading,
+    train_and_track,
+)
 from leapalign.shapes.model import ShapesVelocityModel, load_shapes_model
-from leapalign.shapes.world import CATEGORIES, PromptSpec, eval_prompts, sample_specs
+from leapalign.shapes.world import CATEGORIES, eval_prompts, sample_specs
 
-__all__ = [
-    "DemoSettings",
-    "EvalResult",
-    "evaluate_alignment",
-    "make_trainer",
-    "train_and_track",
-    "measure_memory_time",
-    "build_parser",
-    "main",
-]
-
-
-@dataclass
-class DemoSettings:
-    """The knobs of one alignment run on the shapes world (defaults: the tuned demo)."""
-
-    train_steps: int = 240
-    max_train_seconds: float = 200.0  # keeps `make demo` under 5 minutes on 2 cores (evals excluded from it)
-    num_steps: int = 12  # T of the training rollout (and of the evaluation sampler)
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    train_mode: str = "full"
-    lora_rank: int = 16
-    alpha: float = 0.3
-    hinge_lambda: float = 0.95
-    num_leaps: int = 2
-    ema_decay: float = 0.0  # off: a 0.97 EMA did not steady the accuracy curve in a 240-step run
-    max_grad_norm: float = 1.0
-    eval_prompts: int = 96
-    eval_every: int = 40
-    eval_seed: int = 1234
-    seed: int = 0
-    reward: str = "score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "train_steps": self.train_steps >= 1,
-            "max_train_seconds": self.max_train_seconds > 0,
-            "num_steps": self.num_steps >= 2,
-            "batch_size": self.batch_size >= 1,
-            "learning_rate": self.learning_rate > 0,
-            "train_mode": self.train_mode in ("full", "lora"),
-            "eval_prompts": self.eval_prompts >= 1,
-            "eval_every": self.eval_every >= 1,
-            "num_leaps": self.num_leaps in (1, 2, 3),
-            "ema_decay": 0.0 <= self.ema_decay < 1.0,
-            "reward": self.reward in REWARDS,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r} is invalid")
-
-
-class LogScoreReward:
-    """``log p`` of the scorer (``logsigmoid`` of its logits): a ``RewardFn`` whose gradient does not
-    vanish where the scorer's sigmoid saturates near 0, which is where most samples of a weak model sit."""
-
-    def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.nn.functional.logsigmoid(self.scorer.logits(images, prompts))
-
-
-REWARDS = ("score", "log_score")
-
-
-def training_reward(scorer: Any, name: str) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`."""
-    if name == "score":
-        return scorer
-    if name == "log_score":
-        return LogScoreReward(scorer)
-    raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
-
-
-@dataclass
-class EvalResult:
-    """Rule-based accuracy per category (+ overall) and mean scorer reward on the fixed eval set."""
-
-    accuracy: dict[str, float]
-    reward: float
-    reward_by_category: dict[str, float]
-    images: torch.Tensor = field(repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category}
-
-
-@torch.no_grad()
-def evaluate_alignment(
-    model: ShapesVelocityModel,
-    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
-    specs: Sequence[PromptSpec],
-    num_steps: int,
-    seed: int,
-    batch_size: int = 48,
-) -> EvalResult:
-    """Sample ``specs`` from fixed noise (``seed``) and judge them with the exact evaluator and the scorer.
-
-    The noise depends only on ``seed``, ``len(specs)`` and ``batch_size``, so before/after runs see
-    the same starting points.
-    """
-    was_training = model.training
-    model.eval()
-    prompts = [s.text for s in specs]
-    g = torch.Generator().manual_seed(seed)
-    images = torch.cat([model.sample(prompts[i : i + batch_size], num_steps, g).cpu() for i in range(0, len(prompts), batch_size)])
-    rewards = torch.cat([scorer(images[i : i + batch_size], prompts[i : i + batch_size]).float().cpu() for i in range(0, len(prompts), batch_size)])
-    model.train(was_training)
-    judgements = evaluate(images, list(specs))
-    by_cat: dict[str, list[float]] = {}
-    for spec, r in zip(specs, rewards.tolist()):
-        by_cat.setdefault(spec.category, []).append(r)
-    reward_by_category = {c: statistics.fmean(by_cat[c]) for c in CATEGORIES if c in by_cat}
-    return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images)
-
-
-def objective_kwargs(settings: DemoSettings, objective_name: str = "leapalign", **overrides: Any) -> dict[str, Any]:
-    """The objective config for ``objective_name`` at the settings' T and hinge (LeapAlign: alpha, leaps too)."""
-    hinge = settings.hinge_lambda if settings.reward == "score" else None  # log p <= 0: the loss is -log p
-    kw: dict[str, Any] = {"num_steps": settings.num_steps, "hinge_lambda": hinge}
-    if objective_name == "leapalign":
-        kw |= {"alpha": settings.alpha, "num_leaps": settings.num_leaps}
-    kw |= overrides
-    return kw
-
-
-def make_trainer(
-    model: ShapesVelocityModel,
-    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
-    settings: DemoSettings,
-    output_dir: str | Path,
-    objective_name: str = "leapalign",
-    objective: dict[str, Any] | None = None,
-):
-    """A :class:`LeapAlignTrainer` on the world's training prompts (seeded, disjoint seed from the eval set)."""
-    from leapalign.config import LeapAlignConfig
-    from leapalign.trainer import LeapAlignTrainer
-
-    config = LeapAlignConfig(
-        output_dir=str(output_dir),
-        seed=settings.seed,
-        device="cpu",
-        objective_name=objective_name,
-        objective=objective if objective is not None else objective_kwargs(settings, objective_name),
-        train_mode=settings.train_mode,
-        lora_rank=settings.lora_rank,
-        train_num_steps=settings.train_steps,
-        train_batch_size=settings.batch_size,
-        train_learning_rate=settings.learning_rate,
-        train_lr_scheduler="constant",
-        train_ema_decay=settings.ema_decay,
-        train_max_grad_norm=settings.max_grad_norm,
-        train_trainable_dtype="float32",
-        model_dtype="float32",
-        sample_every=0,
-        ckpt_every=0,
-        ckpt_save_final=False,
-    )
-    # Training prompts: the world's sampler, all categories, a seed unrelated to the eval set's.
-    prompts = [s.text for s in sample_specs(4096, seed=settings.seed + 100_003)]
-    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward), prompt_source=prompts)
-
-
-@dataclass
-class TrainLog:
-    """Per-step training metrics and the periodic evaluations of one run."""
-
-    steps: list[dict[str, float]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    stopped_by: str = "steps"
-    last_eval: EvalResult | None = None  # the evaluation after the final step (images included)
-
-
-def train_and_track(
-    trainer: Any,
-    settings: DemoSettings,
-    evaluate_fn: Callable[[], EvalResult] | None,
-    desc: str = "leapalign",
-    show_progress: bool = True,
-) -> TrainLog:
-    """Run ``trainer.training_step`` until ``train_steps`` or ``max_train_seconds`` of training time.
-
-    Evaluation time is not counted against the budget; ``evaluate_fn`` runs every ``eval_every``
-    steps and after the last one (EMA weights swapped in when the trainer keeps an EMA).
-    """
-    from tqdm.auto import tqdm
-
-    log = TrainLog()
-    progress = tqdm(total=settings.train_steps, desc=desc, disable=not show_progress, leave=True)
-
-    def run_eval(step: int) -> None:
-        if evaluate_fn is None:
-            return
-        ema = getattr(trainer, "ema", None)
-        ctx = ema.swapped_in() if ema is not None else _NullContext()
-        with ctx:
-            res = evaluate_fn()
-        log.last_eval = res
-        log.evals.append({"step": step, "train_seconds": round(log.train_seconds, 3), **res.to_json()})
-
-    try:
-        for step in range(settings.train_steps):
-            t0 = time.perf_counter()
-            metrics = trainer.training_step()
-            log.train_seconds += time.perf_counter() - t0
-            log.steps.append({"step": step + 1, "seconds": log.train_seconds, **{k: float(v) for k, v in metrics.items()}})
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
-            last = step + 1 == settings.train_steps or log.train_seconds >= settings.max_train_seconds
-            if log.train_seconds >= settings.max_train_seconds and step + 1 < settings.train_steps:
-                log.stopped_by = "time"
-            if last or (step + 1) % settings.eval_every == 0:
-                run_eval(step + 1)
-            if last:
-                break
-    finally:
-        progress.close()
-    return log
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def measure_memory_time(
-    model: ShapesVelocityModel,
-    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
-    prompts: Sequence[str],
-    settings: DemoSettings,
-    methods: Sequence[str] = ("leapalign", "full_backprop"),
-    repeats: int = 3,
-) -> list[dict[str, Any]]:
-    """Bytes saved for backward, peak RSS and seconds per iteration (forward+backward) per objective.
-
-    Same model, prompts, batch, T and noise for every method; times are the median of ``repeats``
-    after one warm-up. Gradients are cleared after each run (the model is not updated).
-    """
-    from leapalign.objectives import build_objective
-    from leapalign.profiling import PeakMemory, SavedTensorCounter
-
-    params = [p for p in model.transformer.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    cond = model.encode_prompts(list(prompts))
-    rows = []
-    try:
-        for name in methods:
-            obj = build_objective(name, **objective_kwargs(settings, name))
-            times: list[float] = []
-            saved = peak = None
-            reset = False
-            warmup = 1 if repeats > 1 else 0
-            for r in range(repeats + warmup):
-                g = torch.Generator().manual_seed(settings.seed + r)
-                with PeakMemory("cpu") as pm:
-                    t0 = time.perf_counter()
-                    with SavedTensorCounter() as counter:
-                        out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward), generator=g)
-                    out.loss.backward()
-                    dt = time.perf_counter() - t0
-                if r == 0:
-                    saved = counter.bytes
-                    peak, reset = pm.report.peak_delta, pm.report.peak_rss_reset
-                if r >= warmup:
-                    times.append(dt)
-                del out
-                model.zero_grad(set_to_none=True)
-            rows.append({
-                "method": name,
-                "T": settings.num_steps,
-                "batch_size": len(prompts),
-                "saved_bytes": saved,
-                "peak_rss_delta_bytes": peak,
-                "peak_rss_reset": reset,
-                "seconds_per_iter": statistics.median(times),
-                "seconds_all": [round(t, 4) for t in times],
-            })
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-    base = next((r for r in rows if r["method"] == "full_backprop"), None)
-    for r in rows:
-        if base is not None:
-            r["saved_vs_full"] = r["saved_bytes"] / base["saved_bytes"] if base["saved_bytes"] else None
-            r["time_vs_full"] = r["seconds_per_iter"] / base["seconds_per_iter"]
-    return rows
+__all__ = ["build_parser", "main", "memory_table_markdown", "plot_curves", "save_before_after"]
 
 
 def memory_table_markdown(rows: Sequence[dict[str, Any]], command: str, machine: str) -> str:
@@ -423,11 +135,6 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
 
 
-def quick_settings() -> DemoSettings:
-    """The ``--quick`` budget: a few steps, few prompts, tiny T; every output is still written."""
-    return DemoSettings(train_steps=2, max_train_seconds=20.0, num_steps=3, batch_size=2, eval_prompts=6, eval_every=1000)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="leapalign demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -465,32 +172,21 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return DemoSettings(**values)
 
 
-def _reading(before: EvalResult, after: EvalResult) -> str:
-    d_acc = 100 * (after.accuracy["overall"] - before.accuracy["overall"])
-    d_rew = after.reward - before.reward
-    if d_rew > 0.02 and d_acc < 2:
-        return (f"reward up {d_rew:+.3f} but rule-based accuracy {d_acc:+.1f} points: the learned scorer is being "
-                "hacked (it rewards images the exact evaluator rejects)")
-    if d_acc >= 15:
-        return f"rule-based accuracy up {d_acc:+.1f} points (target >= 15 reached), reward {d_rew:+.3f}"
-    return f"rule-based accuracy {d_acc:+.1f} points (target >= 15 {'reached' if d_acc >= 15 else 'NOT reached'}), reward {d_rew:+.3f}"
-
-
 def _print_eval(title: str, res: EvalResult) -> None:
     acc = "  ".join(f"{c}={100 * v:.1f}%" for c, v in res.accuracy.items())
     print(f"{title}: reward={res.reward:.4f}  accuracy: {acc}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     settings = _settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "leapalign demo " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    command = "leapalign demo " + shlex.join(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
-    show = not args.no_progress
 
     from leapalign.shapes.scorer import load_shapes_scorer
 
@@ -505,23 +201,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[demo] settings: {asdict(settings)}", flush=True)
     before = run_eval()
     _print_eval("[demo] before", before)
-
     # Memory/time table first, on the untouched model (same T and batch as the training run).
-    table_prompts = [s.text for s in sample_specs(settings.batch_size, seed=7)]
-    rows = measure_memory_time(model, scorer, table_prompts, settings, repeats=1 if args.quick else 2)
-    machine = machine_description()
-    (out / "memory_time.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2) + "\n")
-    (out / "memory_time.md").write_text(memory_table_markdown(rows, command, machine))
+    machine, rows = _write_memory_time(model, scorer, settings, out, command, repeats=1 if args.quick else 2)
 
     trainer = make_trainer(model, scorer, settings, out / "train")
-    log = train_and_track(trainer, settings, run_eval, show_progress=show)
+    log = train_and_track(trainer, settings, run_eval, show_progress=not args.no_progress)
     after = log.last_eval if log.last_eval is not None else run_eval()
     _print_eval("[demo] after", after)
 
     save_before_after(before.images, after.images, out / "before_after.png")
     plot_curves(log, before, out / "curves.png", settings.reward)
-    reading = _reading(before, after)
-    summary = {
+    summary = _summary(command, machine, settings, before, after, log, rows)
+    summary["wall_seconds"] = time.perf_counter() - wall0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"[demo] {summary['reading']}")
+    for r in rows:
+        print(f"[demo] {r['method']}: saved {r['saved_bytes'] / 2**20:.2f} MiB, {r['seconds_per_iter']:.3f} s/iter")
+    print(f"[demo] wrote {out}/ (before_after.png, curves.png, memory_time.md/json, summary.json) in {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+def _write_memory_time(
+    model: ShapesVelocityModel,
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    settings: DemoSettings,
+    out: Path,
+    command: str,
+    repeats: int,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Measure LeapAlign vs full backprop on a fixed batch; write ``memory_time.json``/``.md``; ``(machine, rows)``."""
+    table_prompts = [s.text for s in sample_specs(settings.batch_size, seed=7)]
+    rows = measure_memory_time(model, scorer, table_prompts, settings, repeats=repeats)
+    machine = machine_description()
+    (out / "memory_time.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2) + "\n")
+    (out / "memory_time.md").write_text(memory_table_markdown(rows, command, machine))
+    return machine, rows
+
+
+def _summary(command: str, machine: str, settings: DemoSettings, before: EvalResult, after: EvalResult, log: TrainLog,
+             rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything ``summary.json`` holds but the wall time."""
+    return {
         "command": command,
         "machine": machine,
         "settings": asdict(settings),
@@ -529,21 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "after": after.to_json(),
         "accuracy_gain_points": 100 * (after.accuracy["overall"] - before.accuracy["overall"]),
         "reward_gain": after.reward - before.reward,
-        "reading": reading,
+        "reading": reading(before, after),
         "train_steps_done": len(log.steps),
         "train_seconds": log.train_seconds,
         "stopped_by": log.stopped_by,
         "evals": log.evals,
         "train_metrics": log.steps,
         "memory_time": rows,
-        "wall_seconds": time.perf_counter() - wall0,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"[demo] {reading}")
-    for r in rows:
-        print(f"[demo] {r['method']}: saved {r['saved_bytes'] / 2**20:.2f} MiB, {r['seconds_per_iter']:.3f} s/iter")
-    print(f"[demo] wrote {out}/ (before_after.png, curves.png, memory_time.md/json, summary.json) in {summary['wall_seconds']:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

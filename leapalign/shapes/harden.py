@@ -27,18 +27,10 @@ from pathlib import Path
 
 import torch
 
-from leapalign.shapes.demo import DemoSettings, make_trainer, train_and_track
-from leapalign.shapes.model import ASSETS_DIR, load_shapes_model
-from leapalign.shapes.scorer import (
-    LabelledPool,
-    fit,
-    load_shapes_scorer,
-    model_samples,
-    pixel_attack,
-    ranking_accuracy,
-    save_shapes_scorer,
-    synthetic_pool,
-)
+from leapalign.shapes.experiment import DemoSettings, make_trainer, train_and_track
+from leapalign.shapes.model import load_shapes_model
+from leapalign.shapes.pools import LabelledPool, model_samples, pixel_attack, synthetic_pool
+from leapalign.shapes.scorer import fit, load_shapes_scorer, ranking_accuracy, save_shapes_scorer, shapes_scorer_files
 
 __all__ = ["auc", "build_parser", "main"]
 
@@ -100,18 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     hard = model_samples(load_shapes_model(args.model), args.base_samples, args.num_steps, seed=args.seed + 5000) if args.base_samples else None
     log: list[dict] = []
     for r in range(args.rounds):
-        model = load_shapes_model(args.model)
-        settings = DemoSettings(train_steps=args.snapshot_every, max_train_seconds=1e9, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
-                                batch_size=args.batch_size, num_steps=args.num_steps)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = make_trainer(model, scorer, settings, tmp)
-            fresh: LabelledPool | None = None
-            for k in range(max(1, args.align_steps // args.snapshot_every)):
-                train_and_track(trainer, settings, None, desc=f"round {r + 1}: align", show_progress=True)
-                model.eval()
-                snap = model_samples(model, args.samples, settings.num_steps, seed=args.seed + 10_000 * (r + 1) + 100 * k)
-                model.train()
-                fresh = snap if fresh is None else fresh + snap
+        fresh = _aligned_samples(args, scorer, r)
         scores = _score(scorer, fresh)
         entry = {
             "round": r + 1,
@@ -134,10 +115,32 @@ def main(argv: list[str] | None = None) -> int:
         entry["minutes"] = round((time.time() - start) / 60, 2)
         log.append(entry)
         print(json.dumps(entry), flush=True)
+    _save(scorer, args, argv, log, hard, start)
+    return 0
+
+
+def _aligned_samples(args: argparse.Namespace, scorer: torch.nn.Module, r: int) -> LabelledPool:
+    """Round ``r``: align a fresh copy of the model to ``scorer``; its labelled samples every ``--snapshot-every`` steps."""
+    model = load_shapes_model(args.model)
+    settings = DemoSettings(train_steps=args.snapshot_every, max_train_seconds=1e9, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
+                            batch_size=args.batch_size, num_steps=args.num_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(model, scorer, settings, tmp)
+        fresh: LabelledPool | None = None
+        for k in range(max(1, args.align_steps // args.snapshot_every)):
+            train_and_track(trainer, settings, None, desc=f"round {r + 1}: align", show_progress=True)
+            model.eval()
+            snap = model_samples(model, args.samples, settings.num_steps, seed=args.seed + 10_000 * (r + 1) + 100 * k)
+            model.train()
+            fresh = snap if fresh is None else fresh + snap
+    return fresh
+
+
+def _save(scorer: torch.nn.Module, args: argparse.Namespace, argv: list[str] | None, log: list[dict],
+          hard: LabelledPool | None, start: float) -> Path:
+    """Save the hardened scorer with the base scorer's meta plus this run's (``meta.harden``) and its held-out ranking."""
     rank = ranking_accuracy(scorer)
-    source = Path(args.scorer) if args.scorer is not None else ASSETS_DIR / "shapes_scorer.safetensors"
-    source = source / "shapes_scorer.safetensors" if source.is_dir() else source  # as load_shapes_scorer resolves it
-    base_meta = json.loads(source.with_suffix(".json").read_text()).get("meta", {})
+    base_meta = json.loads(shapes_scorer_files(args.scorer)[1].read_text()).get("meta", {})
     meta = base_meta | {
         "harden": {
             "command": "python -m leapalign.shapes.harden " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = save_shapes_scorer(scorer, args.out, meta=meta)
     print(f"held-out ranking: {rank}\nwrote {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

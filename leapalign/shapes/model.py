@@ -20,7 +20,6 @@ for images in [0, 1].
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,26 +27,20 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leapalign.flow import flux_sigmas, latent_image_ids, pack_latents, text_ids, unpack_latents
+from leapalign.shapes.assets import ASSETS_DIR, checkpoint_files, load_checkpoint, save_checkpoint
 from leapalign.shapes.text import ShapesTextEncoder, ShapesTokenizer, TextEncoderConfig
 from leapalign.shapes.world import IMAGE_SIZE
 
 __all__ = [
-    "ASSETS_DIR",
-    "DEFAULT_MODEL_NAME",
-    "ShapesModelConfig",
-    "ShapesConditioning",
-    "ShapesVelocityModel",
-    "build_shapes_model",
-    "load_shapes_model",
-    "save_shapes_model",
+    "ASSETS_DIR", "DEFAULT_MODEL_NAME", "ShapesModelConfig", "ShapesConditioning", "ShapesVelocityModel",
+    "build_shapes_model", "load_shapes_model", "save_shapes_model", "shapes_model_files",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_NAME = "shapes_flux"
+_MODEL_FILES = ("shapes model", "build it with `python -m leapalign.shapes.pretrain --out DIR`")  # what a missing file is, how to make it
 
 
 @dataclass
@@ -231,14 +224,14 @@ def build_shapes_model(config: ShapesModelConfig | None = None, seed: int = 0, t
 
 def save_shapes_model(model: ShapesVelocityModel, out_dir: str | Path, name: str = DEFAULT_MODEL_NAME, meta: dict | None = None) -> Path:
     """Write ``{name}.safetensors`` (fp32 weights) and ``{name}.json`` (config + ``meta``); returns the weights path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"transformer.{k}": v.detach().float().contiguous().cpu() for k, v in model.transformer.state_dict().items()}
-    tensors |= {f"text_encoder.{k}": v.detach().float().contiguous().cpu() for k, v in model.text_encoder.state_dict().items()}
-    weights = out / f"{name}.safetensors"
-    save_file(tensors, str(weights))
-    (out / f"{name}.json").write_text(json.dumps({"config": model.config.to_dict(), "meta": meta or {}}, indent=2) + "\n")
-    return weights
+    tensors = {f"transformer.{k}": v for k, v in model.transformer.state_dict().items()}
+    tensors |= {f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()}
+    return save_checkpoint(tensors, model.config.to_dict(), out_dir, name, meta)
+
+
+def shapes_model_files(path: str | Path | None = None) -> tuple[Path, Path]:
+    """``(weights, json)`` of the model at ``path`` (file or directory; ``None``: the shipped one), both present."""
+    return checkpoint_files(path, DEFAULT_MODEL_NAME, *_MODEL_FILES)
 
 
 def load_shapes_model(
@@ -252,18 +245,8 @@ def load_shapes_model(
     ``path`` may be the ``.safetensors`` file, its ``.json`` or the directory holding
     ``shapes_flux.safetensors``. The text encoder is frozen unless ``train_text_encoder``.
     """
-    p = Path(path) if path is not None else ASSETS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors"
-    if p.is_dir():
-        p = p / f"{DEFAULT_MODEL_NAME}.safetensors"
-    weights, cfg_path = p.with_suffix(".safetensors"), p.with_suffix(".json")
-    for f in (weights, cfg_path):
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"shapes model file {f} not found (path={path!r}); build it with `python -m leapalign.shapes.pretrain --out DIR`"
-            )
-    config = ShapesModelConfig(**json.loads(cfg_path.read_text())["config"])
-    model = build_shapes_model(config, train_text_encoder=train_text_encoder)
-    state = load_file(str(weights))
+    state, saved = load_checkpoint(path, DEFAULT_MODEL_NAME, *_MODEL_FILES)
+    model = build_shapes_model(ShapesModelConfig(**saved["config"]), train_text_encoder=train_text_encoder)
     for prefix, module in (("transformer.", model.transformer), ("text_encoder.", model.text_encoder)):
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)

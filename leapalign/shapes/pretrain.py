@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from leapalign.shapes.assets import add_training_args, training_meta
 from leapalign.shapes.evaluator import accuracy_by_category, evaluate
 from leapalign.shapes.grid import save_image_grid
 from leapalign.shapes.model import (
@@ -44,15 +43,10 @@ __all__ = ["build_parser", "main", "evaluate_model"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m leapalign.shapes.pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("leapalign/assets"), help="directory for the .safetensors and .json")
-    p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="file stem of the checkpoint")
-    p.add_argument("--steps", type=int, default=900, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    add_training_args(p, DEFAULT_MODEL_NAME, steps=900, batch_size=32, lr=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-layers", type=int, default=2, help="Flux double-stream blocks")
     p.add_argument("--num-single-layers", type=int, default=2, help="Flux single-stream blocks")
     p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (its config wins over the size flags)")
@@ -60,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, default=16, help="Euler steps when sampling for evaluation")
     p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of 48 evaluation samples here")
     p.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint at --out/--name and update its JSON")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return p
 
 
@@ -82,6 +75,19 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _eval_meta(args: argparse.Namespace, acc: dict[str, float]) -> dict:
+    """``meta.eval`` of the checkpoint JSON: how the accuracy was measured, and the accuracy."""
+    return {"n": args.eval_n, "euler_steps": args.eval_steps, "seed": 1234, "accuracy": {k: round(v, 4) for k, v in acc.items()}}
+
+
+def _write_grid(path: Path | None, images: torch.Tensor, prompts: list[str]) -> None:
+    """``--grid``: the first 48 evaluation samples as a PNG, their prompts in a .txt beside it."""
+    if path is None:
+        return
+    save_image_grid(images[:48], path, nrow=8)
+    path.with_suffix(".txt").write_text("\n".join(prompts[:48]) + "\n")
+
+
 def _reevaluate(args: argparse.Namespace) -> int:
     """Score the saved checkpoint with the current evaluator; rewrite ``meta.eval`` in its JSON."""
     weights = args.out / f"{args.name}.safetensors"
@@ -90,39 +96,23 @@ def _reevaluate(args: argparse.Namespace) -> int:
     print("rule-based accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     cfg_path = weights.with_suffix(".json")
     data = json.loads(cfg_path.read_text())
-    data["meta"]["eval"] = {"n": args.eval_n, "euler_steps": args.eval_steps, "seed": 1234, "accuracy": {k: round(v, 4) for k, v in acc.items()}}
+    data["meta"]["eval"] = _eval_meta(args, acc)
     cfg_path.write_text(json.dumps(data, indent=2) + "\n")
-    if args.grid is not None:
-        save_image_grid(images[:48], args.grid, nrow=8)
-        args.grid.with_suffix(".txt").write_text("\n".join(prompts[:48]) + "\n")
+    _write_grid(args.grid, images, prompts)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Pretrain, evaluate, save. Returns a process exit code."""
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.eval_only:
-        return _reevaluate(args)
-    previous = None
-    if args.init is not None:
-        model = load_shapes_model(args.init, train_text_encoder=True).train()
-        previous = json.loads(Path(args.init).with_suffix(".json").read_text())["meta"]
-    else:
-        config = ShapesModelConfig(num_layers=args.num_layers, num_single_layers=args.num_single_layers)
-        model = build_shapes_model(config, seed=args.seed, train_text_encoder=True).train()
+def _train(model: ShapesVelocityModel, args: argparse.Namespace) -> list[float]:
+    """Flow-matching training of ``model``'s trainable parameters on fresh renders; the EMA weights are
+    copied in at the end. Returns the loss of every step."""
     params = model.trainable_parameters()
-    n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup, args.steps))
     ema = [p.detach().clone() for p in params]
     g_data = torch.Generator().manual_seed(args.seed + 1)
     g_noise = torch.Generator().manual_seed(args.seed + 2)
-
-    start = time.time()
     losses: list[float] = []
-    bar = tqdm(range(args.steps), desc=f"pretrain ({n_params / 1e6:.2f}M params)", dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc=f"pretrain ({sum(p.numel() for p in params) / 1e6:.2f}M params)", dynamic_ncols=True)
     for step in bar:
         specs = sample_specs(args.batch_size, g_data)
         x0 = model.encode_images(render_batch(specs, g_data))
@@ -143,37 +133,49 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(float(loss.detach()))
         if step % 10 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-    train_s = time.time() - start
-    final_loss = sum(losses[-50:]) / len(losses[-50:])
-
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Pretrain, evaluate, save. Returns a process exit code."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return _reevaluate(args)
+    previous = None
+    if args.init is not None:
+        model = load_shapes_model(args.init, train_text_encoder=True).train()
+        previous = json.loads(Path(args.init).with_suffix(".json").read_text())["meta"]
+    else:
+        config = ShapesModelConfig(num_layers=args.num_layers, num_single_layers=args.num_single_layers)
+        model = build_shapes_model(config, seed=args.seed, train_text_encoder=True).train()
+    start = time.time()
+    losses = _train(model, args)
+    train_s = time.time() - start
+    final_loss = sum(losses[-50:]) / len(losses[-50:])
     model.eval()
     t0 = time.time()
     acc, images, prompts = evaluate_model(model, args.eval_n, args.eval_steps)
-    eval_s = time.time() - t0
-    print(f"train {train_s / 60:.1f} min, eval {eval_s:.0f} s, final loss (mean of last 50) {final_loss:.4f}")
+    print(f"train {train_s / 60:.1f} min, eval {time.time() - t0:.0f} s, final loss (mean of last 50) {final_loss:.4f}")
     print("rule-based accuracy (EMA weights, " + f"{args.eval_n} prompts, {args.eval_steps} Euler steps): "
           + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    _write_grid(args.grid, images, prompts)
     if args.grid is not None:
-        save_image_grid(images[:48], args.grid, nrow=8)
-        (args.grid.with_suffix(".txt")).write_text("\n".join(prompts[:48]) + "\n")
         print(f"wrote {args.grid}")
-    meta = {
-        "command": "python -m leapalign.shapes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
+    meta = training_meta("leapalign.shapes.pretrain", argv, args) | {
         "lr": args.lr,
         "ema": args.ema,
-        "params": n_params,
+        "params": sum(p.numel() for p in model.trainable_parameters()),
         "train_minutes": round(train_s / 60, 2),
         "final_loss": round(final_loss, 5),
         "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 5) for i in range(0, len(losses), 50)],
         "init": str(args.init) if args.init is not None else None,
         "previous_stage": previous,
-        "eval": {"n": args.eval_n, "euler_steps": args.eval_steps, "seed": 1234, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
+        "eval": _eval_meta(args, acc),
     }
     path = save_shapes_model(model, args.out, args.name, meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,37 +35,20 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from leapalign.shapes.evaluator import detect_objects, evaluate
-from leapalign.shapes.world import COLORS, COUNT_WORDS, IMAGE_SIZE, SHAPES, corrupt_spec, parse_prompt, render_batch, sample_specs
+from leapalign.shapes.assets import add_training_args, checkpoint_files, load_checkpoint, save_checkpoint, training_meta
+from leapalign.shapes.pools import DETECTED_PAIRS, MAX_COUNT, LabelledPool, model_samples, synthetic_pool
+from leapalign.shapes.world import COLORS, IMAGE_SIZE, corrupt_spec, parse_prompt, render_batch, sample_specs
 
 __all__ = [
-    "DEFAULT_SCORER_NAME",
-    "ScorerConfig",
-    "ShapesScorer",
-    "load_shapes_scorer",
-    "save_shapes_scorer",
-    "ranking_accuracy",
-    "LabelledPool",
-    "synthetic_pool",
-    "model_samples",
-    "fit",
-    "pixel_attack",
-    "build_parser",
-    "main",
+    "DEFAULT_SCORER_NAME", "ScorerConfig", "ShapesScorer", "load_shapes_scorer", "save_shapes_scorer", "shapes_scorer_files",
+    "ranking_accuracy", "fit", "build_parser", "main",
 ]
 
 DEFAULT_SCORER_NAME = "shapes_scorer"
-# What the soft detector counts: every (colour, shape) pair, "unknown" (a blob the evaluator cannot
-# classify) included -- such a blob still counts towards the total, exactly as in the evaluator, so
-# drawing junk is never free.
-_DETECTED_SHAPES: tuple[str, ...] = SHAPES + ("unknown",)
-_PAIRS: tuple[tuple[str, str], ...] = tuple((c, sh) for c in COLORS for sh in _DETECTED_SHAPES)
-_MAX_COUNT = max(COUNT_WORDS)
-_ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+_SCORER_FILES = ("scorer", "train it with `python -m leapalign.shapes.scorer --train`")  # what a missing file is, how to make it
 
 
 @dataclass
@@ -106,8 +87,8 @@ class ShapesScorer(nn.Module):
         side = c.image_size // 4
         n_feat = ch * side * side
         # A soft detector: per (colour, shape), how many objects (0-4) and where (mean centre).
-        self.count_head = nn.Linear(n_feat, len(_PAIRS) * (_MAX_COUNT + 1))
-        self.center_head = nn.Linear(n_feat, len(_PAIRS) * 2)
+        self.count_head = nn.Linear(n_feat, len(DETECTED_PAIRS) * (MAX_COUNT + 1))
+        self.center_head = nn.Linear(n_feat, len(DETECTED_PAIRS) * 2)
         # The judge's learned scalars: relation temperature, and a logit-space recalibration.
         self.log_temperature = nn.Parameter(torch.tensor(-2.0))
         self.calib = nn.Parameter(torch.tensor([1.0, 0.0]))
@@ -124,7 +105,7 @@ class ShapesScorer(nn.Module):
         x = images.to(self.coords.device, self.coords.dtype) * 2.0 - 1.0
         h = self.stem(torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)).flatten(1)
         b = images.shape[0]
-        return self.count_head(h).view(b, len(_PAIRS), _MAX_COUNT + 1), torch.tanh(self.center_head(h)).view(b, len(_PAIRS), 2)
+        return self.count_head(h).view(b, len(DETECTED_PAIRS), MAX_COUNT + 1), torch.tanh(self.center_head(h)).view(b, len(DETECTED_PAIRS), 2)
 
     def logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Pre-sigmoid scores ``[B]`` (what training uses, with BCE)."""
@@ -192,12 +173,12 @@ class _Rules:
 
     @classmethod
     def of(cls, prompts: Sequence[str], device: torch.device) -> "_Rules":
-        index = {pair: i for i, pair in enumerate(_PAIRS)}
+        index = {pair: i for i, pair in enumerate(DETECTED_PAIRS)}
         # Offset from the first object to the second, in image coordinates (y down).
         axes = {"left of": (1.0, 0.0), "right of": (-1.0, 0.0), "above": (0.0, 1.0), "below": (0.0, -1.0)}
         b = len(prompts)
         total = torch.zeros(b, dtype=torch.long)
-        masks = torch.zeros(b, 2, len(_PAIRS))
+        masks = torch.zeros(b, 2, len(DETECTED_PAIRS))
         counts = torch.zeros(b, 2, dtype=torch.long)
         valid = torch.zeros(b, 2)
         pair_a, pair_b = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
@@ -218,12 +199,12 @@ class _Rules:
 
 def save_shapes_scorer(scorer: ShapesScorer, out_dir: str | Path, name: str = DEFAULT_SCORER_NAME, meta: dict | None = None) -> Path:
     """Write ``{name}.safetensors`` and ``{name}.json`` (config + ``meta``); returns the weights path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{name}.safetensors"
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in scorer.state_dict().items()}, str(weights))
-    (out / f"{name}.json").write_text(json.dumps({"config": asdict(scorer.config), "meta": meta or {}}, indent=2) + "\n")
-    return weights
+    return save_checkpoint(scorer.state_dict(), asdict(scorer.config), out_dir, name, meta)
+
+
+def shapes_scorer_files(path: str | Path | None = None) -> tuple[Path, Path]:
+    """``(weights, json)`` of the scorer at ``path`` (file or directory; ``None``: the shipped one), both present."""
+    return checkpoint_files(path, DEFAULT_SCORER_NAME, *_SCORER_FILES)
 
 
 def load_shapes_scorer(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesScorer:
@@ -231,100 +212,10 @@ def load_shapes_scorer(path: str | Path | None = None, device: str | torch.devic
 
     Its parameters do not require grad, but gradients still flow to the images it scores.
     """
-    p = Path(path) if path is not None else _ASSETS_DIR / f"{DEFAULT_SCORER_NAME}.safetensors"
-    if p.is_dir():
-        p = p / f"{DEFAULT_SCORER_NAME}.safetensors"
-    weights, cfg_path = p.with_suffix(".safetensors"), p.with_suffix(".json")
-    for f in (weights, cfg_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"scorer file {f} not found (path={path!r}); train it with `python -m leapalign.shapes.scorer --train`")
-    scorer = ShapesScorer(ScorerConfig(**json.loads(cfg_path.read_text())["config"]))
-    scorer.load_state_dict(load_file(str(weights)), strict=True)
+    state, saved = load_checkpoint(path, DEFAULT_SCORER_NAME, *_SCORER_FILES)
+    scorer = ShapesScorer(ScorerConfig(**saved["config"]))
+    scorer.load_state_dict(state, strict=True)
     return scorer.requires_grad_(False).eval().to(device)
-
-
-@dataclass
-class LabelledPool:
-    """Image-prompt pairs with the evaluator's verdict and the exact detector's targets (CPU tensors).
-
-    ``labels [N]`` 1.0 where the rule-based evaluator accepts the pair; ``counts [N, 20]`` (capped at
-    4), ``centres [N, 20, 2]`` in [-1, 1] and ``present [N, 20]`` are the auxiliary detection
-    targets: what :func:`leapalign.shapes.evaluator.detect_objects` finds, per (colour, shape-or-unknown).
-    """
-
-    images: torch.Tensor
-    prompts: list[str]
-    labels: torch.Tensor
-    counts: torch.Tensor
-    centres: torch.Tensor
-    present: torch.Tensor
-
-    @classmethod
-    def label(cls, images: torch.Tensor, prompts: Sequence[str], labels: torch.Tensor | None = None) -> "LabelledPool":
-        """Pool of ``images`` for ``prompts``; labels from the exact evaluator unless given."""
-        images = images.detach().float().cpu().clamp(0.0, 1.0)
-        if labels is None:
-            labels = torch.tensor([float(j.correct) for j in evaluate(images, list(prompts))])
-        return cls(images, list(prompts), labels.float(), *_detection_targets(images))
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __add__(self, other: "LabelledPool") -> "LabelledPool":
-        cat = lambda a, b: torch.cat([a, b])  # noqa: E731
-        return LabelledPool(
-            cat(self.images, other.images), self.prompts + other.prompts, cat(self.labels, other.labels),
-            cat(self.counts, other.counts), cat(self.centres, other.centres), cat(self.present, other.present),
-        )
-
-
-def synthetic_pool(n: int, g: torch.Generator) -> LabelledPool:
-    """``n`` rendered pairs: 1/2 ground truth, 1/3 near misses, 1/6 renders of another prompt."""
-    specs = sample_specs(n, g)
-    n_pos, n_near = n // 2, n // 3
-    shown = list(specs[:n_pos])
-    shown += [corrupt_spec(s, g)[0] for s in specs[n_pos : n_pos + n_near]]
-    shown += sample_specs(n - n_pos - n_near, g)  # mismatched: another random prompt's image
-    images = render_batch(shown, g)
-    labels = torch.zeros(n)
-    labels[:n_pos] = 1.0
-    # A "mismatched" draw can coincide with its prompt; label by the exact evaluator, never by hope.
-    mism = slice(n_pos + n_near, n)
-    labels[mism] = torch.tensor([float(j.correct) for j in evaluate(images[mism], specs[mism])])
-    return LabelledPool.label(images, [s.text for s in specs], labels)
-
-
-def _detection_targets(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Auxiliary targets from the exact detector: per (colour, shape-or-unknown) the count (capped at 4,
-    int64 ``[B, 20]``), the mean centre in [-1, 1] (``[B, 20, 2]``) and where a centre exists (``[B, 20]``)."""
-    index = {pair: i for i, pair in enumerate(_PAIRS)}
-    b, size = images.shape[0], images.shape[-1]
-    counts = torch.zeros(b, len(_PAIRS), dtype=torch.long)
-    centres = torch.zeros(b, len(_PAIRS), 2)
-    for i, objs in enumerate(detect_objects(images)):
-        for o in objs:
-            if (o.color, o.shape) in index:
-                k = index[(o.color, o.shape)]
-                counts[i, k] += 1
-                centres[i, k] += torch.tensor(o.centroid) / size * 2.0 - 1.0
-    present = counts > 0
-    centres = centres / counts.clamp_min(1).unsqueeze(-1)
-    return counts.clamp_max(_MAX_COUNT), centres, present
-
-
-def pixel_attack(scorer: torch.nn.Module, pool: LabelledPool, steps: int, step_size: float = 0.03, batch_size: int = 256) -> LabelledPool:
-    """``pool``'s images pushed straight up the scorer's ``log p`` (signed gradient ascent on the pixels,
-    kept in [0, 1]), relabelled by the evaluator: the cheapest hacks there are, found without a generator."""
-    out = []
-    for i in range(0, len(pool), batch_size):
-        x = pool.images[i : i + batch_size].clone().requires_grad_(True)
-        prompts = pool.prompts[i : i + batch_size]
-        for _ in range(steps):
-            (grad,) = torch.autograd.grad(F.logsigmoid(scorer.logits(x, prompts)).sum(), x)
-            with torch.no_grad():
-                x.add_(step_size * grad.sign()).clamp_(0.0, 1.0)
-        out.append(x.detach())
-    return LabelledPool.label(torch.cat(out), pool.prompts)
 
 
 def fit(
@@ -399,12 +290,7 @@ def ranking_accuracy(scorer: ShapesScorer, n: int = 600, seed: int = 98765) -> d
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m leapalign.shapes.scorer", description="Train the shapes world's learned reward.")
     p.add_argument("--train", action="store_true", help="train and save (otherwise: evaluate the saved scorer)")
-    p.add_argument("--out", type=Path, default=Path("leapalign/assets"), help="directory for the .safetensors and .json")
-    p.add_argument("--name", default=DEFAULT_SCORER_NAME)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    add_training_args(p, DEFAULT_SCORER_NAME, steps=1500, batch_size=64, lr=3e-3)
     p.add_argument("--pool", type=int, default=8000, help="rendered image-prompt pairs to train on")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary detection loss (counts + centres)")
     p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint to draw samples from (default: shipped)")
@@ -412,17 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-steps", type=int, default=16, help="Euler steps for those samples")
     p.add_argument("--hard-fraction", type=float, default=0.25, help="share of each batch drawn from the model samples")
     p.add_argument("--smoothing-sigma", type=float, default=0.1, help="input noise of the smoothed score (0: off); see ScorerConfig")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     return p
-
-
-def model_samples(model: "object", n: int, num_steps: int, seed: int, batch_size: int = 60) -> LabelledPool:
-    """``n`` samples of a shapes model (``ShapesVelocityModel``) on random training prompts, labelled."""
-    prompts = [s.text for s in sample_specs(n, seed + 100)]
-    g = torch.Generator().manual_seed(seed + 101)
-    with torch.no_grad():
-        images = torch.cat([model.sample(prompts[i : i + batch_size], num_steps, g) for i in range(0, n, batch_size)])
-    return LabelledPool.label(images, prompts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = ranking_accuracy(scorer)
     minutes = (time.time() - start) / 60
     print(f"trained in {minutes:.1f} min; held-out ranking: " + ", ".join(f"{k} {v:.3f}" for k, v in rank.items()))
-    meta = {
-        "command": "python -m leapalign.shapes.scorer " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
+    meta = training_meta("leapalign.shapes.scorer", argv, args) | {
         "model_samples": args.model_samples,
         "hard_fraction": args.hard_fraction,
         "train_minutes": round(minutes, 2),

@@ -1,0 +1,357 @@
+"""The shapes-world alignment experiment as a library: settings, training, evaluation, measurement.
+
+``leapalign demo`` (:mod:`leapalign.shapes.demo`) is its command line; ``python -m
+leapalign.shapes.harden`` and ``python -m benchmarks study`` run it with their own settings. One run:
+
+1. :func:`evaluate_alignment` samples a fixed evaluation set (:func:`leapalign.shapes.world.eval_prompts`,
+   fixed noise) and reports the **rule-based accuracy** per GenEval-like category (the exact evaluator,
+   which never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises);
+2. :func:`make_trainer` builds a :class:`leapalign.LeapAlignTrainer` on the world's training prompts and
+   :func:`train_and_track` steps it for a number of steps capped by a wall-clock budget, evaluating
+   every ``eval_every`` steps;
+3. :func:`measure_memory_time` compares bytes saved for backward, peak RSS and seconds per iteration
+   of LeapAlign and naive full backprop at the same T; :func:`reading` says what the numbers mean.
+
+Tuned choices (see :class:`DemoSettings`; the runs behind them are in ``leapalign/assets/README.md``):
+full fine-tune (the model has 1.9M parameters), AdamW lr 1e-4, 240 steps of batch 16 capped at
+200 s of training, T = 12 for rollout and evaluation, alpha 0.3, and the training reward the
+scorer's probability with the hinge ``relu(0.95 - r)``. Maximising ``log p`` instead weights each
+sample by ``1 / p`` and so pushes hardest on the worst images, where the scorer is least reliable:
+with it the rule-based accuracy collapsed (24 % -> 7 % in 120 steps).
+
+The learned scorer is a proxy, like HPS or PickScore: if the reward rises while the rule-based
+accuracy does not, the scorer is being hacked, and :func:`reading` says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from leapalign.shapes.evaluator import accuracy_by_category, evaluate
+from leapalign.shapes.model import ShapesVelocityModel
+from leapalign.shapes.world import CATEGORIES, PromptSpec, sample_specs
+
+__all__ = [
+    "DemoSettings",
+    "quick_settings",
+    "REWARDS",
+    "LogScoreReward",
+    "training_reward",
+    "EvalResult",
+    "evaluate_alignment",
+    "objective_kwargs",
+    "make_trainer",
+    "TrainLog",
+    "train_and_track",
+    "measure_memory_time",
+    "reading",
+]
+
+
+@dataclass
+class DemoSettings:
+    """The knobs of one alignment run on the shapes world (defaults: the tuned demo)."""
+
+    train_steps: int = 240
+    max_train_seconds: float = 200.0  # keeps `make demo` under 5 minutes on 2 cores (evals excluded from it)
+    num_steps: int = 12  # T of the training rollout (and of the evaluation sampler)
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    train_mode: str = "full"
+    lora_rank: int = 16
+    alpha: float = 0.3
+    hinge_lambda: float = 0.95
+    num_leaps: int = 2
+    ema_decay: float = 0.0  # off: a 0.97 EMA did not steady the accuracy curve in a 240-step run
+    max_grad_norm: float = 1.0
+    eval_prompts: int = 96
+    eval_every: int = 40
+    eval_seed: int = 1234
+    seed: int = 0
+    reward: str = "score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "train_steps": self.train_steps >= 1,
+            "max_train_seconds": self.max_train_seconds > 0,
+            "num_steps": self.num_steps >= 2,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "train_mode": self.train_mode in ("full", "lora"),
+            "eval_prompts": self.eval_prompts >= 1,
+            "eval_every": self.eval_every >= 1,
+            "num_leaps": self.num_leaps in (1, 2, 3),
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
+            "reward": self.reward in REWARDS,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r} is invalid")
+
+
+class LogScoreReward:
+    """``log p`` of the scorer (``logsigmoid`` of its logits): a ``RewardFn`` whose gradient does not
+    vanish where the scorer's sigmoid saturates near 0, which is where most samples of a weak model sit."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.nn.functional.logsigmoid(self.scorer.logits(images, prompts))
+
+
+REWARDS = ("score", "log_score")
+
+
+def training_reward(scorer: Any, name: str) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
+    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`."""
+    if name == "score":
+        return scorer
+    if name == "log_score":
+        return LogScoreReward(scorer)
+    raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
+
+
+def quick_settings() -> DemoSettings:
+    """The ``--quick`` budget: a few steps, few prompts, tiny T; every output is still written."""
+    return DemoSettings(train_steps=2, max_train_seconds=20.0, num_steps=3, batch_size=2, eval_prompts=6, eval_every=1000)
+
+
+
+@dataclass
+class EvalResult:
+    """Rule-based accuracy per category (+ overall) and mean scorer reward on the fixed eval set."""
+
+    accuracy: dict[str, float]
+    reward: float
+    reward_by_category: dict[str, float]
+    images: torch.Tensor = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category}
+
+
+@torch.no_grad()
+def evaluate_alignment(
+    model: ShapesVelocityModel,
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    specs: Sequence[PromptSpec],
+    num_steps: int,
+    seed: int,
+    batch_size: int = 48,
+) -> EvalResult:
+    """Sample ``specs`` from fixed noise (``seed``) and judge them with the exact evaluator and the scorer.
+
+    The noise depends only on ``seed``, ``len(specs)`` and ``batch_size``, so before/after runs see
+    the same starting points.
+    """
+    was_training = model.training
+    model.eval()
+    prompts = [s.text for s in specs]
+    g = torch.Generator().manual_seed(seed)
+    images = torch.cat([model.sample(prompts[i : i + batch_size], num_steps, g).cpu() for i in range(0, len(prompts), batch_size)])
+    rewards = torch.cat([scorer(images[i : i + batch_size], prompts[i : i + batch_size]).float().cpu() for i in range(0, len(prompts), batch_size)])
+    model.train(was_training)
+    judgements = evaluate(images, list(specs))
+    by_cat: dict[str, list[float]] = {}
+    for spec, r in zip(specs, rewards.tolist()):
+        by_cat.setdefault(spec.category, []).append(r)
+    reward_by_category = {c: statistics.fmean(by_cat[c]) for c in CATEGORIES if c in by_cat}
+    return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images)
+
+
+def objective_kwargs(settings: DemoSettings, objective_name: str = "leapalign", **overrides: Any) -> dict[str, Any]:
+    """The objective config for ``objective_name`` at the settings' T and hinge (LeapAlign: alpha, leaps too)."""
+    hinge = settings.hinge_lambda if settings.reward == "score" else None  # log p <= 0: the loss is -log p
+    kw: dict[str, Any] = {"num_steps": settings.num_steps, "hinge_lambda": hinge}
+    if objective_name == "leapalign":
+        kw |= {"alpha": settings.alpha, "num_leaps": settings.num_leaps}
+    kw |= overrides
+    return kw
+
+
+def make_trainer(
+    model: ShapesVelocityModel,
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    settings: DemoSettings,
+    output_dir: str | Path,
+    objective_name: str = "leapalign",
+    objective: dict[str, Any] | None = None,
+):
+    """A :class:`LeapAlignTrainer` on the world's training prompts (seeded, disjoint seed from the eval set)."""
+    from leapalign import LeapAlignConfig, LeapAlignTrainer  # the public API: this experiment sits on top of it
+
+    config = LeapAlignConfig(
+        output_dir=str(output_dir),
+        seed=settings.seed,
+        device="cpu",
+        objective_name=objective_name,
+        objective=objective if objective is not None else objective_kwargs(settings, objective_name),
+        train_mode=settings.train_mode,
+        lora_rank=settings.lora_rank,
+        train_num_steps=settings.train_steps,
+        train_batch_size=settings.batch_size,
+        train_learning_rate=settings.learning_rate,
+        train_lr_scheduler="constant",
+        train_ema_decay=settings.ema_decay,
+        train_max_grad_norm=settings.max_grad_norm,
+        train_trainable_dtype="float32",
+        model_dtype="float32",
+        sample_every=0,
+        ckpt_every=0,
+        ckpt_save_final=False,
+    )
+    # Training prompts: the world's sampler, all categories, a seed unrelated to the eval set's.
+    prompts = [s.text for s in sample_specs(4096, seed=settings.seed + 100_003)]
+    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward), prompt_source=prompts)
+
+
+@dataclass
+class TrainLog:
+    """Per-step training metrics and the periodic evaluations of one run."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stopped_by: str = "steps"
+    last_eval: EvalResult | None = None  # the evaluation after the final step (images included)
+
+
+def train_and_track(
+    trainer: Any,
+    settings: DemoSettings,
+    evaluate_fn: Callable[[], EvalResult] | None,
+    desc: str = "leapalign",
+    show_progress: bool = True,
+) -> TrainLog:
+    """Run ``trainer.training_step`` until ``train_steps`` or ``max_train_seconds`` of training time.
+
+    Evaluation time is not counted against the budget; ``evaluate_fn`` runs every ``eval_every``
+    steps and after the last one (EMA weights swapped in when the trainer keeps an EMA).
+    """
+    from tqdm.auto import tqdm
+
+    log = TrainLog()
+    progress = tqdm(total=settings.train_steps, desc=desc, disable=not show_progress, leave=True)
+
+    def run_eval(step: int) -> None:
+        if evaluate_fn is None:
+            return
+        ema = getattr(trainer, "ema", None)
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            res = evaluate_fn()
+        log.last_eval = res
+        log.evals.append({"step": step, "train_seconds": round(log.train_seconds, 3), **res.to_json()})
+
+    try:
+        for step in range(settings.train_steps):
+            t0 = time.perf_counter()
+            metrics = trainer.training_step()
+            log.train_seconds += time.perf_counter() - t0
+            log.steps.append({"step": step + 1, "seconds": log.train_seconds, **{k: float(v) for k, v in metrics.items()}})
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            last = step + 1 == settings.train_steps or log.train_seconds >= settings.max_train_seconds
+            if log.train_seconds >= settings.max_train_seconds and step + 1 < settings.train_steps:
+                log.stopped_by = "time"
+            if last or (step + 1) % settings.eval_every == 0:
+                run_eval(step + 1)
+            if last:
+                break
+    finally:
+        progress.close()
+    return log
+
+
+def measure_memory_time(
+    model: ShapesVelocityModel,
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    prompts: Sequence[str],
+    settings: DemoSettings,
+    methods: Sequence[str] = ("leapalign", "full_backprop"),
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Bytes saved for backward, peak RSS and seconds per iteration (forward+backward) per objective.
+
+    Same model, prompts, batch, T and noise for every method; times are the median of ``repeats``
+    after one warm-up. Gradients are cleared after each run (the model is not updated).
+    """
+    params = [p for p in model.transformer.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    cond = model.encode_prompts(list(prompts))
+    try:
+        rows = [_measure_method(model, scorer, cond, prompts, settings, name, repeats) for name in methods]
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    base = next((r for r in rows if r["method"] == "full_backprop"), None)
+    for r in rows:
+        if base is not None:
+            r["saved_vs_full"] = r["saved_bytes"] / base["saved_bytes"] if base["saved_bytes"] else None
+            r["time_vs_full"] = r["seconds_per_iter"] / base["seconds_per_iter"]
+    return rows
+
+
+def _measure_method(
+    model: ShapesVelocityModel,
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
+    cond: Any,
+    prompts: Sequence[str],
+    settings: DemoSettings,
+    name: str,
+    repeats: int,
+) -> dict[str, Any]:
+    """One row of :func:`measure_memory_time`: the objective ``name``, memory from its first run."""
+    from leapalign.objectives import build_objective
+    from leapalign.profiling import PeakMemory, SavedTensorCounter
+
+    obj = build_objective(name, **objective_kwargs(settings, name))
+    times: list[float] = []
+    saved = peak = None
+    reset = False
+    warmup = 1 if repeats > 1 else 0
+    for r in range(repeats + warmup):
+        g = torch.Generator().manual_seed(settings.seed + r)
+        with PeakMemory("cpu") as pm:
+            t0 = time.perf_counter()
+            with SavedTensorCounter() as counter:
+                out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward), generator=g)
+            out.loss.backward()
+            dt = time.perf_counter() - t0
+        if r == 0:
+            saved = counter.bytes
+            peak, reset = pm.report.peak_delta, pm.report.peak_rss_reset
+        if r >= warmup:
+            times.append(dt)
+        del out
+        model.zero_grad(set_to_none=True)
+    return {
+        "method": name,
+        "T": settings.num_steps,
+        "batch_size": len(prompts),
+        "saved_bytes": saved,
+        "peak_rss_delta_bytes": peak,
+        "peak_rss_reset": reset,
+        "seconds_per_iter": statistics.median(times),
+        "seconds_all": [round(t, 4) for t in times],
+    }
+
+
+def reading(before: EvalResult, after: EvalResult) -> str:
+    """One sentence on the run: accuracy gain against the 15-point target, or a hacked scorer called out."""
+    d_acc = 100 * (after.accuracy["overall"] - before.accuracy["overall"])
+    d_rew = after.reward - before.reward
+    if d_rew > 0.02 and d_acc < 2:
+        return (f"reward up {d_rew:+.3f} but rule-based accuracy {d_acc:+.1f} points: the learned scorer is being "
+                "hacked (it rewards images the exact evaluator rejects)")
+    if d_acc >= 15:
+        return f"rule-based accuracy up {d_acc:+.1f} points (target >= 15 reached), reward {d_rew:+.3f}"
+    return f"rule-based accuracy {d_acc:+.1f} points (target >= 15 {'reached' if d_acc >= 15 else 'NOT reached'}), reward {d_rew:+.3f}"
