@@ -1,7 +1,9 @@
 """Baselines behind the same :class:`Objective` interface as LeapAlign (DESIGN §2), for studies and benchmarks.
 
 Each is written in rectified-flow terms (``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_i``, the
-one-step image prediction from step i is ``x_i - sigma_i v_i``). All share the loss
+one-step image prediction from step i is ``x_i - sigma_i v_i``) on the shared skeleton
+(:class:`~leapalign.objectives.base.RolloutObjective`): each baseline writes only its gradient
+window, the steps whose forward carries a parameter gradient. All share the loss
 ``mean(relu(lambda - r))`` when ``hinge_lambda`` is set, else ``-mean(r)`` (plain reward
 maximisation, the baselines' own papers), so a comparison can hold the loss fixed.
 
@@ -16,9 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from leapalign.flow import differentiable_rollout, leap, rollout
-from leapalign.objectives.base import Objective, ObjectiveOutput
-from leapalign.objectives.leap_ops import hinge_loss
-from leapalign.objectives.scoring import decode_and_score, sample_sorted_steps, start_rollout
+from leapalign.objectives.base import GradientWindow, ObjectiveOutput, RolloutObjective
+from leapalign.objectives.scoring import sample_sorted_steps, start_rollout
 from leapalign.rewards.base import RewardFn
 
 __all__ = [
@@ -49,29 +50,16 @@ class BaselineConfig:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
 
+    def check_k(self, k: int) -> None:
+        """``k`` (a count of trained steps) must lie in ``[1, num_steps]``."""
+        if not 1 <= k <= self.num_steps:
+            raise ValueError(f"k must be in [1, num_steps={self.num_steps}], got {k}")
 
-class _Baseline(Objective):
-    """Construction from a config or keyword overrides, and the shared scoring/loss tail."""
 
-    config_class: type = BaselineConfig
-
-    def __init__(self, config: Any = None, **overrides: Any) -> None:
-        if config is None:
-            config = self.config_class(**overrides)
-        elif overrides:
-            raise TypeError(f"pass either a {self.config_class.__name__} or keyword overrides, not both")
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
-
-    def _finish(
-        self, model: Any, latents: torch.Tensor, prompts: Sequence[str], reward: RewardFn, metrics: dict[str, float]
-    ) -> ObjectiveOutput:
-        with torch.enable_grad():
-            rewards, images = decode_and_score(model, latents, prompts, reward)
-            loss = hinge_loss(rewards, self.config.hinge_lambda).mean()
-        metrics = {"loss": float(loss.detach()), "reward_mean": float(rewards.detach().mean()), **metrics}
-        return ObjectiveOutput(loss=loss, rewards=rewards.detach(), images=images.detach(), metrics=metrics)
+def _random_int(low: int, high: int, generator: torch.Generator | None) -> int:
+    """One integer uniform in ``[low, high)`` from ``generator`` (on its device)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(low, high, (1,), generator=generator, device=device))
 
 
 # -- full-trajectory backprop -----------------------------------------------------------------------
@@ -82,7 +70,7 @@ class FullBackpropConfig(BaselineConfig):
     checkpoint: bool = field(default=False, metadata={"help": "torch.utils.checkpoint around every step"})
 
 
-class FullBackpropObjective(_Baseline):
+class FullBackpropObjective(RolloutObjective):
     """Naive backprop through all T Euler steps (the memory baseline; memory grows linearly in T).
 
     With ``checkpoint=True`` each step is recomputed in backward (per-step gradient checkpointing,
@@ -92,18 +80,8 @@ class FullBackpropObjective(_Baseline):
     name = "full_backprop"
     config_class = FullBackpropConfig
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
-        x0 = differentiable_rollout(model, cond, noise, sigmas, checkpoint=cfg.checkpoint)
-        return self._finish(model, x0, prompts, reward, {})
+    def window(self, model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> GradientWindow:
+        return GradientWindow(differentiable_rollout(model, cond, noise, sigmas, checkpoint=self.config.checkpoint))
 
 
 # -- DRaFT ---------------------------------------------------------------------------------------------
@@ -116,11 +94,10 @@ class DraftKConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.k <= self.num_steps:
-            raise ValueError(f"k must be in [1, num_steps={self.num_steps}], got {self.k}")
+        self.check_k(self.k)
 
 
-class DraftKObjective(_Baseline):
+class DraftKObjective(RolloutObjective):
     """DRaFT-K (Clark et al., "Directly Fine-Tuning Diffusion Models on Differentiable Rewards",
     ICLR 2024, arXiv 2309.17400): sample without gradient for T - K steps, then backprop through
     the last K steps only. DRaFT-1 is backprop through the final step alone."""
@@ -128,20 +105,15 @@ class DraftKObjective(_Baseline):
     name = "draft_k"
     config_class = DraftKConfig
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
-        start = cfg.num_steps - cfg.k
-        x = rollout(model, cond, noise, sigmas, stop=start).x0
-        x0 = differentiable_rollout(model, cond, x, sigmas, start=start, checkpoint=cfg.checkpoint)
-        return self._finish(model, x0, prompts, reward, {"k": float(cfg.k)})
+    def draw_k(self, generator: torch.Generator | None) -> int:
+        """How many final steps to backprop through: the configured K."""
+        return self.config.k
+
+    def window(self, model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> GradientWindow:
+        k, num_steps = self.draw_k(generator), self.config.num_steps
+        last_k = range(num_steps - k, num_steps)  # the steps before run without autograd
+        x0 = differentiable_rollout(model, cond, noise, sigmas, train_steps=last_k, checkpoint=self.config.checkpoint)
+        return GradientWindow(x0, {"k": float(k)})
 
 
 @dataclass
@@ -154,44 +126,37 @@ class DraftLVConfig(BaselineConfig):
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
-class DraftLVObjective(_Baseline):
+class DraftLVObjective(RolloutObjective):
     """DRaFT-LV (Clark et al., ICLR 2024, arXiv 2309.17400, §4): a lower-variance DRaFT-1.
 
     Sample ``x0`` without gradient; then ``n`` times re-noise it to the last step's level
     ``s = sigma_{T-1}`` with fresh noise, ``x_s = (1 - s) sg(x0) + s eps``, denoise in one step
     with gradient, ``x0hat = x_s - s v(x_s)``, and score ``x0hat``; the loss averages the n copies.
-    The reported rewards/images are those of the first copy.
+    The reported rewards/images are those of the first copy. It is the one baseline with n windows
+    per rollout, so it runs the skeleton's steps itself.
     """
 
     name = "draft_lv"
     config_class = DraftLVConfig
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
+    def __call__(self, model: Any, cond: Any, prompts: Sequence[str], reward: RewardFn,
+                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+        batch, sigmas, noise = start_rollout(model, cond, prompts, self.config.num_steps, generator)
         x0 = rollout(model, cond, noise, sigmas).x0
+        outs = [self.score(model, self.window(model, cond, x0, sigmas, generator), prompts, reward)
+                for _ in range(self.config.n)]
+        loss = torch.stack([out.loss for out in outs]).mean()
+        metrics = {**outs[0].metrics, "loss": float(loss.detach()), "n": float(self.config.n)}
+        return ObjectiveOutput(loss=loss, rewards=outs[0].rewards, images=outs[0].images, metrics=metrics)
+
+    def window(self, model: Any, cond: Any, x0: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> GradientWindow:
+        """One re-noised copy of the final image ``x0``, denoised in one step with gradient."""
         s = sigmas[-2]
-        losses, first = [], None
-        for _ in range(cfg.n):
-            eps = model.noise(batch, generator)
-            with torch.no_grad():
-                x_s = (1 - s).to(x0.dtype) * x0 + s.to(x0.dtype) * eps
-            with torch.enable_grad():
-                x0_hat = leap(x_s, model.velocity(x_s, s, cond), s, sigmas[-1])
-                out = self._finish(model, x0_hat, prompts, reward, {})
-            losses.append(out.loss)
-            if first is None:
-                first = out
-        loss = torch.stack(losses).mean()
-        metrics = {**first.metrics, "loss": float(loss.detach()), "n": float(cfg.n)}
-        return ObjectiveOutput(loss=loss, rewards=first.rewards, images=first.images, metrics=metrics)
+        eps = model.noise(x0.shape[0], generator)
+        with torch.no_grad():
+            x_s = (1 - s).to(x0.dtype) * x0 + s.to(x0.dtype) * eps
+        with torch.enable_grad():
+            return GradientWindow(leap(x_s, model.velocity(x_s, s, cond), s, sigmas[-1]))
 
 
 # -- ReFL ----------------------------------------------------------------------------------------------
@@ -223,7 +188,7 @@ class ReFLConfig(BaselineConfig):
         return max(0, self.upper_idx - max(1, self.num_steps // 4))
 
 
-class ReFLObjective(_Baseline):
+class ReFLObjective(RolloutObjective):
     """ReFL (Xu et al., "ImageReward", NeurIPS 2023, arXiv 2304.05977): sample without gradient to a
     random late step t (ImageReward: t in [30, 40) of 40; here ``[min_idx, max_idx)``, default the
     last quarter), then predict the image in one step with gradient, ``x0hat = x_t - sigma_t v(x_t)``,
@@ -232,21 +197,12 @@ class ReFLObjective(_Baseline):
     name = "refl"
     config_class = ReFLConfig
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
-        (t,) = sample_sorted_steps(cfg.lower_idx, cfg.upper_idx, 1, generator)
+    def window(self, model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> GradientWindow:
+        (t,) = sample_sorted_steps(self.config.lower_idx, self.config.upper_idx, 1, generator)
         x_t = rollout(model, cond, noise, sigmas, stop=t).x0
         with torch.enable_grad():
             x0_hat = leap(x_t, model.velocity(x_t, sigmas[t], cond), sigmas[t], sigmas[-1])
-        return self._finish(model, x0_hat, prompts, reward, {"t": float(t)})
+        return GradientWindow(x0_hat, {"t": float(t)})
 
 
 # -- DRTune --------------------------------------------------------------------------------------------
@@ -259,8 +215,7 @@ class DRTuneConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.k <= self.num_steps:
-            raise ValueError(f"k must be in [1, num_steps={self.num_steps}], got {self.k}")
+        self.check_k(self.k)
         if self.fixed_steps is not None:
             steps = tuple(sorted(int(i) for i in self.fixed_steps))
             if len(set(steps)) != self.k or steps[0] < 0 or steps[-1] >= self.num_steps:
@@ -270,7 +225,7 @@ class DRTuneConfig(BaselineConfig):
             self.fixed_steps = steps
 
 
-class DRTuneObjective(_Baseline):
+class DRTuneObjective(RolloutObjective):
     """DRTune (Wu et al., "Deep Reward Supervisions for Tuning Text-to-Image Diffusion Models",
     ECCV 2024, arXiv 2405.00760): backprop through the whole sampling chain but stop the gradient
     at the denoiser's input (``v(sg(x_i))``), and train only K of the T steps, evenly spaced with a
@@ -285,27 +240,13 @@ class DRTuneObjective(_Baseline):
         if cfg.fixed_steps is not None:
             return list(cfg.fixed_steps)
         stride = cfg.num_steps // cfg.k
-        device = generator.device if generator is not None else "cpu"
-        offset = int(torch.randint(stride, (1,), generator=generator, device=device))
+        offset = _random_int(0, stride, generator)
         return [offset + m * stride for m in range(cfg.k)]
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
+    def window(self, model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor, generator: Any) -> GradientWindow:
         steps = self.train_steps(generator)
-        x = rollout(model, cond, noise, sigmas, stop=steps[0]).x0
-        x0 = differentiable_rollout(
-            model, cond, x, sigmas, start=steps[0], train_steps=steps, detach_model_input=True
-        )
-        metrics = {f"step_{n}": float(i) for n, i in enumerate(steps)}
-        return self._finish(model, x0, prompts, reward, metrics)
+        x0 = differentiable_rollout(model, cond, noise, sigmas, train_steps=steps, detach_model_input=True)
+        return GradientWindow(x0, {f"step_{n}": float(i) for n, i in enumerate(steps)})
 
 
 # -- AlignProp -----------------------------------------------------------------------------------------
@@ -327,7 +268,7 @@ class AlignPropConfig(BaselineConfig):
             )
 
 
-class AlignPropObjective(_Baseline):
+class AlignPropObjective(DraftKObjective):
     """AlignProp (Prabhudesai et al., "Aligning Text-to-Image Diffusion Models with Reward
     Backpropagation", arXiv 2310.03739): randomized truncated backprop -- each call draws
     ``K ~ U{min_k, ..., max_k}`` and backprops through the last K steps (DRaFT-K with a random K),
@@ -336,19 +277,5 @@ class AlignPropObjective(_Baseline):
     name = "alignprop"
     config_class = AlignPropConfig
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        cfg = self.config
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
-        device = generator.device if generator is not None else "cpu"
-        k = int(torch.randint(cfg.min_k, cfg.max_k + 1, (1,), generator=generator, device=device))
-        start = cfg.num_steps - k
-        x = rollout(model, cond, noise, sigmas, stop=start).x0
-        x0 = differentiable_rollout(model, cond, x, sigmas, start=start, checkpoint=cfg.checkpoint)
-        return self._finish(model, x0, prompts, reward, {"k": float(k)})
+    def draw_k(self, generator: torch.Generator | None) -> int:
+        return _random_int(self.config.min_k, self.config.max_k + 1, generator)

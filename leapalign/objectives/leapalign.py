@@ -28,9 +28,9 @@ from typing import Any, Sequence
 import torch
 
 from leapalign.flow import leap, rollout
-from leapalign.objectives.base import Objective, ObjectiveOutput
-from leapalign.objectives.leap_ops import WEIGHTINGS, hinge_loss, leap_ops, trajectory_weight
-from leapalign.objectives.scoring import decode_and_score, sample_sorted_steps, start_rollout
+from leapalign.objectives.base import GradientWindow, ObjectiveOutput, RolloutObjective
+from leapalign.objectives.leap_ops import WEIGHTINGS, leap_ops, trajectory_weight
+from leapalign.objectives.scoring import sample_sorted_steps
 from leapalign.rewards.base import RewardFn
 
 __all__ = ["LeapAlignObjectiveConfig", "LeapAlignObjective"]
@@ -106,18 +106,19 @@ class LeapAlignObjectiveConfig:
         return self.num_steps if self.max_idx is None else self.max_idx
 
 
-class LeapAlignObjective(Objective):
-    """LeapAlign behind the :class:`Objective` interface (see the module docstring for the maths)."""
+class LeapAlignObjective(RolloutObjective):
+    """LeapAlign behind the :class:`Objective` interface (see the module docstring for the maths).
+
+    Its gradient window is the two (one, three) leaps built inside the rollout's own forwards at
+    the drawn steps; the trajectory weight rides along to the shared scoring tail.
+    """
 
     name = "leapalign"
+    config_class = LeapAlignObjectiveConfig
 
     def __init__(self, config: LeapAlignObjectiveConfig | None = None, **overrides: Any) -> None:
-        if config is None:
-            config = LeapAlignObjectiveConfig(**overrides)
-        elif overrides:
-            raise TypeError("pass either a LeapAlignObjectiveConfig or keyword overrides, not both")
-        self.config = config
-        self.ops = leap_ops(config.use_kernels)
+        super().__init__(config, **overrides)
+        self.ops = leap_ops(self.config.use_kernels)
 
     def sample_steps(self, generator: torch.Generator | None = None) -> list[int]:
         """The leap steps of one micro-batch: ``fixed_steps`` or a uniform draw from ``[min_idx, max_idx)``."""
@@ -126,16 +127,10 @@ class LeapAlignObjective(Objective):
             return list(cfg.fixed_steps)
         return sample_sorted_steps(cfg.min_idx, cfg.upper_idx, cfg.num_leaps, generator)
 
-    def __call__(
-        self,
-        model: Any,
-        cond: Any,
-        prompts: Sequence[str],
-        reward: RewardFn,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
+    def window(
+        self, model: Any, cond: Any, noise: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None
+    ) -> GradientWindow:
         cfg, ops = self.config, self.ops
-        batch, sigmas, noise = start_rollout(model, cond, prompts, cfg.num_steps, generator)
         steps = self.sample_steps(generator)
 
         # The leap path built inside the rollout's own forwards: x_from/v/sigma of the pending leap.
@@ -154,30 +149,22 @@ class LeapAlignObjective(Objective):
             pending.update(x_from=x_from, v=v, sigma=sigma)
             return v
 
-        result = rollout(model, cond, noise, sigmas, taps={i: tap for i in steps})
+        x0 = rollout(model, cond, noise, sigmas, taps={i: tap for i in steps}).x0
         with torch.enable_grad():
-            c0 = sigmas[-1] - pending["sigma"]
-            x0_connected, d_0 = ops.leap_connector(pending["x_from"], pending["v"], c0, result.x0)
-            if cfg.reward_on == "x0":
-                latents = x0_connected
-            else:
+            latents, d_0 = ops.leap_connector(pending["x_from"], pending["v"], sigmas[-1] - pending["sigma"], x0)
+            if cfg.reward_on == "xhat0":
                 latents = leap(pending["x_from"], pending["v"], pending["sigma"], sigmas[-1])
-            rewards, images = decode_and_score(model, latents, prompts, reward)
-            weight = trajectory_weight(intermediate, d_0, cfg.tau, cfg.weighting).to(rewards.device)
-            per_sample = hinge_loss(rewards, cfg.hinge_lambda) * weight
-            loss = per_sample.mean()
+        weight = trajectory_weight(intermediate, d_0, cfg.tau, cfg.weighting)
+        metrics = {"weight_mean": float(weight.mean()), "d_0": float(d_0.mean())}
+        metrics.update((name, float(d.mean())) for name, d in zip(_DISTANCE_NAMES, intermediate))
+        metrics.update((name, float(i)) for name, i in zip(_STEP_NAMES, steps))
+        return GradientWindow(latents, metrics, weight)
 
-        metrics: dict[str, float] = {
-            "loss": float(loss.detach()),
-            "reward_mean": float(rewards.detach().mean()),
-            "reward_std": float(rewards.detach().std()) if batch > 1 else 0.0,
-            "weight_mean": float(weight.mean()),
-            "d_0": float(d_0.mean()),
-        }
-        if cfg.hinge_lambda is not None:
-            metrics["hinge_active"] = float((rewards.detach() < cfg.hinge_lambda).float().mean())
-        for name, d in zip(_DISTANCE_NAMES, intermediate):
-            metrics[name] = float(d.mean())
-        for name, i in zip(_STEP_NAMES, steps):
-            metrics[name] = float(i)
-        return ObjectiveOutput(loss=loss, rewards=rewards.detach(), images=images.detach(), metrics=metrics)
+    def score(self, model: Any, window: GradientWindow, prompts: Sequence[str], reward: RewardFn) -> ObjectiveOutput:
+        """The shared tail, plus the spread of the rewards and the share of samples under the hinge."""
+        out = super().score(model, window, prompts, reward)
+        rewards = out.rewards
+        out.metrics["reward_std"] = float(rewards.std()) if rewards.shape[0] > 1 else 0.0
+        if self.config.hinge_lambda is not None:
+            out.metrics["hinge_active"] = float((rewards < self.config.hinge_lambda).float().mean())
+        return out
