@@ -48,14 +48,18 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 def flux_mu(
-    seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
+    seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15,
+    *, pipeline_rounding: bool = False,
 ) -> float:
-    """Flux's dynamic shift, linear in the packed image sequence length."""
+    """Flux's dynamic shift, linear in the packed image sequence length.
+
+    ``pipeline_rounding=True`` evaluates the same line in the order of diffusers' ``calculate_shift``
+    (``len * m + (base - m * base_len)``), which the bit-exact FLUX.2/SD3 schedules need; the
+    default order is FLUX.1's float64 training schedule (they differ in the last bits only).
+    """
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    if pipeline_rounding:
+        return seq_len * slope + (base_shift - slope * base_seq_len)
     return base_shift + slope * (seq_len - base_seq_len)
 
 
@@ -156,15 +160,8 @@ def _check_steps(sigmas: torch.Tensor, start: int, stop: int | None) -> int:
 
 
 def rollout(
-    model: Any,
-    cond: Any,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    taps: Mapping[int, StepTap] | None = None,
-    record: bool = False,
+    model: Any, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0, stop: int | None = None,
+    taps: Mapping[int, StepTap] | None = None, record: bool = False,
 ) -> Rollout:
     """Euler-integrate ``model`` from step ``start`` to ``stop`` without autograd, except at ``taps``.
 
@@ -198,16 +195,8 @@ def rollout(
 
 
 def differentiable_rollout(
-    model: Any,
-    cond: Any,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    train_steps: Collection[int] | None = None,
-    detach_model_input: bool = False,
-    checkpoint: bool = False,
+    model: Any, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0, stop: int | None = None,
+    train_steps: Collection[int] | None = None, detach_model_input: bool = False, checkpoint: bool = False,
 ) -> torch.Tensor:
     """Euler steps ``[start, stop)`` with autograd through the chain: the full-backprop family.
 

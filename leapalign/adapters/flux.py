@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.utils.checkpoint
 
+from leapalign.adapters.base import BatchedConditioning, TransformerVelocityModel, checkpoint_block, per_sample_timestep
 from leapalign.flow import flux_mu, flux_sigmas, latent_image_ids, pack_latents, text_ids, unpack_latents
 
 __all__ = ["FluxConditioning", "FluxVelocityModel", "checkpoint_block"]
 
 
 @dataclass
-class FluxConditioning:
+class FluxConditioning(BatchedConditioning):
     """Text conditioning for one micro-batch.
 
     ``prompt_embeds [B, L, D]`` (T5 hidden states), ``pooled_prompt_embeds [B, P]`` (CLIP pooled);
@@ -44,43 +44,11 @@ class FluxConditioning:
     text_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(self.prompt_embeds.shape)}")
-        if self.pooled_prompt_embeds.ndim != 2:
-            raise ValueError(
-                f"pooled_prompt_embeds must be [B, P], got shape {tuple(self.pooled_prompt_embeds.shape)}"
-            )
-        if self.prompt_embeds.shape[0] != self.pooled_prompt_embeds.shape[0]:
-            raise ValueError(
-                f"prompt_embeds has batch {self.prompt_embeds.shape[0]} but pooled_prompt_embeds has batch "
-                f"{self.pooled_prompt_embeds.shape[0]}; they must match"
-            )
-        if self.text_ids is not None:
-            if self.text_ids.ndim == 3:  # diffusers' deprecated batched form: ids are shared
-                self.text_ids = self.text_ids[0]
-            expected = (self.prompt_embeds.shape[1], 3)
-            if tuple(self.text_ids.shape) != expected:
-                raise ValueError(f"text_ids must have shape {expected} ([L, 3]), got {tuple(self.text_ids.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FluxConditioning":
-        ids = self.text_ids.to(device=device) if self.text_ids is not None else None
-        return FluxConditioning(self.prompt_embeds.to(device, dtype), self.pooled_prompt_embeds.to(device, dtype), ids)
-
-    def select(self, index: slice | torch.Tensor | list[int]) -> "FluxConditioning":
-        """Rows ``index`` of the batch (micro-batching)."""
-        return FluxConditioning(self.prompt_embeds[index], self.pooled_prompt_embeds[index], self.text_ids)
+        self.check_embeds(self.prompt_embeds, self.pooled_prompt_embeds)
+        self.text_ids = self.shared_ids(self.text_ids, self.prompt_embeds.shape[1], 3)
 
 
-def checkpoint_block(module: Callable[..., Any], *args: Any) -> Any:
-    """diffusers ``gradient_checkpointing_func``: recompute one Flux block in backward (non-reentrant)."""
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
-
-class FluxVelocityModel:
+class FluxVelocityModel(TransformerVelocityModel):
     """``v(x, sigma | cond)`` for a diffusers ``FluxTransformer2DModel`` over packed latents ``[B, N, C]``.
 
     Args:
@@ -96,25 +64,16 @@ class FluxVelocityModel:
         clamp_images: clamp decoded VAE images to [0, 1] like the pipeline (gradient is zero outside).
     """
 
+    conditioning = FluxConditioning
+    conditioning_name = "a FluxConditioning"
+
     def __init__(
-        self,
-        transformer: torch.nn.Module,
-        vae: torch.nn.Module | None = None,
-        height: int = 1024,
-        width: int = 1024,
-        guidance: float = 3.5,
-        gradient_checkpointing: bool = False,
-        gradient_checkpointing_func: Callable[..., Any] | None = None,
-        dynamic_shift: bool = True,
-        mu: float | None = None,
-        base_seq_len: int = 256,
-        max_seq_len: int = 4096,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-        clamp_images: bool = True,
+        self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None, height: int = 1024, width: int = 1024,
+        guidance: float = 3.5, gradient_checkpointing: bool = False,
+        gradient_checkpointing_func: Callable[..., Any] | None = None, dynamic_shift: bool = True,
+        mu: float | None = None, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+        max_shift: float = 1.15, clamp_images: bool = True,
     ) -> None:
-        self.transformer = transformer
-        self.vae = vae
         self.guidance = float(guidance)
         self.dynamic_shift = dynamic_shift
         self.clamp_images = clamp_images
@@ -128,30 +87,19 @@ class FluxVelocityModel:
             raise ValueError(f"only patch_size=1 Flux transformers are supported, got patch_size={cfg.patch_size}")
         if cfg.in_channels % 4:
             raise ValueError(f"transformer in_channels must be 4 x latent channels, got {cfg.in_channels}")
-        self.latent_channels = cfg.in_channels // 4
-        if vae is not None:
-            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            if vae.config.latent_channels != self.latent_channels:
-                raise ValueError(
-                    f"vae.latent_channels={vae.config.latent_channels} does not match transformer in_channels/4="
-                    f"{self.latent_channels}"
-                )
-        else:
-            self.vae_scale_factor = 1
+        self.latent_channels, self.channels = cfg.in_channels // 4, cfg.in_channels
+        if vae is not None and vae.config.latent_channels != self.latent_channels:
+            raise ValueError(
+                f"vae.latent_channels={vae.config.latent_channels} does not match transformer in_channels/4="
+                f"{self.latent_channels}"
+            )
+        self.vae_scale_factor = self.vae_scale_factor_of(vae)
         multiple = 2 * self.vae_scale_factor
-        for arg, size in (("height", height), ("width", width)):
-            if size <= 0 or size % multiple:
-                raise ValueError(f"{arg} must be a positive multiple of {multiple} (2 x vae scale factor), got {size}")
-        self.height, self.width = int(height), int(width)
+        self._setup(transformer, vae, height, width, multiple, "2 x vae scale factor",
+                    gradient_checkpointing, gradient_checkpointing_func)
         self.latent_height = 2 * (self.height // multiple)
         self.latent_width = 2 * (self.width // multiple)
         self.seq_len = (self.latent_height // 2) * (self.latent_width // 2)
-
-        self.gradient_checkpointing = gradient_checkpointing
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing(
-                gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block
-            )
         self._img_ids: torch.Tensor | None = None
 
     @classmethod
@@ -179,22 +127,12 @@ class FluxVelocityModel:
         return cls(pipe.transformer, vae=getattr(pipe, "vae", None), height=height, width=width, **defaults)
 
     # -- VelocityModel protocol -------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """``[B, C, h, w]``, as ``FluxPipeline.prepare_latents`` draws its noise before packing."""
+        return (batch_size, self.latent_channels, self.latent_height, self.latent_width)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal latents drawn in ``[B, C, h, w]`` then packed, as ``FluxPipeline.prepare_latents``."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
-        gen_device = generator.device if generator is not None else self.device
-        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
-        return pack_latents(latents.to(self.device))
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack_latents(latents)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         mu = self.mu
@@ -203,22 +141,9 @@ class FluxVelocityModel:
         return flux_sigmas(num_steps, self.seq_len, dynamic_shift=self.dynamic_shift, mu=mu)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: FluxConditioning) -> torch.Tensor:
-        if not isinstance(cond, FluxConditioning):
-            raise TypeError(f"cond must be a FluxConditioning, got {type(cond).__name__}")
-        if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.transformer.config.in_channels:
-            raise ValueError(
-                f"x must be packed latents [B, {self.seq_len}, {self.transformer.config.in_channels}], "
-                f"got {tuple(x.shape)}"
-            )
-        batch = x.shape[0]
-        if cond.batch_size != batch:
-            raise ValueError(f"cond has batch size {cond.batch_size} but x has batch size {batch}; they must match")
+        batch = self.check_inputs(x, cond)
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        timestep = torch.as_tensor(sigma, dtype=t_dtype, device=x.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        elif timestep.shape != (batch,):
-            raise ValueError(f"sigma must be a scalar or [{batch}], got shape {tuple(timestep.shape)}")
+        timestep = per_sample_timestep(torch.as_tensor(sigma, dtype=t_dtype, device=x.device), batch)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance, dtype=t_dtype, device=x.device)
@@ -243,13 +168,7 @@ class FluxVelocityModel:
         if self.vae is None:
             return unpacked
         vcfg = self.vae.config
-        z = unpacked / vcfg.scaling_factor + (vcfg.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        images = images / 2 + 0.5
-        return images.clamp(0, 1) if self.clamp_images else images
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return self.vae_images(unpacked / vcfg.scaling_factor + (vcfg.shift_factor or 0.0))
 
     # -- helpers ----------------------------------------------------------------------------------
     def image_ids(self, like: torch.Tensor) -> torch.Tensor:
@@ -263,7 +182,7 @@ class FluxVelocityModel:
     def __repr__(self) -> str:
         return (
             f"FluxVelocityModel(image={self.height}x{self.width}, latent={self.latent_height}x{self.latent_width}, "
-            f"tokens={self.seq_len}, vae={'yes' if self.vae is not None else 'no (latents are pixels)'}, "
+            f"tokens={self.seq_len}, vae={self.describe_vae()}, "
             f"guidance={self.guidance if self.transformer.config.guidance_embeds else None}, "
             f"checkpointing={self.gradient_checkpointing})"
         )

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from leapalign.adapters.flux import checkpoint_block
+from leapalign.adapters.base import BatchedConditioning, TransformerVelocityModel, per_sample_timestep, require_class
 from leapalign.adapters.prompt_cache import PromptEmbeddingCache
 from leapalign.adapters.schedules import FlowMatchSchedule
 
@@ -56,7 +56,7 @@ def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 @dataclass
-class Flux2Conditioning:
+class Flux2Conditioning(BatchedConditioning):
     """Text conditioning for one micro-batch of FLUX.2.
 
     ``prompt_embeds [B, L, D]`` (stacked text-encoder hidden states); ``negative_prompt_embeds``
@@ -70,45 +70,17 @@ class Flux2Conditioning:
     text_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(self.prompt_embeds.shape)}")
+        self.check_embeds(self.prompt_embeds)
         neg = self.negative_prompt_embeds
         if neg is not None and neg.shape != self.prompt_embeds.shape:
             raise ValueError(
                 f"negative_prompt_embeds must have prompt_embeds' shape {tuple(self.prompt_embeds.shape)} [B, L, D], "
                 f"got {tuple(neg.shape)}: classifier-free guidance runs both in one batched forward"
             )
-        if self.text_ids is not None:
-            if self.text_ids.ndim == 3:  # the pipeline's batched form: ids are shared
-                self.text_ids = self.text_ids[0]
-            expected = (self.prompt_embeds.shape[1], 4)
-            if tuple(self.text_ids.shape) != expected:
-                raise ValueError(f"text_ids must have shape {expected} ([L, 4]), got {tuple(self.text_ids.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Flux2Conditioning":
-        neg = self.negative_prompt_embeds
-        return Flux2Conditioning(
-            self.prompt_embeds.to(device, dtype),
-            neg.to(device, dtype) if neg is not None else None,
-            self.text_ids.to(device=device) if self.text_ids is not None else None,
-        )
-
-    def select(self, index: slice | torch.Tensor | list[int]) -> "Flux2Conditioning":
-        """Rows ``index`` of the batch (micro-batching)."""
-        neg = self.negative_prompt_embeds
-        return Flux2Conditioning(self.prompt_embeds[index], neg[index] if neg is not None else None, self.text_ids)
+        self.text_ids = self.shared_ids(self.text_ids, self.prompt_embeds.shape[1], 4)
 
 
-def _pipeline_family(pipe: Any) -> str | None:
-    names = [cls.__name__ for cls in type(pipe).__mro__]
-    return next((n for n in FLUX2_PIPELINES if n in names), None)
-
-
-class Flux2VelocityModel:
+class Flux2VelocityModel(TransformerVelocityModel):
     """``v(x, sigma | cond)`` for a diffusers ``Flux2Transformer2DModel`` over packed latents ``[B, N, C]``.
 
     Args:
@@ -123,22 +95,16 @@ class Flux2VelocityModel:
         clamp_images: clamp decoded VAE images to [0, 1] like the pipeline.
     """
 
+    conditioning = Flux2Conditioning
+    conditioning_name = "a Flux2Conditioning"
+
     def __init__(
-        self,
-        transformer: torch.nn.Module,
-        vae: torch.nn.Module | None = None,
-        height: int = 1024,
-        width: int = 1024,
-        guidance: float = 4.0,
-        cfg: bool = False,
-        schedule: FlowMatchSchedule | None = None,
-        gradient_checkpointing: bool = False,
-        gradient_checkpointing_func: Callable[..., Any] | None = None,
+        self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None, height: int = 1024, width: int = 1024,
+        guidance: float = 4.0, cfg: bool = False, schedule: FlowMatchSchedule | None = None,
+        gradient_checkpointing: bool = False, gradient_checkpointing_func: Callable[..., Any] | None = None,
         clamp_images: bool = True,
     ) -> None:
-        found = type(transformer).__name__
-        if "Flux2Transformer2DModel" not in (c.__name__ for c in type(transformer).__mro__):  # subclasses (FSDP2's) are fine
-            raise ValueError(f"transformer must be a Flux2Transformer2DModel, got {found}")
+        require_class("transformer", transformer, "Flux2Transformer2DModel")
         cfg_t = transformer.config
         if cfg_t.patch_size != 1:
             raise ValueError(
@@ -150,8 +116,6 @@ class Flux2VelocityModel:
                 f"Flux2Transformer2DModel with in_channels={cfg_t.in_channels}, out_channels={cfg_t.out_channels} is "
                 "not supported; expected in_channels = 4 x VAE latent channels and out_channels = in_channels"
             )
-        self.transformer = transformer
-        self.vae = vae
         self.guidance = float(guidance)
         self.cfg = bool(cfg)
         self.schedule = schedule if schedule is not None else _FLUX2_SCHEDULE
@@ -166,35 +130,21 @@ class Flux2VelocityModel:
                 )
             if not hasattr(vae, "bn"):
                 raise ValueError(f"vae must be an AutoencoderKLFlux2 (latents are batch-normalised), got {type(vae).__name__}")
-            self.vae_scale_factor = 2 ** (len(vcfg.block_out_channels) - 1)
-        else:
-            self.vae_scale_factor = 1
+        self.vae_scale_factor = self.vae_scale_factor_of(vae)
         multiple = 2 * self.vae_scale_factor
-        for arg, size in (("height", height), ("width", width)):
-            if size <= 0 or size % multiple:
-                raise ValueError(f"{arg} must be a positive multiple of {multiple} (2 x vae scale factor), got {size}")
-        self.height, self.width = int(height), int(width)
+        self._setup(transformer, vae, height, width, multiple, "2 x vae scale factor",
+                    gradient_checkpointing, gradient_checkpointing_func)
         self.latent_height = 2 * (self.height // multiple)  # VAE latents, before 2x2 patchifying
         self.latent_width = 2 * (self.width // multiple)
         self.seq_len = (self.latent_height // 2) * (self.latent_width // 2)
-
-        self.gradient_checkpointing = gradient_checkpointing
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block)
         self._ids: dict[Any, torch.Tensor] = {}
         self.prompt_cache: PromptEmbeddingCache | None = None
         self._negative: torch.Tensor | None = None
 
     @classmethod
     def from_pipeline(
-        cls,
-        pipe: Any,
-        height: int = 1024,
-        width: int = 1024,
-        guidance: float = 4.0,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: Sequence[int] | None = None,
-        **kwargs: Any,
+        cls, pipe: Any, height: int = 1024, width: int = 1024, guidance: float = 4.0, max_sequence_length: int = 512,
+        text_encoder_out_layers: Sequence[int] | None = None, **kwargs: Any,
     ) -> "Flux2VelocityModel":
         """Wrap a ``Flux2Pipeline`` or ``Flux2KleinPipeline``: transformer, VAE, schedule and text path.
 
@@ -204,9 +154,7 @@ class Flux2VelocityModel:
         ``release_text_encoders()``. A text encoder whose stacked hidden states cannot feed the
         transformer is refused here, not at the first forward.
         """
-        family = _pipeline_family(pipe)
-        if family is None:
-            raise ValueError(f"{type(pipe).__name__} is not a FLUX.2 pipeline; Flux2VelocityModel supports {FLUX2_PIPELINES}")
+        family = cls.pipeline_class(pipe, FLUX2_PIPELINES, "a FLUX.2")
         layers = tuple(text_encoder_out_layers) if text_encoder_out_layers is not None else _DEFAULT_TEXT_LAYERS[family]
         klein = family == "Flux2KleinPipeline"
         distilled = bool(getattr(pipe.config, "is_distilled", False)) if klein else False
@@ -231,26 +179,13 @@ class Flux2VelocityModel:
 
     # -- VelocityModel protocol -------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
     def do_cfg(self) -> bool:
         """Classifier-free guidance on: a CFG model (klein base) with ``guidance > 1`` (the pipeline's rule)."""
         return self.cfg and self.guidance > 1
 
-    def noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal ``[B, 4c, h/2, w/2]`` packed to tokens, as ``Flux2Pipeline.prepare_latents``."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        shape = (batch_size, self.channels, self.latent_height // 2, self.latent_width // 2)
-        gen_device = generator.device if generator is not None else self.device
-        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype).to(self.device)
-        return self.pack(latents)
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """``[B, 4c, h/2, w/2]``, as ``Flux2Pipeline.prepare_latents`` draws its noise before packing."""
+        return (batch_size, self.channels, self.latent_height // 2, self.latent_width // 2)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's default schedule for ``num_steps``: the scheduler's exact float32 sigmas, final 0."""
@@ -260,31 +195,20 @@ class Flux2VelocityModel:
         return self.schedule.sigmas(num_steps, base=base, mu=flux2_empirical_mu(self.seq_len, num_steps))
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Flux2Conditioning) -> torch.Tensor:
-        if not isinstance(cond, Flux2Conditioning):
-            raise TypeError(f"cond must be a Flux2Conditioning, got {type(cond).__name__}")
-        if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.channels:
-            raise ValueError(f"x must be packed latents [B, {self.seq_len}, {self.channels}], got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if cond.batch_size != batch:
-            raise ValueError(f"cond has batch size {cond.batch_size} but x has batch size {batch}; they must match")
-        timestep = _scheduler_timestep(sigma, batch, x.device).to(x.dtype) / 1000
+        batch = self.check_inputs(x, cond)
+        timestep = per_sample_timestep(FlowMatchSchedule.timesteps(torch.as_tensor(sigma, device=x.device)), batch)
+        timestep = timestep.to(x.dtype) / 1000
         txt_ids = cond.text_ids if cond.text_ids is not None else self._text_ids(cond.prompt_embeds.shape[1], x.device)
         kwargs = dict(img_ids=self._image_ids(x.device), txt_ids=txt_ids.to(x.device), return_dict=False)
         if self.do_cfg:
-            if cond.negative_prompt_embeds is None:
-                raise ValueError(
-                    f"classifier-free guidance (guidance={self.guidance}) needs cond.negative_prompt_embeds; "
-                    "build the conditioning with encode_prompts() or pass negatives"
-                )
-            out = self.transformer(
+            self.require_negatives(cond.negative_prompt_embeds is not None, "cond.negative_prompt_embeds")
+            out = self.guided(self.transformer(
                 hidden_states=torch.cat([x, x]),
                 encoder_hidden_states=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
                 timestep=torch.cat([timestep, timestep]),
                 guidance=None,
                 **kwargs,
-            )[0]
-            uncond, text = out.chunk(2)
-            out = uncond + self.guidance * (text - uncond)
+            )[0])
         else:
             guidance = None
             if not self.cfg and self.transformer.config.guidance_embeds:
@@ -302,33 +226,16 @@ class Flux2VelocityModel:
         bn = self.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z.device, z.dtype)
-        z = _unpatchify(z * std + mean)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        images = images * 0.5 + 0.5
-        return images.clamp(0, 1) if self.clamp_images else images
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return self.vae_images(_unpatchify(z * std + mean))
 
     # -- prompts ----------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> Flux2Conditioning:
         """The pipeline's ``encode_prompt`` for ``prompts`` (cached per prompt), negatives when CFG is on."""
-        if self.prompt_cache is None:
-            raise ValueError(
-                "this Flux2VelocityModel has no text path (built without a pipeline text_encoder); "
-                "pass a Flux2Conditioning built from prompt embeddings"
-            )
-        (embeds,) = self.prompt_cache.get(prompts)
-        embeds = embeds.to(self.device, self.dtype)
+        (embeds,) = self.cached_prompts(prompts, "a pipeline text_encoder")
         negative = None
         if self.cfg and self._negative is not None:
             negative = self._negative.to(self.device, self.dtype).expand_as(embeds)
         return Flux2Conditioning(embeds, negative)
-
-    def release_text_encoders(self) -> None:
-        """Drop the pipeline's text encoder and tokenizer; cached prompts stay servable."""
-        if self.prompt_cache is not None:
-            self.prompt_cache.release()
 
     # -- packing and ids --------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -363,19 +270,9 @@ class Flux2VelocityModel:
         mode = "cfg" if self.do_cfg else ("embedded" if self.transformer.config.guidance_embeds and not self.cfg else "none")
         return (
             f"Flux2VelocityModel(image={self.height}x{self.width}, tokens={self.seq_len}, channels={self.channels}, "
-            f"guidance={self.guidance} ({mode}), vae={'yes' if self.vae is not None else 'no (latents are pixels)'}, "
+            f"guidance={self.guidance} ({mode}), vae={self.describe_vae()}, "
             f"checkpointing={self.gradient_checkpointing})"
         )
-
-
-def _scheduler_timestep(sigma: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    """``[B]`` float32 ``sigma * 1000``: the scheduler's ``timesteps`` entry the pipelines hand out."""
-    t = FlowMatchSchedule.timesteps(torch.as_tensor(sigma, device=device))
-    if t.ndim == 0:
-        return t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"sigma must be a scalar or [{batch}], got shape {tuple(t.shape)}")
-    return t
 
 
 def _unpatchify(latents: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from leapalign.flow import flux_mu
+
 __all__ = ["FlowMatchSchedule", "calculate_shift"]
 
 _UNSUPPORTED_OPTIONS = (
@@ -35,21 +37,11 @@ _UNSUPPORTED_OPTIONS = (
 )
 
 
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """diffusers' ``calculate_shift`` (SD3/FLUX.1 pipelines), in its own order of operations.
-
-    Same line as :func:`leapalign.flow.flux_mu`, but the bit-exact schedules need the pipeline's
-    rounding: ``m = (max - base) / (max_len - base_len)``, ``mu = len * m + (base - m * base_len)``.
-    """
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
+def calculate_shift(image_seq_len: int, **line: float) -> float:
+    """diffusers' ``calculate_shift`` (SD3/FLUX.1 pipelines): :func:`leapalign.flow.flux_mu`'s line
+    in the pipeline's own order of operations, which the bit-exact schedules need. ``line``:
+    ``base_seq_len``, ``max_seq_len``, ``base_shift``, ``max_shift`` (FLUX.1's defaults)."""
+    return flux_mu(image_seq_len, **line, pipeline_rounding=True)
 
 
 @dataclass(frozen=True)
@@ -58,7 +50,7 @@ class FlowMatchSchedule:
 
     ``shift`` is the static shift (used when ``use_dynamic_shifting`` is off); with dynamic
     shifting the caller passes ``mu`` (FLUX.2: the empirical mu; SD3: :func:`calculate_shift`).
-    ``base_seq_len`` .. ``max_shift`` are kept for callers that derive ``mu`` from them.
+    ``base_seq_len`` .. ``max_shift`` are the line :meth:`dynamic_mu` derives ``mu`` from.
     """
 
     shift: float = 1.0
@@ -140,6 +132,13 @@ class FlowMatchSchedule:
         if not self.use_dynamic_shifting:
             sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
         return sigmas[0].item(), sigmas[-1].item()
+
+    def dynamic_mu(self, image_seq_len: int) -> float:
+        """``mu`` from the config's shift line, as the SD3 pipeline computes it (:func:`calculate_shift`)."""
+        return calculate_shift(
+            image_seq_len, base_seq_len=self.base_seq_len, max_seq_len=self.max_seq_len,
+            base_shift=self.base_shift, max_shift=self.max_shift,
+        )
 
     @staticmethod
     def timesteps(sigma: torch.Tensor | float, num_train_timesteps: int = 1000) -> torch.Tensor:

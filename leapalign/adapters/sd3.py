@@ -24,9 +24,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leapalign.adapters.flux import checkpoint_block
+from leapalign.adapters.base import BatchedConditioning, TransformerVelocityModel, per_sample_timestep, require_class
 from leapalign.adapters.prompt_cache import PromptEmbeddingCache
-from leapalign.adapters.schedules import FlowMatchSchedule, calculate_shift
+from leapalign.adapters.schedules import FlowMatchSchedule
 
 __all__ = ["SD3Conditioning", "SD3VelocityModel", "SD3_PIPELINES"]
 
@@ -35,7 +35,7 @@ _SD3_SCHEDULE = FlowMatchSchedule(shift=3.0)  # SD3 / SD3.5 scheduler config
 
 
 @dataclass
-class SD3Conditioning:
+class SD3Conditioning(BatchedConditioning):
     """Text conditioning for one micro-batch of SD3.
 
     ``prompt_embeds [B, L, D]`` (CLIP-L + CLIP-G hidden states padded to T5's width, then T5's),
@@ -48,15 +48,7 @@ class SD3Conditioning:
     negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(self.prompt_embeds.shape)}")
-        if self.pooled_prompt_embeds.ndim != 2:
-            raise ValueError(f"pooled_prompt_embeds must be [B, P], got shape {tuple(self.pooled_prompt_embeds.shape)}")
-        if self.prompt_embeds.shape[0] != self.pooled_prompt_embeds.shape[0]:
-            raise ValueError(
-                f"prompt_embeds has batch {self.prompt_embeds.shape[0]} but pooled_prompt_embeds has batch "
-                f"{self.pooled_prompt_embeds.shape[0]}; they must match"
-            )
+        self.check_embeds(self.prompt_embeds, self.pooled_prompt_embeds)
         neg, neg_pooled = self.negative_prompt_embeds, self.negative_pooled_prompt_embeds
         if (neg is None) != (neg_pooled is None):
             raise ValueError("negative_prompt_embeds and negative_pooled_prompt_embeds must be given together")
@@ -68,26 +60,11 @@ class SD3Conditioning:
             )
 
     @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    @property
     def has_negative(self) -> bool:
         return self.negative_prompt_embeds is not None
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SD3Conditioning":
-        move = lambda t: t.to(device, dtype) if t is not None else None  # noqa: E731
-        return SD3Conditioning(*(move(t) for t in self._tensors()))
 
-    def select(self, index: slice | torch.Tensor | list[int]) -> "SD3Conditioning":
-        """Rows ``index`` of the batch (micro-batching)."""
-        return SD3Conditioning(*(t[index] if t is not None else None for t in self._tensors()))
-
-    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.prompt_embeds, self.pooled_prompt_embeds, self.negative_prompt_embeds, self.negative_pooled_prompt_embeds)
-
-
-class SD3VelocityModel:
+class SD3VelocityModel(TransformerVelocityModel):
     """``v(x, sigma | cond)`` for a diffusers ``SD3Transformer2DModel`` over patch tokens ``[B, N, C]``.
 
     Args:
@@ -100,50 +77,37 @@ class SD3VelocityModel:
         clamp_images: clamp decoded VAE images to [0, 1] like the pipeline.
     """
 
+    conditioning = SD3Conditioning
+    conditioning_name = "an SD3Conditioning"
+    token_name = "patch tokens"
+
     def __init__(
-        self,
-        transformer: torch.nn.Module,
-        vae: torch.nn.Module | None = None,
-        height: int = 1024,
-        width: int = 1024,
-        guidance: float = 7.0,
-        schedule: FlowMatchSchedule | None = None,
-        gradient_checkpointing: bool = False,
-        gradient_checkpointing_func: Callable[..., Any] | None = None,
+        self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None, height: int = 1024, width: int = 1024,
+        guidance: float = 7.0, schedule: FlowMatchSchedule | None = None,
+        gradient_checkpointing: bool = False, gradient_checkpointing_func: Callable[..., Any] | None = None,
         clamp_images: bool = True,
     ) -> None:
-        found = type(transformer).__name__
-        if "SD3Transformer2DModel" not in (c.__name__ for c in type(transformer).__mro__):  # subclasses (FSDP2's) are fine
-            raise ValueError(f"transformer must be an SD3Transformer2DModel, got {found}")
+        require_class("transformer", transformer, "SD3Transformer2DModel", "an")
         cfg = transformer.config
         if cfg.out_channels not in (None, cfg.in_channels):
             raise ValueError(
                 f"SD3Transformer2DModel with in_channels={cfg.in_channels}, out_channels={cfg.out_channels} is not "
                 "supported; a velocity needs out_channels = in_channels"
             )
-        self.transformer = transformer
-        self.vae = vae
         self.guidance = float(guidance)
         self.schedule = schedule if schedule is not None else _SD3_SCHEDULE
         self.clamp_images = clamp_images
         self.latent_channels = cfg.in_channels
         self.patch_size = cfg.patch_size
-        if vae is not None:
-            if vae.config.latent_channels != self.latent_channels:
-                raise ValueError(
-                    f"vae.latent_channels={vae.config.latent_channels} does not match transformer "
-                    f"in_channels={self.latent_channels}"
-                )
-            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        else:
-            self.vae_scale_factor = 1
+        if vae is not None and vae.config.latent_channels != self.latent_channels:
+            raise ValueError(
+                f"vae.latent_channels={vae.config.latent_channels} does not match transformer "
+                f"in_channels={self.latent_channels}"
+            )
+        self.vae_scale_factor = self.vae_scale_factor_of(vae)
         multiple = self.vae_scale_factor * self.patch_size
-        for arg, size in (("height", height), ("width", width)):
-            if size <= 0 or size % multiple:
-                raise ValueError(
-                    f"{arg} must be a positive multiple of {multiple} (vae scale factor x patch size), got {size}"
-                )
-        self.height, self.width = int(height), int(width)
+        self._setup(transformer, vae, height, width, multiple, "vae scale factor x patch size",
+                    gradient_checkpointing, gradient_checkpointing_func)
         self.latent_height = self.height // self.vae_scale_factor
         self.latent_width = self.width // self.vae_scale_factor
         grid = max(self.latent_height, self.latent_width) // self.patch_size
@@ -155,23 +119,13 @@ class SD3VelocityModel:
             )
         self.seq_len = (self.latent_height // self.patch_size) * (self.latent_width // self.patch_size)
         self.channels = self.latent_channels * self.patch_size**2
-
-        self.gradient_checkpointing = gradient_checkpointing
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func or checkpoint_block)
         self.prompt_cache: PromptEmbeddingCache | None = None
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_pipeline(
-        cls,
-        pipe: Any,
-        height: int = 1024,
-        width: int = 1024,
-        guidance: float = 7.0,
-        max_sequence_length: int = 256,
-        negative_prompt: str = "",
-        **kwargs: Any,
+        cls, pipe: Any, height: int = 1024, width: int = 1024, guidance: float = 7.0, max_sequence_length: int = 256,
+        negative_prompt: str = "", **kwargs: Any,
     ) -> "SD3VelocityModel":
         """Wrap a ``StableDiffusion3Pipeline``: transformer, VAE, schedule and its text path.
 
@@ -179,9 +133,7 @@ class SD3VelocityModel:
         truncated at ``max_sequence_length``; without ``text_encoder_3`` the pipeline's zeros). The
         ``negative_prompt`` is encoded here, once, so CFG still works after ``release_text_encoders()``.
         """
-        names = [c.__name__ for c in type(pipe).__mro__]
-        if not any(n in names for n in SD3_PIPELINES):
-            raise ValueError(f"{type(pipe).__name__} is not an SD3 pipeline; SD3VelocityModel supports {SD3_PIPELINES}")
+        cls.pipeline_class(pipe, SD3_PIPELINES, "an SD3")
         kwargs.setdefault("schedule", FlowMatchSchedule.from_scheduler(pipe.scheduler))
         model = cls(pipe.transformer, vae=getattr(pipe, "vae", None), height=height, width=width, guidance=guidance, **kwargs)
         if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "text_encoder_2", None) is not None:
@@ -202,64 +154,32 @@ class SD3VelocityModel:
 
     # -- VelocityModel protocol -------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
     def do_cfg(self) -> bool:
         """Classifier-free guidance on: ``guidance > 1`` (the pipeline's rule)."""
         return self.guidance > 1
 
-    def noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal ``[B, c, h, w]`` as ``StableDiffusion3Pipeline.prepare_latents``, as patch tokens."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        shape = (batch_size, self.latent_channels, self.latent_height, self.latent_width)
-        gen_device = generator.device if generator is not None else self.device
-        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype).to(self.device)
-        return self.pack(latents)
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """``[B, c, h, w]``, as ``StableDiffusion3Pipeline.prepare_latents`` draws its noise (then patch tokens)."""
+        return (batch_size, self.latent_channels, self.latent_height, self.latent_width)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule for ``num_steps``: the scheduler's exact float32 sigmas, final 0."""
-        mu = None
-        if self.schedule.use_dynamic_shifting:
-            s = self.schedule
-            mu = calculate_shift(self.seq_len, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+        mu = self.schedule.dynamic_mu(self.seq_len) if self.schedule.use_dynamic_shifting else None
         return self.schedule.sigmas(num_steps, mu=mu)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: SD3Conditioning) -> torch.Tensor:
-        if not isinstance(cond, SD3Conditioning):
-            raise TypeError(f"cond must be an SD3Conditioning, got {type(cond).__name__}")
-        if x.ndim != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.channels:
-            raise ValueError(f"x must be patch tokens [B, {self.seq_len}, {self.channels}], got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if cond.batch_size != batch:
-            raise ValueError(f"cond has batch size {cond.batch_size} but x has batch size {batch}; they must match")
-        timestep = FlowMatchSchedule.timesteps(torch.as_tensor(sigma, device=x.device))
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        elif timestep.shape != (batch,):
-            raise ValueError(f"sigma must be a scalar or [{batch}], got shape {tuple(timestep.shape)}")
+        batch = self.check_inputs(x, cond)
+        timestep = per_sample_timestep(FlowMatchSchedule.timesteps(torch.as_tensor(sigma, device=x.device)), batch)
         latents = self.unpack(x)
         if self.do_cfg:
-            if not cond.has_negative:
-                raise ValueError(
-                    f"classifier-free guidance (guidance={self.guidance}) needs the negative embeddings in cond; "
-                    "build the conditioning with encode_prompts() or pass negatives"
-                )
-            out = self.transformer(
+            self.require_negatives(cond.has_negative, "the negative embeddings in cond")
+            out = self.guided(self.transformer(
                 hidden_states=torch.cat([latents] * 2),
                 timestep=torch.cat([timestep, timestep]),
                 encoder_hidden_states=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
                 pooled_projections=torch.cat([cond.negative_pooled_prompt_embeds, cond.pooled_prompt_embeds]),
                 return_dict=False,
-            )[0]
-            uncond, text = out.chunk(2)
-            out = uncond + self.guidance * (text - uncond)
+            )[0])
         else:
             out = self.transformer(
                 hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
@@ -273,30 +193,14 @@ class SD3VelocityModel:
         if self.vae is None:
             return z
         vcfg = self.vae.config
-        z = z / vcfg.scaling_factor + (vcfg.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        images = images * 0.5 + 0.5
-        return images.clamp(0, 1) if self.clamp_images else images
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return self.vae_images(z / vcfg.scaling_factor + (vcfg.shift_factor or 0.0))
 
     # -- prompts ----------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> SD3Conditioning:
         """The pipeline's ``encode_prompt`` for ``prompts`` (cached per prompt) with the cached negative."""
-        if self.prompt_cache is None:
-            raise ValueError(
-                "this SD3VelocityModel has no text path (built without the pipeline's CLIP text encoders); "
-                "pass an SD3Conditioning built from prompt embeddings"
-            )
-        embeds, pooled = (t.to(self.device, self.dtype) for t in self.prompt_cache.get(prompts))
+        embeds, pooled = self.cached_prompts(prompts, "the pipeline's CLIP text encoders")
         neg, neg_pooled = (t.to(self.device, self.dtype) for t in self._negative)
         return SD3Conditioning(embeds, pooled, neg.expand_as(embeds), neg_pooled.expand_as(pooled))
-
-    def release_text_encoders(self) -> None:
-        """Drop the pipeline's three text encoders and tokenizers; cached prompts stay servable."""
-        if self.prompt_cache is not None:
-            self.prompt_cache.release()
 
     # -- packing ----------------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -319,5 +223,5 @@ class SD3VelocityModel:
         return (
             f"SD3VelocityModel(image={self.height}x{self.width}, latent={self.latent_height}x{self.latent_width}, "
             f"tokens={self.seq_len}, guidance={self.guidance} ({'cfg' if self.do_cfg else 'none'}), "
-            f"vae={'yes' if self.vae is not None else 'no (latents are pixels)'}, checkpointing={self.gradient_checkpointing})"
+            f"vae={self.describe_vae()}, checkpointing={self.gradient_checkpointing})"
         )

@@ -43,57 +43,23 @@ FLUX2_VARIANTS = ("dev", "klein", "klein-distilled")
 FLUX2_TEXT_LAYERS = (1, 2)  # hidden states stacked by the tiny Qwen3 encoder (2 layers x 16 = 32 dims)
 
 _FLUX2_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=4,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    timestep_guidance_channels=32,
-    axes_dims_rope=(4, 4, 4, 4),
-)
-_FLUX2_VAE = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",),
-    up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(4,),
-    layers_per_block=1,
-    latent_channels=1,
-    norm_num_groups=1,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
+    patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
 )
 _SD3_TRANSFORMER = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    caption_projection_dim=16,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    out_channels=4,
-    pos_embed_max_size=16,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
+    sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+    caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4,
+    pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
 )
-_SD3_VAE = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(4,),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=1,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    shift_factor=0.0609,
-    scaling_factor=1.5035,
+# both VAEs: one level (no down-sampling), 4 channels, one group, no quant convs
+_ONE_LEVEL_VAE = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, norm_num_groups=1,
+    use_quant_conv=False, use_post_quant_conv=False,
 )
+_FLUX2_VAE = dict(
+    _ONE_LEVEL_VAE, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), latent_channels=1
+)
+_SD3_VAE = dict(_ONE_LEVEL_VAE, latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def _seeded_init(module: torch.nn.Module, seed: int) -> None:
@@ -110,16 +76,10 @@ def _seeded_init(module: torch.nn.Module, seed: int) -> None:
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``module.to(dtype)`` without diffusers' from_pretrained-users warning (nothing here must stay fp32)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(diffusers_logging.ERROR)
-    try:
-        return module.to(dtype)
-    finally:
-        logger.setLevel(level)
+    """``module.to(dtype)`` by ``torch.nn.Module.to`` itself: diffusers' and transformers' overrides only add
+    checks for quantised checkpoints and a keep-in-float32 warning for ``from_pretrained`` users (nothing
+    in these freshly built models is quantised or must stay float32)."""
+    return torch.nn.Module.to(module, dtype)
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any], what: str) -> dict[str, Any]:
