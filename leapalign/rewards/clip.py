@@ -16,10 +16,54 @@ import torch
 
 from leapalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
-__all__ = ["CLIPReward", "clip_score", "pick_score"]
+__all__ = ["ContrastiveReward", "CLIPReward", "clip_score", "pick_score"]
 
 
-class CLIPReward(torch.nn.Module):
+class ContrastiveReward(torch.nn.Module):
+    """``scale * cos(image features, text features)`` from a frozen two-tower model in ``self.model``.
+
+    What CLIP score, PickScore and HPSv2.1 share: torch preprocessing (differentiable), unit-norm
+    features, text features cached per prompt without gradient. Subclasses set ``model``,
+    ``image_size`` (and ``mean``/``std``/``scale`` where they differ from OpenAI CLIP's and 1) and
+    write the two towers, :meth:`image_features` and :meth:`text_features`.
+    """
+
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    scale: float = 1.0
+    image_size: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings ``[B, D]``, computed once per distinct prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            feats = self.text_features(missing)
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            for p, f in zip(missing, feats):
+                self._text_cache[p] = f
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        pixels = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=dtype)
+        img = self.image_features(pixels).float()
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = self.text_embeddings(prompts).float()
+        return self.scale * (img * txt).sum(-1)
+
+
+class CLIPReward(ContrastiveReward):
     """``(images [B,3,H,W] in [0,1], prompts) -> [B]`` scores from a frozen ``CLIPModel``.
 
     Args:
@@ -66,32 +110,16 @@ class CLIPReward(torch.nn.Module):
             self.scale = float(scale)
         self._text_cache: dict[str, torch.Tensor] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(self.model.get_image_features(pixel_values=pixels))
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm text embeddings ``[B, D]``, computed once per distinct prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-            tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-            feats = self.model.get_text_features(
-                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
-            )
-            feats = _as_tensor(feats)
-            feats = feats / feats.norm(dim=-1, keepdim=True)
-            for p, f in zip(missing, feats):
-                self._text_cache[p] = f
-        return torch.stack([self._text_cache[p] for p in prompts])
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.image_size, self.mean, self.std, dtype=self.model.dtype)
-        img = _as_tensor(self.model.get_image_features(pixel_values=pixels)).float()
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = self.text_embeddings(prompts).float()
-        return self.scale * (img * txt).sum(-1)
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        feats = self.model.get_text_features(
+            input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+        )
+        return _as_tensor(feats)
 
 
 def clip_score(path: str | Path, **kwargs) -> CLIPReward:

@@ -7,16 +7,15 @@ typical images), exactly as ``hpsv2.score``. open_clip is imported only when thi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from leapalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from leapalign.rewards.clip import ContrastiveReward
 
 __all__ = ["HPSv2Reward"]
 
 
-class HPSv2Reward(torch.nn.Module):
+class HPSv2Reward(ContrastiveReward):
     """``(images [B,3,H,W] in [0,1], prompts) -> [B]`` HPSv2.1 scores from ``checkpoint``.
 
     Args:
@@ -57,23 +56,8 @@ class HPSv2Reward(torch.nn.Module):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self._text_cache: dict[str, torch.Tensor] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            feats = self.model.encode_text(self.tokenizer(missing).to(self.device)).float()
-            feats = feats / feats.norm(dim=-1, keepdim=True)
-            for p, f in zip(missing, feats):
-                self._text_cache[p] = f
-        return torch.stack([self._text_cache[p] for p in prompts])
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        pixels = clip_preprocess(images.to(self.device), self.image_size, CLIP_MEAN, CLIP_STD, dtype=dtype)
-        img = self.model.encode_image(pixels).float()
-        img = img / img.norm(dim=-1, keepdim=True)
-        return (img * self.text_embeddings(prompts)).sum(-1)
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
