@@ -71,6 +71,36 @@ def family_model(family: str, dtype: torch.dtype = torch.float64, with_vae: bool
     raise ValueError(f"unknown family={family!r}; expected one of {FAMILIES}")
 
 
+def float64_fixtures(num_steps: int, seed: int) -> tuple[Any, Any, Any]:
+    """Module-scoped fixtures of a test module that rolls out ``num_steps`` from ``seed``; assign them
+    to module names: ``flux64, flux64_reference, family64 = float64_fixtures(T, SEED)``.
+
+    ``flux64``: the tiny float64 Flux and its conditioning; ``flux64_reference``: its no-grad
+    rollout ``(sigmas, x_0..x_T, dL/dx0)`` (independent Euler loop); ``family64``: each of
+    :data:`FAMILIES` in float64 with its conditioning and reference rollout.
+    """
+
+    @pytest.fixture(scope="module", name="flux64")
+    def flux64():
+        return flux_model(torch.float64)
+
+    @pytest.fixture(scope="module", name="flux64_reference")
+    def flux64_reference(flux64):
+        return reference_rollout(*flux64, num_steps, seed)
+
+    @pytest.fixture(scope="module", params=FAMILIES, name="family64")
+    def family64(request):
+        model, cond = family_model(request.param, torch.float64)
+        return model, cond, reference_rollout(model, cond, num_steps, seed)
+
+    return flux64, flux64_reference, family64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (Frobenius norms), the relative error every gradient test bounds."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
 def smooth_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """A differentiable, non-linear, per-sample reward with a non-trivial image gradient."""
     target = torch.linspace(0.2, 0.8, images[0].numel(), dtype=images.dtype, device=images.device).view_as(images[0])

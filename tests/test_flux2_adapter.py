@@ -127,37 +127,6 @@ def test_encode_prompts_is_the_pipelines_text_path(variant):
         model.encode_prompts(["a new prompt"])
 
 
-def test_cfg_is_one_batched_forward_also_with_grad(pipes):
-    """Klein CFG: one transformer call of batch 2B per velocity, no-grad and grad-enabled alike."""
-    model = adapter(pipes["klein"])
-    cond = model.encode_prompts(PROMPTS)
-    batches = []
-    handle = model.transformer.register_forward_hook(lambda mod, args, kwargs_out: batches.append(0), with_kwargs=False)
-    pre = model.transformer.register_forward_pre_hook(
-        lambda mod, args, kwargs: batches.__setitem__(slice(None), batches + [kwargs["hidden_states"].shape[0]]),
-        with_kwargs=True,
-    )
-    try:
-        x = model.noise(2, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            guided = model.velocity(x, 0.5, cond)
-        v = model.velocity(x.clone().requires_grad_(True), 0.5, cond)
-        v.sum().backward()
-    finally:
-        handle.remove()
-        pre.remove()
-    assert [b for b in batches if b] == [4, 4]
-    assert torch.equal(v.detach(), guided)
-    # the guided velocity is v_u + g (v_c - v_u) of the two halves
-    model.guidance = 1.0
-    with torch.no_grad():
-        v_c = model.velocity(x, 0.5, cond)
-        v_u = model.velocity(x, 0.5, Flux2Conditioning(cond.negative_prompt_embeds))
-    model.guidance = 4.0
-    assert torch.allclose(guided, v_u + 4.0 * (v_c - v_u), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(guided, v_c)
-
-
 def test_embedded_guidance_and_sigma_reach_the_model(pipes):
     model = adapter(pipes["dev"])
     cond = dev_cond()
@@ -171,28 +140,6 @@ def test_embedded_guidance_and_sigma_reach_the_model(pipes):
         other_sigma = model.velocity(x, 0.4, cond)
     assert torch.equal(base, per_sample)
     assert not torch.allclose(base, other_guidance) and not torch.allclose(base, other_sigma)
-
-
-def test_decode_without_vae_and_differentiable_decode():
-    model = Flux2VelocityModel(tiny_flux2_transformer("klein"), height=H, width=W)
-    latents = model.noise(1, torch.Generator().manual_seed(0))
-    images = model.decode(latents)
-    assert images.shape == (1, 1, H, W)
-    with_vae = Flux2VelocityModel(tiny_flux2_transformer("klein"), vae=tiny_flux2_vae(), height=H, width=W)
-    latents = latents.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(with_vae.decode(latents).sum(), latents)
-    assert g.abs().sum() > 0
-
-
-def test_gradient_checkpointing_keeps_gradients():
-    grads = {}
-    for ckpt in (False, True):
-        model = Flux2VelocityModel(tiny_flux2_transformer("dev", dtype=torch.float64), height=H, width=W,
-                                   gradient_checkpointing=ckpt)
-        x = model.noise(2, torch.Generator().manual_seed(0))
-        model.velocity(x, 0.7, dev_cond().to(dtype=torch.float64)).square().sum().backward()
-        grads[ckpt] = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
-    assert torch.allclose(grads[True], grads[False], rtol=1e-12, atol=0)
 
 
 # -- bad input -------------------------------------------------------------------------------------

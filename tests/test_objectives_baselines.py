@@ -11,17 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from _objective_oracles import (  # single_torch_thread: autouse fixture
-    single_torch_thread,  # noqa: F401
-    FAMILIES,
-    PROMPTS2,
-    family_model,
-    flux_model,
-    leap_oracle,
-    objective_grad,
-    reference_rollout,
-    smooth_reward,
-    velocity_vjp,
+from _objective_oracles import single_torch_thread  # noqa: F401 (autouse fixture)
+from _objective_oracles import (
+    PROMPTS2, float64_fixtures, flux_model, leap_oracle, objective_grad, rel, smooth_reward, velocity_vjp,
 )
 from leapalign.objectives import OBJECTIVES, build_objective
 from leapalign.objectives.baselines import (
@@ -35,27 +27,7 @@ from leapalign.profiling import saved_tensor_bytes
 
 T = 5
 SEED = 3
-
-
-@pytest.fixture(scope="module")
-def flux64():
-    return flux_model(torch.float64)
-
-
-@pytest.fixture(scope="module")
-def reference(flux64):
-    return reference_rollout(*flux64, T, SEED)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family64(request):
-    """Each model family in float64 with its conditioning and reference rollout."""
-    model, cond = family_model(request.param, torch.float64)
-    return model, cond, reference_rollout(model, cond, T, SEED)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+flux64, flux64_reference, family64 = float64_fixtures(T, SEED)
 
 
 def autograd_grad(model, loss: torch.Tensor) -> torch.Tensor:
@@ -68,10 +40,10 @@ def autograd_grad(model, loss: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def test_draft1_equals_last_step_backprop(flux64, reference):
+def test_draft1_equals_last_step_backprop(flux64, flux64_reference):
     """DRaFT-1: gradient of the reward through x0 = x_{T-1} - sigma_{T-1} v(x_{T-1}) only."""
     model, cond = flux64
-    sigmas, traj, _ = reference
+    sigmas, traj, _ = flux64_reference
     g, out = objective_grad(build_objective("draft_k", num_steps=T, k=1), model, cond, seed=SEED)
     s = sigmas[T - 1]
     x0 = traj[T - 1] + (sigmas[-1] - s).to(traj[0].dtype) * model.velocity(traj[T - 1], s, cond)
@@ -92,9 +64,9 @@ def test_draftk_equals_vjp_chain_through_last_k_steps(family64, k):
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_full_backprop_equals_vjp_chain_through_all_steps(flux64, reference, checkpoint):
+def test_full_backprop_equals_vjp_chain_through_all_steps(flux64, flux64_reference, checkpoint):
     model, cond = flux64
-    sigmas, traj, g0 = reference
+    sigmas, traj, g0 = flux64_reference
     g, _ = objective_grad(build_objective("full_backprop", num_steps=T, checkpoint=checkpoint), model, cond, seed=SEED)
     oracle = leap_oracle(model, cond, traj, sigmas, list(range(T)), 1.0, g0)
     assert rel(g, oracle) < 1e-10
@@ -123,10 +95,10 @@ def test_drtune_samples_evenly_spaced_steps_with_random_offset():
     assert len(seen) > 1
 
 
-def test_refl_equals_one_step_prediction_backprop(flux64, reference):
+def test_refl_equals_one_step_prediction_backprop(flux64, flux64_reference):
     """ReFL: reward of x0hat = x_t - sigma_t v(x_t) at the drawn late step t, gradient through v only."""
     model, cond = flux64
-    sigmas, traj, _ = reference
+    sigmas, traj, _ = flux64_reference
     t = T - 2
     g, out = objective_grad(build_objective("refl", num_steps=T, min_idx=t, max_idx=t + 1), model, cond, seed=SEED)
     assert out.metrics["t"] == t
@@ -142,10 +114,10 @@ def test_refl_default_range_is_last_quarter():
     assert (shorter.lower_idx, shorter.upper_idx) == (15, 20)
 
 
-def test_draft_lv_equals_its_definition(flux64, reference):
+def test_draft_lv_equals_its_definition(flux64, flux64_reference):
     """DRaFT-LV: mean over n re-noisings x_s = (1-s) x0 + s eps of the one-step-denoised reward."""
     model, cond = flux64
-    sigmas, traj, _ = reference
+    sigmas, traj, _ = flux64_reference
     n = 3
     g, out = objective_grad(build_objective("draft_lv", num_steps=T, n=n), model, cond, seed=SEED)
     gen = torch.Generator().manual_seed(SEED)

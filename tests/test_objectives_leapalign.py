@@ -10,19 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from _objective_oracles import (  # single_torch_thread: autouse fixture
-    single_torch_thread,  # noqa: F401
-    FAMILIES,
-    PROMPTS2,
-    ToyVelocity,
-    family_model,
-    flux_model,
-    leap_oracle,
-    manual_trajectory,
-    objective_grad,
-    reference_rollout,
-    smooth_reward,
-    velocity_vjp,
+from _objective_oracles import single_torch_thread  # noqa: F401 (autouse fixture)
+from _objective_oracles import (
+    FAMILIES, PROMPTS2, ToyVelocity, family_model, float64_fixtures, flux_model, leap_oracle, manual_trajectory,
+    objective_grad, rel, smooth_reward, velocity_vjp,
 )
 from leapalign.objectives import build_objective
 from leapalign.objectives.leap_ops import grad_scale, leap_connector, trajectory_weight
@@ -32,34 +23,15 @@ from leapalign.rewards.base import RewardNotDifferentiableError
 
 T = 6
 SEED = 3
-
-
-@pytest.fixture(scope="module")
-def flux64():
-    return flux_model(torch.float64)
-
-
-@pytest.fixture(scope="module")
-def flux64_reference(flux64):
-    """The no-grad rollout (independent Euler loop), its sigmas and dL/dx0, for seed SEED."""
-    return reference_rollout(*flux64, T, SEED)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family64(request):
-    """Each model family in float64 with its conditioning and reference rollout (the tests that matter run on all)."""
-    model, cond = family_model(request.param, torch.float64)
-    return model, cond, reference_rollout(model, cond, T, SEED)
+# flux64 / flux64_reference: the tiny float64 Flux and its no-grad rollout for SEED; family64: each
+# model family in float64 with its reference rollout (the tests that matter run on all)
+flux64, flux64_reference, family64 = float64_fixtures(T, SEED)
 
 
 def leapalign(**kw) -> LeapAlignObjective:
     cfg = dict(num_steps=T, weighting="off", hinge_lambda=None)
     cfg.update(kw)
     return LeapAlignObjective(LeapAlignObjectiveConfig(**cfg))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 # -- the reward sees the true image ---------------------------------------------------------------

@@ -115,52 +115,6 @@ def test_encode_prompts_is_the_pipelines_text_path():
         model.encode_prompts(["a new prompt"])
 
 
-def test_cfg_is_one_batched_forward_also_with_grad(pipe):
-    model = adapter(pipe)
-    cond = random_cond()
-    batches = []
-    pre = model.transformer.register_forward_pre_hook(
-        lambda mod, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-    )
-    try:
-        x = model.noise(2, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            guided = model.velocity(x, 0.5, cond)
-        v = model.velocity(x.clone().requires_grad_(True), 0.5, cond)
-        v.sum().backward()
-    finally:
-        pre.remove()
-    assert batches == [4, 4] and torch.equal(v.detach(), guided)
-    model.guidance = 1.0
-    with torch.no_grad():
-        v_c = model.velocity(x, 0.5, cond)
-        v_u = model.velocity(x, 0.5, SD3Conditioning(cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds))
-        per_sample = model.velocity(x, torch.tensor([0.5, 0.5], dtype=torch.float64), cond)
-        other_sigma = model.velocity(x, 0.4, cond)
-    assert torch.allclose(guided, v_u + 5.0 * (v_c - v_u), rtol=1e-5, atol=1e-6)
-    assert torch.equal(per_sample, v_c) and not torch.allclose(v_c, other_sigma)
-
-
-def test_decode_without_vae_and_differentiable_decode():
-    model = SD3VelocityModel(tiny_sd3_transformer(), height=H, width=W, guidance=1.0)
-    latents = model.noise(1, torch.Generator().manual_seed(0))
-    assert model.decode(latents).shape == (1, 4, H, W)
-    with_vae = SD3VelocityModel(tiny_sd3_transformer(), vae=tiny_sd3_vae(), height=H, width=W)
-    latents = latents.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(with_vae.decode(latents).sum(), latents)
-    assert g.abs().sum() > 0
-
-
-def test_gradient_checkpointing_keeps_gradients():
-    grads = {}
-    for ckpt in (False, True):
-        model = SD3VelocityModel(tiny_sd3_transformer(dtype=torch.float64), height=H, width=W, gradient_checkpointing=ckpt)
-        x = model.noise(2, torch.Generator().manual_seed(0))
-        model.velocity(x, 0.7, random_cond().to(dtype=torch.float64)).square().sum().backward()
-        grads[ckpt] = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
-    assert torch.allclose(grads[True], grads[False], rtol=1e-12, atol=0)
-
-
 # -- bad input -------------------------------------------------------------------------------------
 
 
