@@ -17,7 +17,7 @@ exponential or beta spacing, a terminal shift, inverted sigmas, stochastic sampl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,15 +50,16 @@ class FlowMatchSchedule:
 
     ``shift`` is the static shift (used when ``use_dynamic_shifting`` is off); with dynamic
     shifting the caller passes ``mu`` (FLUX.2: the empirical mu; SD3: :func:`calculate_shift`).
-    ``base_seq_len`` .. ``max_shift`` are the line :meth:`dynamic_mu` derives ``mu`` from.
+    ``base_seq_len`` .. ``max_shift`` are the line :meth:`dynamic_mu` derives ``mu`` from. Each
+    field is the scheduler config entry of its name (or of its ``metadata["key"]``), same default.
     """
 
     shift: float = 1.0
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
     num_train_timesteps: int = 1000
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
+    base_seq_len: int = field(default=256, metadata={"key": "base_image_seq_len"})
+    max_seq_len: int = field(default=4096, metadata={"key": "max_image_seq_len"})
     base_shift: float = 0.5
     max_shift: float = 1.15
 
@@ -84,16 +85,11 @@ class FlowMatchSchedule:
                 f"FlowMatchEulerDiscreteScheduler with {', '.join(f'{o}={cfg.get(o)!r}' for o in used)} is not "
                 "supported; the adapters reproduce the plain (static or dynamically shifted) Euler schedule only"
             )
-        return cls(
-            shift=float(getattr(scheduler, "shift", cfg.get("shift", 1.0))),  # set_shift() changes .shift only
-            use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
-            time_shift_type=cfg.get("time_shift_type", "exponential"),
-            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-            base_seq_len=int(cfg.get("base_image_seq_len", 256)),
-            max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
-            base_shift=float(cfg.get("base_shift", 0.5)),
-            max_shift=float(cfg.get("max_shift", 1.15)),
-        )
+        values = {}
+        for f in fields(cls):  # each value in its default's type (config files may hold ints for floats)
+            values[f.name] = type(f.default)(cfg.get(f.metadata.get("key", f.name), f.default))
+        values["shift"] = float(getattr(scheduler, "shift", values["shift"]))  # set_shift() changes .shift only
+        return cls(**values)
 
     def sigmas(self, num_steps: int, base: Sequence[float] | np.ndarray | None = None, mu: float | None = None) -> torch.Tensor:
         """``[T + 1]`` float64 sigmas (float32 values, final 0) as ``set_timesteps(T, sigmas=base, mu=mu)``.
