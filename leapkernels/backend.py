@@ -24,6 +24,7 @@ device where the op has its kernels, else reference. A forced backend that canno
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -203,20 +204,77 @@ def force_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
-def program_budget(device: torch.device) -> int:
-    """How many programs a row-looping kernel should launch on ``device``.
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the launch heuristics read off a GPU (`gpu_target`): its size and per-SM limits."""
 
-    The interpreter costs ~1 ms per program, so on CPU few large programs win; on CUDA enough
-    programs to fill every SM a few times.
-    """
+    name: str
+    multi_processor_count: int
+    max_threads_per_multi_processor: int = 2048
+    regs_per_multiprocessor: int = 65536
+    capability: tuple[int, int] = (9, 0)
+
+
+H100 = GpuTarget("NVIDIA H100 SXM (132 SMs)", 132)
+"""The default ahead-of-time compilation target (`compile_for`)."""
+
+REGISTER_BUDGET = 128
+"""Registers per thread the launch heuristics assume a kernel uses at most (the AOT tests assert
+it at Flux widths): with it, `program_budget` counts the programs one wave keeps resident."""
+
+_compile_target: GpuTarget | None = None
+
+
+@contextlib.contextmanager
+def compile_for(target: GpuTarget = H100) -> Iterator[None]:
+    """Launchers given *meta* tensors choose blocks, warps and program counts as on ``target``
+    (ahead-of-time compilation without a GPU: `leapkernels.aot`)."""
+    global _compile_target
+    previous, _compile_target = _compile_target, target
+    try:
+        yield
+    finally:
+        _compile_target = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> GpuTarget:
+    props = torch.cuda.get_device_properties(index)
+    return GpuTarget(
+        props.name, props.multi_processor_count,
+        getattr(props, "max_threads_per_multi_processor", 2048), getattr(props, "regs_per_multiprocessor", 65536),
+        (props.major, props.minor),
+    )
+
+
+def gpu_target(device: torch.device) -> GpuTarget | None:
+    """The GPU a launch on ``device`` is sized for: the CUDA device itself, the `compile_for` target
+    for meta tensors, else ``None`` (CPU: the interpreter)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        return _compile_target
+    return None
+
+
+def program_budget(device: torch.device, num_warps: int = 4) -> int:
+    """How many programs a looping kernel of ``num_warps`` warps should launch on ``device``.
+
+    On a GPU: one full wave — every SM filled with as many programs as its thread and register
+    limits keep resident (at `REGISTER_BUDGET` registers per thread); the kernels loop over the
+    rest. The interpreter costs ~1 ms per program, so on CPU few large programs win.
+    """
+    gpu = gpu_target(device)
+    if gpu is None:
+        return 8
+    threads = 32 * num_warps
+    resident = min(gpu.max_threads_per_multi_processor // threads, gpu.regs_per_multiprocessor // (threads * REGISTER_BUDGET))
+    return gpu.multi_processor_count * max(1, resident)
 
 
 def tile_elements(device: torch.device) -> int:
-    """Elements one program holds in a tile: registers bound it on CUDA, numpy vectors on CPU."""
-    return 4096 if device.type == "cuda" else 16384
+    """Elements one program holds in a tile: registers bound it on a GPU, numpy vectors on CPU."""
+    return 4096 if gpu_target(device) is not None else 16384
 
 
 _poison = False
@@ -247,6 +305,7 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def num_warps(tile: int) -> int:
-    """Warps for a program holding ``tile`` elements (CUDA; the interpreter ignores it):
-    ~8 fp32 values per thread up to 8 warps, so wide Flux rows (3072) do not spill registers."""
+    """Warps for a program holding ``tile`` elements (GPU; the interpreter ignores it): one warp
+    per 256 elements, at most 8 — 8 values of each operand per thread at 2,048 (one 16-byte
+    vector of bf16), 16 at 4,096."""
     return max(1, min(8, tile // 256))

@@ -12,7 +12,7 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops._common import acc_tl, launch_options, register_op, row_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gated_residual"
@@ -49,18 +49,20 @@ if triton is not None:
         stride_xb, stride_xs, stride_gb, stride_yb, stride_ys, n_progs,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
-        for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            mask = (rows < S)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
-            out = x + gate[None, :] * y
-            tl.store(out_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(out, out_ptr.dtype.element_ty, RTNE), mask=mask)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets and row counters: no int32 overflow
+        p = tl.program_id(1).to(tl.int64)
+        for c0 in range(0, D, BLOCK_D):  # column chunks (one at FLUX.1 widths <= BLOCK_D)
+            cols = tl.arange(0, BLOCK_D) + c0
+            cmask = cols < D
+            gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
+            for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
+                rows = tl.arange(0, BLOCK_R) + start
+                mask = (rows < S)[:, None] & cmask[None, :]
+                x = tl.load(x_ptr + (b * stride_xb + rows * stride_xs)[:, None] + cols[None, :], mask=mask, other=0.0)
+                y = tl.load(y_ptr + (b * stride_yb + rows * stride_ys)[:, None] + cols[None, :], mask=mask, other=0.0)
+                out = x.to(ACC) + gate[None, :] * y.to(ACC)
+                out_offs = (b * S + rows)[:, None] * D + cols[None, :]
+                tl.store(out_ptr + out_offs, rounded(out, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
     @triton.jit
     def _gr_bwd_kernel(
@@ -69,49 +71,51 @@ if triton is not None:
         NEED_DY: tl.constexpr, NEED_DGATE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
-        dgate = tl.zeros([BLOCK_D], dtype=ACC)
-        for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            mask = (rows < S)[:, None] & cmask[None, :]
-            g = tl.load(g_ptr + b * stride_g_b + rows[:, None] * stride_g_s + cols[None, :], mask=mask, other=0.0).to(ACC)
-            if NEED_DY:
-                dy = g * gate[None, :]
-                tl.store(dy_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dy, dy_ptr.dtype.element_ty, RTNE), mask=mask)
+        """dy = gate g; this program's partial sum of g y over its rows, per column (fp32)."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1).to(tl.int64)
+        for c0 in range(0, D, BLOCK_D):
+            cols = tl.arange(0, BLOCK_D) + c0
+            cmask = cols < D
+            gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0).to(ACC)
+            dgate = tl.zeros([BLOCK_D], dtype=ACC)
+            for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
+                rows = tl.arange(0, BLOCK_R) + start
+                mask = (rows < S)[:, None] & cmask[None, :]
+                g = tl.load(g_ptr + (b * stride_g_b + rows * stride_g_s)[:, None] + cols[None, :], mask=mask, other=0.0)
+                g = g.to(ACC)
+                if NEED_DY:
+                    dy_offs = (b * S + rows)[:, None] * D + cols[None, :]
+                    tl.store(dy_ptr + dy_offs, rounded(g * gate[None, :], dy_ptr.dtype.element_ty, RTNE), mask=mask)
+                if NEED_DGATE:
+                    y = tl.load(y_ptr + (b * stride_yb + rows * stride_ys)[:, None] + cols[None, :], mask=mask, other=0.0)
+                    dgate += tl.sum(g * y.to(ACC), 0)
             if NEED_DGATE:
-                y = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_ys + cols[None, :], mask=mask, other=0.0).to(ACC)
-                dgate += tl.sum(g * y, 0)
-        if NEED_DGATE:
-            tl.store(dgate_ptr + (b * n_progs + p) * D + cols, dgate, mask=cmask)
+                tl.store(dgate_ptr + (b * n_progs + p) * D + cols, dgate, mask=cmask)
 
 
 def _forward_triton(x, gate, y):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
+    block_r, block_d, n_progs, warps = row_launch(batch, seq, dim, x.device)
     out = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device)
     _gr_fwd_kernel[(batch, n_progs)](
         x, gate, y, out, seq, dim, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
-        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype),
-        RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(block_r * block_d),
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        **launch_options(warps),
     )
     return out
 
 
 def _backward_triton(g, gate, y, need_dy, need_dgate):
     batch, seq, dim = g.shape
-    block_r, block_d, n_progs = row_launch(batch, seq, dim, g.device)
+    block_r, block_d, n_progs, warps = row_launch(batch, seq, dim, g.device)
     acc = backend.accumulator_dtype(g.dtype)
     dy = backend.empty((batch, seq, dim), dtype=y.dtype, device=g.device) if need_dy else g
     dgate = backend.empty((batch, n_progs, dim) if need_dgate else (1,), dtype=acc, device=g.device)
     _gr_bwd_kernel[(batch, n_progs)](
         g, gate, y, dy, dgate, seq, dim, g.stride(0), g.stride(1), gate.stride(0), y.stride(0), y.stride(1), n_progs,
         NEED_DY=need_dy, NEED_DGATE=need_dgate, BLOCK_R=block_r, BLOCK_D=block_d,
-        ACC=acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
-        num_warps=backend.num_warps(block_r * block_d),
+        ACC=acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device), **launch_options(warps),
     )
     return (dy if need_dy else None), (dgate.sum(1).to(gate.dtype) if need_dgate else None)
 

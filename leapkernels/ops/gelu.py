@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_tensor
-from leapkernels.ops._common import acc_tl, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, stream_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gelu_tanh"
@@ -64,53 +64,56 @@ def _backward_reference(da, h):
 
 if triton is not None:
 
+    @device_fn
+    def _gelu_gates(h):
+        """sigmoid(2u) and 1 - sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3), both accurate, from
+        e = exp(-2|u|) <= 1 (0.5 (1 + tanh(u)) = sigmoid(2u): no libdevice, no overflow)."""
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        e = tl.exp(-2.0 * tl.abs(u))
+        inv = 1.0 / (1.0 + e)
+        return tl.where(u >= 0, inv, e * inv), tl.where(u >= 0, e * inv, inv)
+
     @triton.jit
     def _gelu_fwd_kernel(h_ptr, out_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
-        p = tl.program_id(0)
+        p = tl.program_id(0).to(tl.int64)  # a 64-bit loop counter: offsets past 2**31 must not wrap
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = tl.arange(0, BLOCK).to(tl.int64) + start
+            offs = tl.arange(0, BLOCK) + start
             mask = offs < N
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
-            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-            # 0.5 (1 + tanh(u)) = sigmoid(2u), from exp(-2|u|) <= 1: no libdevice, no overflow
-            e = tl.exp(-2.0 * tl.abs(u))
-            sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            sig, _ = _gelu_gates(h)
             tl.store(out_ptr + offs, rounded(h * sig, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
     @triton.jit
     def _gelu_bwd_kernel(da_ptr, h_ptr, dh_ptr, N, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr):
-        p = tl.program_id(0)
+        p = tl.program_id(0).to(tl.int64)  # a 64-bit loop counter: offsets past 2**31 must not wrap
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = tl.arange(0, BLOCK).to(tl.int64) + start
+            offs = tl.arange(0, BLOCK) + start
             mask = offs < N
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
             da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(ACC)
-            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-            # sigmoid(2u) and 1 - sigmoid(2u), both accurate: 1 - tanh(u)^2 = 4 sig (1 - sig)
-            e = tl.exp(-2.0 * tl.abs(u))
-            sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            sig_c = tl.where(u >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+            # d/dh [h sig] = sig + h * 2 sig (1 - sig) du/dh,  1 - tanh(u)^2 = 4 sig (1 - sig)
+            sig, sig_c = _gelu_gates(h)
             d = sig + 2.0 * h * sig * sig_c * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
             tl.store(dh_ptr + offs, rounded(da * d, dh_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
+def _launch(kernel, tensors: tuple, n: int, like: torch.Tensor) -> None:
+    block, n_progs, warps = stream_launch(1, n, like.device)
+    kernel[(n_progs,)](
+        *tensors, n, n_progs, BLOCK=block, ACC=acc_tl(like.dtype), RTNE=emulate_bf16_rtne(like.dtype, like.device),
+        **launch_options(warps),
+    )
+
+
 def _forward_triton(h):
     out = backend.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, n_progs = stream_launch(1, h.numel(), h.device)
-    _gelu_fwd_kernel[(n_progs,)](
-        h, out, h.numel(), n_progs, BLOCK=block,
-        ACC=acc_tl(h.dtype), RTNE=emulate_bf16_rtne(h.dtype, h.device),
-    )
+    _launch(_gelu_fwd_kernel, (h, out), h.numel(), h)
     return out
 
 
 def _backward_triton(da, h):
     dh = backend.empty(h.shape, dtype=h.dtype, device=h.device)
-    block, n_progs = stream_launch(1, h.numel(), h.device)
-    _gelu_bwd_kernel[(n_progs,)](
-        da, h, dh, h.numel(), n_progs, BLOCK=block,
-        ACC=acc_tl(h.dtype), RTNE=emulate_bf16_rtne(h.dtype, h.device),
-    )
+    _launch(_gelu_bwd_kernel, (da, h, dh), h.numel(), h)
     return dh
 
 

@@ -15,7 +15,7 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_tensor, per_sample
-from leapkernels.ops._common import acc_tl, no_forward, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import acc_tl, launch_options, no_forward, register_op, stream_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "grad_scale"
@@ -58,12 +58,12 @@ if triton is not None:
 
     @triton.jit
     def _sumsq_kernel(g_ptr, part_ptr, N, stride_g, n_progs, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK).to(tl.int64)
+        """This program's partial sum of g^2 over its slices of sample b's row."""
+        b = tl.program_id(0).to(tl.int64)  # a 64-bit loop counter: offsets past 2**31 must not wrap
+        p = tl.program_id(1).to(tl.int64)
         acc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = cols + start
+            offs = tl.arange(0, BLOCK) + start
             g = tl.load(g_ptr + b * stride_g + offs, mask=offs < N, other=0.0).to(ACC)
             acc += g * g
         tl.store(part_ptr + b * n_progs + p, tl.sum(acc, 0))
@@ -73,17 +73,17 @@ if triton is not None:
         g_ptr, alpha_ptr, part_ptr, out_ptr, N, stride_g, n_progs, max_norm,
         HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
+        """out = factor g, factor = alpha (capped from the summed partials when HAS_CAP)."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1).to(tl.int64)
         factor = tl.load(alpha_ptr + b).to(ACC)
         if HAS_CAP:
             pcols = tl.arange(0, BLOCK_P)
             sumsq = tl.sum(tl.load(part_ptr + b * n_progs + pcols, mask=pcols < n_progs, other=0.0), 0)
             norm = tl.abs(factor) * tl.sqrt(sumsq)
             factor = tl.where(norm > max_norm, factor * (max_norm / norm), factor)
-        cols = tl.arange(0, BLOCK).to(tl.int64)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = cols + start
+            offs = tl.arange(0, BLOCK) + start
             mask = offs < N
             g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(ACC)
             tl.store(out_ptr + b * N + offs, rounded(g * factor, out_ptr.dtype.element_ty, RTNE), mask=mask)
@@ -91,16 +91,17 @@ if triton is not None:
 
 def _backward_triton(g, alpha, max_norm):
     batch, n = g.shape
-    block, n_progs = stream_launch(batch, n, g.device)
-    acc = backend.accumulator_dtype(g.dtype)
+    block, n_progs, warps = stream_launch(batch, n, g.device)
     out = backend.empty((batch, n), dtype=g.dtype, device=g.device)
-    part = backend.empty((batch, n_progs), dtype=acc, device=g.device)
+    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(g.dtype), device=g.device)
     if max_norm is not None:
-        _sumsq_kernel[(batch, n_progs)](g, part, n, g.stride(0), n_progs, BLOCK=block, ACC=acc_tl(g.dtype))
+        _sumsq_kernel[(batch, n_progs)](
+            g, part, n, g.stride(0), n_progs, BLOCK=block, ACC=acc_tl(g.dtype), **launch_options(warps),
+        )
     _scale_kernel[(batch, n_progs)](
         g, alpha, part, out, n, g.stride(0), n_progs, float(max_norm or 0.0),
         HAS_CAP=max_norm is not None, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_progs), ACC=acc_tl(g.dtype),
-        RTNE=emulate_bf16_rtne(g.dtype, g.device),
+        RTNE=emulate_bf16_rtne(g.dtype, g.device), **launch_options(warps),
     )
     return out
 

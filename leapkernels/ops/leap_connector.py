@@ -15,7 +15,7 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_shape, check_tensor, per_sample
-from leapkernels.ops._common import acc_tl, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, stream_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "leap_connector"
@@ -73,26 +73,31 @@ def _backward_reference(g, v, c, need_dc):
 
 if triton is not None:
 
+    @device_fn
+    def _row_slice(ptr, row_off, start, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        """Elements ``[start, start + BLOCK)`` of a row: (values in ACC, offsets, mask)."""
+        offs = tl.arange(0, BLOCK) + start
+        mask = offs < N
+        return tl.load(ptr + row_off + offs, mask=mask, other=0.0).to(ACC), offs, mask
+
     @triton.jit
     def _leap_fwd_kernel(
         x_ptr, v_ptr, t_ptr, c_ptr, out_ptr, part_ptr,
         N, stride_x, stride_v, stride_t, n_progs,
         HAS_TRUE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
+        """out = x_true (connector) or the leap; this program's partial sum of |x_true - leap|."""
+        b = tl.program_id(0).to(tl.int64)  # a 64-bit loop counter: offsets past 2**31 must not wrap
+        p = tl.program_id(1).to(tl.int64)
         c = tl.load(c_ptr + b).to(ACC)
-        cols = tl.arange(0, BLOCK).to(tl.int64)
         dist = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = cols + start
-            mask = offs < N
-            x = tl.load(x_ptr + b * stride_x + offs, mask=mask, other=0.0).to(ACC)
-            v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
+            x, offs, mask = _row_slice(x_ptr, b * stride_x, start, N, BLOCK, ACC)
+            v, _, _ = _row_slice(v_ptr, b * stride_v, start, N, BLOCK, ACC)
             leap = x + c * v
             if HAS_TRUE:
                 t = tl.load(t_ptr + b * stride_t + offs, mask=mask, other=0.0)
-                tl.store(out_ptr + b * N + offs, t, mask=mask)
+                tl.store(out_ptr + b * N + offs, t, mask=mask)  # the true value, bit for bit
                 dist += tl.where(mask, tl.abs(t.to(ACC) - leap), 0.0)
             else:
                 tl.store(out_ptr + b * N + offs, rounded(leap, out_ptr.dtype.element_ty, RTNE), mask=mask)
@@ -105,48 +110,48 @@ if triton is not None:
         N, stride_g, stride_v, n_progs,
         NEED_DC: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
+        """grad_v = c g; this program's partial sum of g v (d/dc)."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1).to(tl.int64)
         c = tl.load(c_ptr + b).to(ACC)
-        cols = tl.arange(0, BLOCK).to(tl.int64)
         dc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(p * BLOCK, N, n_progs * BLOCK):
-            offs = cols + start
-            mask = offs < N
-            g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(ACC)
+            g, offs, mask = _row_slice(g_ptr, b * stride_g, start, N, BLOCK, ACC)
             tl.store(gv_ptr + b * N + offs, rounded(c * g, gv_ptr.dtype.element_ty, RTNE), mask=mask)
             if NEED_DC:
-                v = tl.load(v_ptr + b * stride_v + offs, mask=mask, other=0.0).to(ACC)
+                v, _, _ = _row_slice(v_ptr, b * stride_v, start, N, BLOCK, ACC)
                 dc += g * v
         if NEED_DC:
             tl.store(part_ptr + b * n_progs + p, tl.sum(dc, 0))
 
 
+def _launch(kernel, like: torch.Tensor, pointers: tuple, strides: tuple, **constexprs) -> torch.Tensor:
+    """Run a stream ``kernel(*pointers, part, N, *strides, n_progs)`` over ``like``'s ``[B, N]``;
+    returns its per-program partial sums ``part``."""
+    (batch, n), device = like.shape, like.device
+    block, n_progs, warps = stream_launch(batch, n, device)
+    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(like.dtype), device=device)
+    kernel[(batch, n_progs)](
+        *pointers, part, n, *strides, n_progs, BLOCK=block, ACC=acc_tl(like.dtype),
+        RTNE=emulate_bf16_rtne(like.dtype, device), **constexprs, **launch_options(warps),
+    )
+    return part
+
+
 def _forward_triton(x, v, c, x_true):
     batch, n = x.shape
-    block, n_progs = stream_launch(batch, n, x.device)
     out = backend.empty((batch, n), dtype=x.dtype, device=x.device)
-    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
     t = x_true if x_true is not None else x
-    _leap_fwd_kernel[(batch, n_progs)](
-        x, v, t, c, out, part, n, x.stride(0), v.stride(0), t.stride(0), n_progs,
-        HAS_TRUE=x_true is not None, BLOCK=block, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
-    )
-    if x_true is None:
-        return out, None
-    return out, part.sum(1) / n
+    part = _launch(_leap_fwd_kernel, x, (x, v, t, c, out), (x.stride(0), v.stride(0), t.stride(0)),
+                   HAS_TRUE=x_true is not None)
+    return out, (part.sum(1) / n if x_true is not None else None)
 
 
 def _backward_triton(g, v, c, need_dc):
     batch, n = g.shape
-    block, n_progs = stream_launch(batch, n, g.device)
     grad_v = backend.empty((batch, n), dtype=g.dtype, device=g.device)
-    part = backend.empty((batch, n_progs), dtype=backend.accumulator_dtype(g.dtype), device=g.device)
     vv = v if v is not None else g
-    _leap_bwd_kernel[(batch, n_progs)](
-        g, vv, c, grad_v, part, n, g.stride(0), vv.stride(0), n_progs,
-        NEED_DC=need_dc, BLOCK=block, ACC=acc_tl(g.dtype), RTNE=emulate_bf16_rtne(g.dtype, g.device),
-    )
+    part = _launch(_leap_bwd_kernel, g, (g, vv, c, grad_v), (g.stride(0), vv.stride(0)), NEED_DC=need_dc)
     return grad_v, (part.sum(1) if need_dc else None)
 
 

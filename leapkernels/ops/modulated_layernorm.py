@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, row_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "modulated_layernorm"
@@ -68,27 +68,54 @@ def _backward_reference(g, x, scale, eps, need_dx, need_dmod):
 
 if triton is not None:
 
+    @device_fn
+    def _load_chunk(ptr, row_offs, rmask, c0, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+        """Columns ``[c0, c0 + BLOCK_D)`` of rows starting at ``row_offs``, in ACC (0 outside)."""
+        cols = tl.arange(0, BLOCK_D) + c0
+        mask = rmask[:, None] & (cols < D)[None, :]
+        return tl.load(ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC), cols, mask
+
+    @device_fn
+    def _row_moments(x_ptr, row_offs, rmask, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+        """Mean and 1/sqrt(var + eps) of each row, one pass over column chunks: each chunk's mean
+        and centred sum of squares, merged into the running ones (Chan et al.; exact two-pass
+        statistics when the row is one chunk)."""
+        mean = tl.zeros([BLOCK_R], dtype=ACC)
+        m2 = tl.zeros([BLOCK_R], dtype=ACC)
+        count = tl.zeros([BLOCK_R], dtype=ACC)
+        for c0 in range(0, D, BLOCK_D):
+            x, cols, mask = _load_chunk(x_ptr, row_offs, rmask, c0, D, BLOCK_D, ACC)
+            n_c = tl.sum((cols < D).to(ACC), 0)
+            c_mean = tl.sum(x, 1) / n_c
+            xc = tl.where(mask, x - c_mean[:, None], 0.0)
+            total = count + n_c
+            delta = c_mean - mean
+            mean += delta * (n_c / total)
+            m2 += tl.sum(xc * xc, 1) + delta * delta * (count * n_c / total)
+            count = total
+        return mean, 1.0 / tl.sqrt(m2 / D + eps)
+
     @triton.jit
     def _mln_fwd_kernel(
         x_ptr, scale_ptr, shift_ptr, y_ptr,
         S, D, stride_xb, stride_xs, stride_sc, stride_sh, eps, n_progs,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        one_plus_scale = 1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cmask, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + b * stride_sh + cols, mask=cmask, other=0.0).to(ACC)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets and row counters: no int32 overflow
+        p = tl.program_id(1).to(tl.int64)
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            mask = (rows < S)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.sum(x, 1) / D
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
-            y = xc * rstd[:, None] * one_plus_scale[None, :] + shift[None, :]
-            tl.store(y_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(y, y_ptr.dtype.element_ty, RTNE), mask=mask)
+            rows = tl.arange(0, BLOCK_R) + start
+            rmask = rows < S
+            x_offs = b * stride_xb + rows * stride_xs
+            mean, rstd = _row_moments(x_ptr, x_offs, rmask, D, eps, BLOCK_R, BLOCK_D, ACC)
+            for c0 in range(0, D, BLOCK_D):
+                x, cols, mask = _load_chunk(x_ptr, x_offs, rmask, c0, D, BLOCK_D, ACC)
+                cmask = cols < D
+                one_plus_scale = 1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cmask, other=0.0).to(ACC)
+                shift = tl.load(shift_ptr + b * stride_sh + cols, mask=cmask, other=0.0).to(ACC)
+                y = (x - mean[:, None]) * rstd[:, None] * one_plus_scale[None, :] + shift[None, :]
+                y_offs = (b * S + rows)[:, None] * D + cols[None, :]
+                tl.store(y_ptr + y_offs, rounded(y, y_ptr.dtype.element_ty, RTNE), mask=mask)
 
     @triton.jit
     def _mln_bwd_kernel(
@@ -97,60 +124,67 @@ if triton is not None:
         NEED_DX: tl.constexpr, NEED_DMOD: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # int64 offsets: no int32 overflow (nor interpreter checks)
-        p = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        one_plus_scale = 1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cmask, other=0.0).to(ACC)
-        dscale = tl.zeros([BLOCK_D], dtype=ACC)
-        dshift = tl.zeros([BLOCK_D], dtype=ACC)
+        """dx; and this program's partial d-scale / d-shift per column, accumulated in place
+        (the launcher zeroes them: each program owns its slice, so no atomics)."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1).to(tl.int64)
+        part = (b * n_progs + p) * D
         for start in range(p * BLOCK_R, S, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            mask = (rows < S)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            g = tl.load(g_ptr + b * stride_gb + rows[:, None] * stride_gs + cols[None, :], mask=mask, other=0.0).to(ACC)
-            mean = tl.sum(x, 1) / D
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
-            xhat = xc * rstd[:, None]
-            if NEED_DMOD:
-                dscale += tl.sum(g * xhat, 0)
-                dshift += tl.sum(g, 0)
+            rows = tl.arange(0, BLOCK_R) + start
+            rmask = rows < S
+            x_offs, g_offs = b * stride_xb + rows * stride_xs, b * stride_gb + rows * stride_gs
+            mean, rstd = _row_moments(x_ptr, x_offs, rmask, D, eps, BLOCK_R, BLOCK_D, ACC)
+            c1 = tl.zeros([BLOCK_R], dtype=ACC)  # mean of dxhat and of dxhat * xhat, per row
+            c2 = tl.zeros([BLOCK_R], dtype=ACC)
             if NEED_DX:
-                dxhat = g * one_plus_scale[None, :]
-                c1 = tl.sum(dxhat, 1) / D
-                c2 = tl.sum(dxhat * xhat, 1) / D
-                dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-                tl.store(dx_ptr + (b * S + rows[:, None]) * D + cols[None, :], rounded(dx, dx_ptr.dtype.element_ty, RTNE), mask=mask)
-        if NEED_DMOD:
-            tl.store(dscale_ptr + (b * n_progs + p) * D + cols, dscale, mask=cmask)
-            tl.store(dshift_ptr + (b * n_progs + p) * D + cols, dshift, mask=cmask)
+                for c0 in range(0, D, BLOCK_D):
+                    x, cols, mask = _load_chunk(x_ptr, x_offs, rmask, c0, D, BLOCK_D, ACC)
+                    g, _, _ = _load_chunk(g_ptr, g_offs, rmask, c0, D, BLOCK_D, ACC)
+                    sc = 1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cols < D, other=0.0).to(ACC)
+                    dxhat = g * sc[None, :]
+                    c1 += tl.sum(dxhat, 1) / D
+                    c2 += tl.sum(dxhat * tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), 1) / D
+            for c0 in range(0, D, BLOCK_D):
+                x, cols, mask = _load_chunk(x_ptr, x_offs, rmask, c0, D, BLOCK_D, ACC)
+                g, _, _ = _load_chunk(g_ptr, g_offs, rmask, c0, D, BLOCK_D, ACC)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                cmask = cols < D
+                if NEED_DX:
+                    dxhat = g * (1.0 + tl.load(scale_ptr + b * stride_sc + cols, mask=cmask, other=0.0).to(ACC))[None, :]
+                    dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+                    dx_offs = (b * S + rows)[:, None] * D + cols[None, :]
+                    tl.store(dx_ptr + dx_offs, rounded(dx, dx_ptr.dtype.element_ty, RTNE), mask=mask)
+                if NEED_DMOD:
+                    dscale = tl.load(dscale_ptr + part + cols, mask=cmask, other=0.0) + tl.sum(g * xhat, 0)
+                    tl.store(dscale_ptr + part + cols, dscale, mask=cmask)
+                    dshift = tl.load(dshift_ptr + part + cols, mask=cmask, other=0.0) + tl.sum(g, 0)
+                    tl.store(dshift_ptr + part + cols, dshift, mask=cmask)
 
 
 def _forward_triton(x, scale, shift, eps):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
+    block_r, block_d, n_progs, warps = row_launch(batch, seq, dim, x.device)
     y = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device)
     _mln_fwd_kernel[(batch, n_progs)](
         x, scale, shift, y, seq, dim, x.stride(0), x.stride(1), scale.stride(0), shift.stride(0), eps, n_progs,
         BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
-        num_warps=backend.num_warps(block_r * block_d),
+        **launch_options(warps),
     )
     return y
 
 
 def _backward_triton(g, x, scale, eps, need_dx, need_dmod):
     batch, seq, dim = x.shape
-    block_r, block_d, n_progs = row_launch(batch, seq, dim, x.device)
+    block_r, block_d, n_progs, warps = row_launch(batch, seq, dim, x.device)
     acc = backend.accumulator_dtype(x.dtype)
     dx = backend.empty((batch, seq, dim), dtype=x.dtype, device=x.device) if need_dx else x
     shape = (batch, n_progs, dim) if need_dmod else (1,)
-    dscale, dshift = (backend.empty(shape, dtype=acc, device=x.device) for _ in range(2))
+    dscale, dshift = (torch.zeros(shape, dtype=acc, device=x.device) for _ in range(2))  # accumulated in place
     _mln_bwd_kernel[(batch, n_progs)](
         g, x, scale, dx, dscale, dshift, seq, dim, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         scale.stride(0), eps, n_progs, NEED_DX=need_dx, NEED_DMOD=need_dmod,
         BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
-        num_warps=backend.num_warps(block_r * block_d),
+        **launch_options(warps),
     )
     if not need_dmod:
         return (dx if need_dx else None), None, None

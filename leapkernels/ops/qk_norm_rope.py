@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, register_op, row_launch, tl, triton
+from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, row_launch, tl, triton
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "qk_norm_rope"
@@ -75,117 +75,97 @@ def _backward_reference(g, x, weight, cos, sin, eps, need_dx, need_dw):
 
 if triton is not None:
 
+    @device_fn
+    def _rotate_pairs(t, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """Interleaved rotation of each row's pairs, on a contiguous tile (no stride-2 access):
+        R t = (-t1, t0, -t3, t2, ...);  R^T t = (t1, -t0, t3, -t2, ...)."""
+        even, odd = tl.split(tl.reshape(t, [BLOCK_R, BLOCK_D // 2, 2]))
+        pairs = tl.join(odd, -even) if TRANSPOSE else tl.join(-odd, even)
+        return tl.reshape(pairs, [BLOCK_R, BLOCK_D])
+
+    @device_fn
+    def _head_rows(start, R, S, H, SH, BLOCK_R: tl.constexpr):
+        """Rows ``start ..`` of the flattened ``[B * S * H]`` heads: (rows, mask, batch, seq, head)."""
+        rows = tl.arange(0, BLOCK_R) + start
+        return rows, rows < R, rows // SH, (rows // H) % S, rows % H
+
     @triton.jit
     def _qkr_fwd_kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
         R, S, H, SH, D, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
-        HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+        HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        p = tl.program_id(0)
-        ev = tl.arange(0, HALF).to(tl.int64) * 2  # int64 offsets throughout
-        od = ev + 1
-        cmask = ev < D
-        we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
-        wo = tl.load(w_ptr + od, mask=cmask, other=0.0).to(ACC)
+        p = tl.program_id(0).to(tl.int64)  # int64 offsets and row counters throughout
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
         for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            rmask = rows < R
+            rows, rmask, b, s, h = _head_rows(start, R, S, H, SH, BLOCK_R)
             mask = rmask[:, None] & cmask[None, :]
-            b = rows // SH
-            s = (rows // H) % S
-            h = rows % H
-            base = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
-            xe = tl.load(x_ptr + base + ev[None, :], mask=mask, other=0.0).to(ACC)
-            xo = tl.load(x_ptr + base + od[None, :], mask=mask, other=0.0).to(ACC)
-            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)) / D + eps)
-            ne = xe * rstd[:, None] * we[None, :]
-            no = xo * rstd[:, None] * wo[None, :]
+            x_offs = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + cols[None, :]
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+            out = x * rstd[:, None] * w[None, :]
             if HAS_ROPE:
-                cbase = (s * stride_cs)[:, None]
-                ce = tl.load(cos_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-                co = tl.load(cos_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
-                se = tl.load(sin_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-                so = tl.load(sin_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
-                oe = ne * ce - no * se
-                oo = no * co + ne * so
-            else:
-                oe = ne
-                oo = no
-            obase = (rows * D)[:, None]
-            tl.store(out_ptr + obase + ev[None, :], rounded(oe, out_ptr.dtype.element_ty, RTNE), mask=mask)
-            tl.store(out_ptr + obase + od[None, :], rounded(oo, out_ptr.dtype.element_ty, RTNE), mask=mask)
+                rope_offs = (s * stride_cs)[:, None] + cols[None, :]
+                cos = tl.load(cos_ptr + rope_offs, mask=mask, other=0.0).to(ACC)
+                sin = tl.load(sin_ptr + rope_offs, mask=mask, other=0.0).to(ACC)
+                out = out * cos + _rotate_pairs(out, BLOCK_R, BLOCK_D, False) * sin
+            tl.store(out_ptr + (rows * D)[:, None] + cols[None, :], rounded(out, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
     @triton.jit
     def _qkr_bwd_kernel(
         g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr,
         R, S, H, SH, D, stride_gb, stride_gs, stride_gh, stride_xb, stride_xs, stride_xh, stride_cs, eps, n_progs,
         HAS_ROPE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-        BLOCK_R: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
-        p = tl.program_id(0)
-        ev = tl.arange(0, HALF).to(tl.int64) * 2  # int64 offsets throughout
-        od = ev + 1
-        cmask = ev < D
-        we = tl.load(w_ptr + ev, mask=cmask, other=0.0).to(ACC)
-        wo = tl.load(w_ptr + od, mask=cmask, other=0.0).to(ACC)
-        dwe = tl.zeros([HALF], dtype=ACC)
-        dwo = tl.zeros([HALF], dtype=ACC)
+        """Un-rotates g (dn = g cos + R^T(g sin)), recomputes rstd; dx, and this program's d-weight."""
+        p = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        dw = tl.zeros([BLOCK_D], dtype=ACC)
         for start in range(p * BLOCK_R, R, n_progs * BLOCK_R):
-            rows = tl.arange(0, BLOCK_R).to(tl.int64) + start
-            rmask = rows < R
+            rows, rmask, b, s, h = _head_rows(start, R, S, H, SH, BLOCK_R)
             mask = rmask[:, None] & cmask[None, :]
-            b = rows // SH
-            s = (rows // H) % S
-            h = rows % H
-            xbase = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
-            gbase = (b * stride_gb + s * stride_gs + h * stride_gh)[:, None]
-            xe = tl.load(x_ptr + xbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-            xo = tl.load(x_ptr + xbase + od[None, :], mask=mask, other=0.0).to(ACC)
-            ge = tl.load(g_ptr + gbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-            go = tl.load(g_ptr + gbase + od[None, :], mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_ptr + (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
+            dn = tl.load(g_ptr + (b * stride_gb + s * stride_gs + h * stride_gh)[:, None] + cols[None, :], mask=mask, other=0.0)
+            x, dn = x.to(ACC), dn.to(ACC)
             if HAS_ROPE:
-                cbase = (s * stride_cs)[:, None]
-                ce = tl.load(cos_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-                co = tl.load(cos_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
-                se = tl.load(sin_ptr + cbase + ev[None, :], mask=mask, other=0.0).to(ACC)
-                so = tl.load(sin_ptr + cbase + od[None, :], mask=mask, other=0.0).to(ACC)
-                gne = ge * ce + go * so
-                gno = go * co - ge * se
-            else:
-                gne = ge
-                gno = go
-            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)) / D + eps)
-            xhe = xe * rstd[:, None]
-            xho = xo * rstd[:, None]
+                rope_offs = (s * stride_cs)[:, None] + cols[None, :]
+                cos = tl.load(cos_ptr + rope_offs, mask=mask, other=0.0).to(ACC)
+                sin = tl.load(sin_ptr + rope_offs, mask=mask, other=0.0).to(ACC)
+                dn = dn * cos + _rotate_pairs(dn * sin, BLOCK_R, BLOCK_D, True)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+            xhat = x * rstd[:, None]
             if NEED_DW:
-                dwe += tl.sum(gne * xhe, 0)
-                dwo += tl.sum(gno * xho, 0)
+                dw += tl.sum(dn * xhat, 0)
             if NEED_DX:
-                dhe = gne * we[None, :]
-                dho = gno * wo[None, :]
-                c = (tl.sum(dhe * xhe, 1) + tl.sum(dho * xho, 1)) / D
-                dxe = (dhe - xhe * c[:, None]) * rstd[:, None]
-                dxo = (dho - xho * c[:, None]) * rstd[:, None]
-                obase = (rows * D)[:, None]
-                tl.store(dx_ptr + obase + ev[None, :], rounded(dxe, dx_ptr.dtype.element_ty, RTNE), mask=mask)
-                tl.store(dx_ptr + obase + od[None, :], rounded(dxo, dx_ptr.dtype.element_ty, RTNE), mask=mask)
+                dxhat = dn * w[None, :]
+                c = tl.sum(dxhat * xhat, 1) / D
+                dx = (dxhat - xhat * c[:, None]) * rstd[:, None]
+                tl.store(dx_ptr + (rows * D)[:, None] + cols[None, :], rounded(dx, dx_ptr.dtype.element_ty, RTNE), mask=mask)
         if NEED_DW:
-            tl.store(dw_ptr + p * D + ev, dwe, mask=cmask)
-            tl.store(dw_ptr + p * D + od, dwo, mask=cmask)
+            tl.store(dw_ptr + p * D + cols, dw, mask=cmask)
+
+
+def _rope_args(cos, sin, fallback):
+    """Kernel arguments for the tables (a valid pointer and stride 0 when RoPE is off)."""
+    return (cos, sin, cos.stride(0)) if cos is not None else (fallback, fallback, 0)
 
 
 def _forward_triton(x, weight, cos, sin, eps):
     batch, seq, heads, dim = x.shape
     rows = batch * seq * heads
-    block_r, block_d, n_progs = row_launch(1, rows, dim, x.device)
-    half = block_d // 2
+    block_r, block_d, n_progs, warps = row_launch(1, rows, dim, x.device, cap=False)
     out = backend.empty(x.shape, dtype=x.dtype, device=x.device)
-    has_rope = cos is not None
+    cos_, sin_, stride_cs = _rope_args(cos, sin, weight)
     _qkr_fwd_kernel[(n_progs,)](
-        x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
-        rows, seq, heads, seq * heads, dim, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0, eps, n_progs,
-        HAS_ROPE=has_rope, BLOCK_R=block_r, HALF=half, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
-        num_warps=backend.num_warps(2 * block_r * half),
+        x, weight, cos_, sin_, out,
+        rows, seq, heads, seq * heads, dim, x.stride(0), x.stride(1), x.stride(2), stride_cs, eps, n_progs,
+        HAS_ROPE=cos is not None, BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype),
+        RTNE=emulate_bf16_rtne(x.dtype, x.device), **launch_options(warps),
     )
     return out
 
@@ -193,17 +173,17 @@ def _forward_triton(x, weight, cos, sin, eps):
 def _backward_triton(g, x, weight, cos, sin, eps, need_dx, need_dw):
     batch, seq, heads, dim = x.shape
     rows = batch * seq * heads
-    block_r, block_d, n_progs = row_launch(1, rows, dim, x.device)
-    half = block_d // 2
+    # half tiles: backward holds x, g, cos, sin and their rotations at once (fp32 spilled at full tiles)
+    block_r, block_d, n_progs, warps = row_launch(1, rows, dim, x.device, cap=False, tile_fraction=2)
     dx = backend.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x
     dw = backend.empty((n_progs, dim) if need_dw else (1,), dtype=backend.accumulator_dtype(x.dtype), device=x.device)
-    has_rope = cos is not None
+    cos_, sin_, stride_cs = _rope_args(cos, sin, weight)
     _qkr_bwd_kernel[(n_progs,)](
-        g, x, weight, cos if has_rope else weight, sin if has_rope else weight, dx, dw,
+        g, x, weight, cos_, sin_, dx, dw,
         rows, seq, heads, seq * heads, dim, g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2),
-        cos.stride(0) if has_rope else 0, eps, n_progs,
-        HAS_ROPE=has_rope, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_R=block_r, HALF=half,
-        ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device), num_warps=backend.num_warps(2 * block_r * half),
+        stride_cs, eps, n_progs, HAS_ROPE=cos is not None, NEED_DX=need_dx, NEED_DW=need_dw,
+        BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_tl(x.dtype), RTNE=emulate_bf16_rtne(x.dtype, x.device),
+        **launch_options(warps),
     )
     return (dx if need_dx else None), (dw.sum(0).to(weight.dtype) if need_dw else None)
 
@@ -236,6 +216,18 @@ class QKNormRopeFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+def _checked_tables(cos, sin, x: torch.Tensor, shape: tuple[int, int], what: str):
+    """``cos``/``sin`` checked (both or neither; x's device; ``shape``) and detached."""
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be tensors or both be None")
+    if cos is None:
+        return None, None
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_tensor(name, table, like=x, like_name="x", ndim=2, same_dtype=False)
+        check_shape(name, table, shape, what)
+    return cos.detach(), sin.detach()
+
+
 def qk_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -254,14 +246,7 @@ def qk_norm_rope(
     check_shape("weight", weight, (x.shape[-1],), "the head dim of x")
     if x.shape[-1] % 2:
         raise ValueError(f"x's head dim must be even for interleaved RoPE, got {x.shape[-1]}")
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must both be tensors or both be None")
-    if cos is not None:
-        check_tensor("cos", cos, like=x, like_name="x", ndim=2, same_dtype=False)
-        check_tensor("sin", sin, like=x, like_name="x", ndim=2, same_dtype=False)
-        check_shape("cos", cos, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
-        check_shape("sin", sin, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
-        cos, sin = cos.detach(), sin.detach()
+    cos, sin = _checked_tables(cos, sin, x, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
     return QKNormRopeFunction.apply(x, weight, cos, sin, float(eps))
@@ -340,12 +325,5 @@ def linear_qk_norm_rope(
     check_shape("norm_weight", norm_weight, (head_dim,), "head_dim")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for interleaved RoPE, got {head_dim}")
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must both be tensors or both be None")
-    if cos is not None:
-        check_tensor("cos", cos, like=x, like_name="x", ndim=2, same_dtype=False)
-        check_tensor("sin", sin, like=x, like_name="x", ndim=2, same_dtype=False)
-        check_shape("cos", cos, (x.shape[1], head_dim), "(sequence of x, head_dim)")
-        check_shape("sin", sin, (x.shape[1], head_dim), "(sequence of x, head_dim)")
-        cos, sin = cos.detach(), sin.detach()
+    cos, sin = _checked_tables(cos, sin, x, (x.shape[1], head_dim), "(sequence of x, head_dim)")
     return LinearQKNormRopeFunction.apply(x, weight, bias, norm_weight, cos, sin, float(eps), int(head_dim))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from leapkernels import backend
-from leapkernels.ops._common import tl, triton
+from leapkernels.ops._common import device_fn, tl, triton
 
 rounded = None  # without triton (set below otherwise)
 
@@ -30,6 +30,4 @@ if triton is not None:
             x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
         return x.to(out_dtype)
 
-    # Compiled kernels need a jit function; interpreted ones call plain Python (a nested jit call
-    # costs the interpreter a full re-patch of triton.language, milliseconds per call).
-    rounded = _rounded if backend.interpreter_enabled() else triton.jit(_rounded)
+    rounded = device_fn(_rounded)

@@ -6,6 +6,7 @@ import torch
 
 import leapkernels as lk
 from leapkernels import backend
+from leapkernels.ops import _common
 
 from .op_harness import DTYPES, backends_under_test, cuda_or_skip, run_and_compare
 
@@ -218,3 +219,30 @@ def test_flux_ops_bad_input_names_the_argument():
         lk.gelu_linear(torch.randn(2, 40), torch.randn(13, 40), None, torch.randn(2, 6))
     with pytest.raises(ValueError, match="emb must have shape"):
         lk.ada_layernorm_continuous(x, torch.randn(2, 8))
+
+
+# ----------------------------------------------------------------------------- wider than one column chunk
+@pytest.mark.parametrize("device,width", [
+    ("cpu", 77),  # the interpreter, with the column chunk capped at 32: chunks of 32, 32 and 13
+    pytest.param("cuda", 3 * 1024 + 17, marks=[pytest.mark.cuda, pytest.mark.skipif(
+        backend.interpreter_enabled(), reason="compiled Triton needs TRITON_INTERPRET unset")]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op_case", ["modulated_layernorm", "ada_layernorm_continuous", "gated_residual"])
+def test_row_kernels_walk_rows_wider_than_one_column_chunk(monkeypatch, device, width, dtype, op_case):
+    """Rows wider than MAX_BLOCK_D (FLUX.2 and other DiTs): the statistics merge chunk by chunk,
+    the modulation reductions accumulate per chunk; odd widths leave a partial last chunk."""
+    cuda_or_skip(device)
+    if device == "cpu":
+        monkeypatch.setattr(_common, "MAX_BLOCK_D", 32)
+    _, block_d, _, _ = _common.row_launch(2, 5, width, torch.device(device))
+    assert block_d < width
+    check_case(op_case, (2, 5, width), "rows", device, "triton", dtype)
+
+
+def test_chunked_layernorm_gradcheck_fp64(monkeypatch):
+    """The chunk-merged statistics are exact in fp64 (analytic gradient = finite differences)."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_D", 8)
+    args = tuple(a.clone().requires_grad_(True) for a in (_randn(2, 3, 21, seed=60), _randn(2, 21, seed=61), _randn(2, 21, seed=62)))
+    with backend.force_backend("triton"):
+        assert torch.autograd.gradcheck(lambda x, s, t: lk.modulated_layernorm(x, s, t), args, fast_mode=True)
