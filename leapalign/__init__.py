@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LeapAlignConfig": "leapalign.config",
-    "LeapAlignTrainer": "leapalign.trainer",
+    "LeapAlignConfig": "leapalign.training.config",
+    "LeapAlignTrainer": "leapalign.training.trainer",
     "build_objective": "leapalign.objectives",
     "LeapAlignObjective": "leapalign.objectives.leapalign",
     "LeapAlignObjectiveConfig": "leapalign.objectives.leapalign",

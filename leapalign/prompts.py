@@ -11,7 +11,6 @@ resumed run sees exactly the prompts the uninterrupted run would have, on any nu
 """
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
@@ -124,9 +123,10 @@ class PromptEncoder(Protocol):
 class FluxPromptEncoder:
     """Cached CLIP-pooled + T5 embeddings from a ``FluxPipeline`` as ``FluxConditioning``.
 
-    Each distinct prompt is encoded once (``pipe.encode_prompt``); embeddings live on the CPU in
-    ``cache_dtype`` and move to ``device`` per batch. After :meth:`release_text_encoders` the
-    pipeline's tokenizers and text encoders are dropped and only cached prompts can be encoded.
+    Each distinct prompt is encoded once (``pipe.encode_prompt``, through a
+    :class:`~leapalign.adapters.prompt_cache.PromptEmbeddingCache`); embeddings live on the CPU and
+    move to ``device`` per batch. After :meth:`release_text_encoders` the pipeline's tokenizers and
+    text encoders are dropped and only cached prompts can be encoded.
     """
 
     def __init__(
@@ -137,47 +137,41 @@ class FluxPromptEncoder:
         dtype: torch.dtype | None = None,
         batch_size: int = 8,
     ) -> None:
+        from leapalign.adapters.prompt_cache import PromptEmbeddingCache
+
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "text_encoder_2", None) is None:
             raise ValueError("FluxPromptEncoder needs a pipeline with text_encoder and text_encoder_2 loaded")
         self.pipe = pipe
         self.max_sequence_length = int(max_sequence_length)
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
-        self.batch_size = int(batch_size)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.released = False
+        self.cache = PromptEmbeddingCache(self._encode_uncached, pipe, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+                                          batch_size=batch_size)
+
+    @property
+    def released(self) -> bool:
+        return self.cache.released
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self.cache)
 
-    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc_device = next(self.pipe.text_encoder_2.parameters()).device
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=enc_device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return embeds, pooled
+
     def precompute(self, prompts: Iterable[str]) -> None:
         """Encode every prompt not yet cached, ``batch_size`` at a time."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing and self.released:
-            raise RuntimeError(
-                f"{len(missing)} prompt(s) were never encoded and the text encoders were released "
-                f"(first: {missing[0]!r}); precompute every prompt before release_text_encoders()"
-            )
-        if not missing:
-            return
-        enc_device = next(self.pipe.text_encoder_2.parameters()).device
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt=chunk, prompt_2=None, device=enc_device, num_images_per_prompt=1,
-                max_sequence_length=self.max_sequence_length,
-            )
-            for p, e, q in zip(chunk, embeds.cpu(), pooled.cpu()):
-                self._cache[p] = (e.clone(), q.clone())
+        self.cache.precompute(prompts)
 
     def encode(self, prompts: Sequence[str]):
         """``FluxConditioning`` for ``prompts`` (encoding the missing ones first if still possible)."""
         from leapalign.adapters.flux import FluxConditioning
 
-        self.precompute(prompts)
-        embeds = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        embeds, pooled = self.cache.get(list(prompts))
         transformer = getattr(self.pipe, "transformer", None)
         device = self.device if self.device is not None else getattr(transformer, "device", None)
         dtype = self.dtype if self.dtype is not None else getattr(transformer, "dtype", None)
@@ -185,10 +179,4 @@ class FluxPromptEncoder:
 
     def release_text_encoders(self) -> None:
         """Drop the pipeline's text encoders and tokenizers; the embedding cache stays."""
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if getattr(self.pipe, name, None) is not None:
-                setattr(self.pipe, name, None)
-        self.released = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.cache.release()

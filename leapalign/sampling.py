@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from leapalign.dtypes import torch_dtype
     from leapalign.prompts import FluxPromptEncoder, load_prompts
-    from leapalign.trainer import torch_dtype
 
     args = build_parser().parse_args(argv)
     prompts = list(args.prompt)

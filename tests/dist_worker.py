@@ -61,9 +61,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def run(mode: str, train_mode: str, out_dir: Path, objective: str = "deterministic", accumulation: int = 1,
         train: bool = True) -> dict[str, Any] | None:
-    from leapalign.config import LeapAlignConfig
+    from leapalign.training.config import LeapAlignConfig
     from leapalign.models.tiny_flux import tiny_flux_velocity_model
-    from leapalign.trainer import LeapAlignTrainer
+    from leapalign.training.trainer import LeapAlignTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = tiny_flux_velocity_model("test", with_vae=True)
@@ -91,10 +91,10 @@ def run(mode: str, train_mode: str, out_dir: Path, objective: str = "determinist
 
 def resume_fsdp(out_dir: Path) -> dict[str, Any]:
     """Reload the fsdp/LoRA/LeapAlign checkpoint into freshly sharded weights, then train one more step."""
-    from leapalign.checkpoint import latest_checkpoint
-    from leapalign.config import LeapAlignConfig
+    from leapalign.training.checkpoint_dir import latest_checkpoint
+    from leapalign.training.config import LeapAlignConfig
     from leapalign.models.tiny_flux import tiny_flux_velocity_model
-    from leapalign.trainer import LeapAlignTrainer
+    from leapalign.training.trainer import LeapAlignTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = tiny_flux_velocity_model("test", with_vae=True)

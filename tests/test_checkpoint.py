@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leapalign.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint
-from leapalign.trainer import LeapAlignTrainer
+from leapalign.training.checkpoint_dir import latest_checkpoint, list_checkpoints, write_checkpoint
+from leapalign.training.trainer import LeapAlignTrainer
 from trainer_fixtures import save_tiny_flux_pipeline, tiny_config, tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
     out = {f"w/{k}": v for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
     out.update({f"ema/{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()})
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     for idx, st in optim["state"].items():
         out.update({f"opt/{idx}/{k}": v for k, v in st.items()})
     return out
@@ -105,7 +105,7 @@ def test_hard_kill_mid_write_never_exposes_a_partial_checkpoint(tmp_path):
     write_checkpoint(out, 1, lambda d: (d / "trainer_state.json").write_text("{}"))
     script = textwrap.dedent(f"""
         import os
-        from leapalign.checkpoint import write_checkpoint
+        from leapalign.training.checkpoint_dir import write_checkpoint
         def writer(d):
             (d / "trainable.safetensors").write_bytes(b"half")
             os._exit(9)
@@ -128,7 +128,7 @@ def test_hard_kill_mid_write_never_exposes_a_partial_checkpoint(tmp_path):
 
 
 def test_resume_rejects_a_checkpoint_of_another_setup(tmp_path):
-    from leapalign.checkpoint import CheckpointError
+    from leapalign.training.checkpoint_dir import CheckpointError
 
     cfg = tiny_config(tmp_path / "run", train_num_steps=1, ckpt_save_final=True)
     LeapAlignTrainer(cfg, tiny_flux_pipeline()).train()

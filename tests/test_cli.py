@@ -99,12 +99,29 @@ def test_dispatch_passes_argv_and_exit_code(monkeypatch):
     import types
 
     seen = {}
-    fake = types.ModuleType("fake_bench")
+    fake = types.ModuleType("fake_demo")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 3
-    monkeypatch.setitem(sys.modules, "fake_bench", fake)
-    monkeypatch.setitem(cli._DISPATCH, "bench", ("fake_bench", "main"))
-    assert cli.main(["bench", "memory", "--json", "x"]) == 3
-    assert seen["argv"] == ["memory", "--json", "x"]
+    monkeypatch.setitem(sys.modules, "fake_demo", fake)
+    monkeypatch.setitem(cli._DISPATCH, "demo", ("fake_demo", "main"))
+    assert cli.main(["demo", "--quick", "--json", "x"]) == 3
+    assert seen["argv"] == ["--quick", "--json", "x"]
+
+
+def test_bench_is_gone_and_says_where_the_benchmarks_are(capsys):
+    """``benchmarks`` is not installed: ``leapalign bench`` is an unknown command pointing at ``python -m benchmarks``."""
+    assert cli.main(["bench", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'bench'" in err and "python -m benchmarks" in err
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "bench [ARGS]" not in out and "python -m benchmarks" in out
+
+
+def test_version(capsys):
+    from leapalign import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"leapalign {__version__}"
 
 
 def test_console_entry_trains_then_samples_from_the_checkpoint(tmp_path, model_dir):

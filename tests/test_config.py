@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from leapalign.config import ConfigError, LeapAlignConfig, RewardSpec, apply_overrides
+from leapalign.training.config import ConfigError, LeapAlignConfig, RewardSpec, apply_overrides
 
 
 def test_defaults_follow_the_paper():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leapalign.sampling import euler_sample
-from leapalign.trainer import LeapAlignTrainer, NonFiniteLossError
+from leapalign.training.trainer import LeapAlignTrainer, NonFiniteLossError
 from trainer_fixtures import HEIGHT, PROMPTS, WIDTH, tiny_config, tiny_flux_pipeline
 
 

@@ -58,7 +58,7 @@ def save_tiny_flux_pipeline(path: Path, seed: int = 0) -> Path:
 
 def tiny_config(output_dir: Path, **overrides):
     """A LeapAlignConfig for the tiny pipeline: 4-step rollouts, brightness reward, CPU fp32."""
-    from leapalign.config import LeapAlignConfig
+    from leapalign.training.config import LeapAlignConfig
 
     base = dict(
         output_dir=str(output_dir), seed=0, device="cpu", model_dtype="float32", model_height=HEIGHT, model_width=WIDTH,

@@ -1,22 +1,17 @@
-"""Atomic, resumable checkpoints.
+"""Checkpoint folders on disk: atomic creation, the ``latest`` pointer, listing, pruning, resume.
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-NNNNNNNN/`` that appears only through a
-rename: everything is written into a hidden temporary sibling (``.tmp-step-...``), flushed, and
-then ``os.replace``-d into place, so a kill at any moment leaves either the previous checkpoints
+rename: everything is written into a hidden temporary sibling (``.tmp-<run>-step-...``), flushed,
+and then ``os.replace``-d into place, so a kill at any moment leaves either the previous checkpoints
 untouched or the new one complete -- never a half-written directory under a real name. The
-``latest`` pointer file is replaced the same way; when it is missing or stale the newest complete
-``step-*`` directory wins.
+``latest`` pointer file is replaced the same way, after the rename; when it is missing or names
+a folder that is gone, the newest complete ``step-*`` directory wins, so ``latest`` never resolves
+to a missing folder.
 
-Layout::
-
-    trainer_state.json       step, fault counters, world size, the config
-    trainable.safetensors    the raw trainable weights (full tensors, gathered under FSDP)
-    ema.safetensors          their EMA (when EMA is on)
-    optimizer.pt             AdamW state (full, keyed like the optimiser's own state_dict)
-    scheduler.pt             LR scheduler state
-    rng.pt                   torch / CUDA / numpy / python RNG state of every rank
-    lora/                    diffusers-format LoRA (EMA weights) -- FluxPipeline.load_lora_weights reads it
-    transformer/             or, for full fine-tunes: config.json + diffusion_pytorch_model.safetensors (EMA)
+Every temporary and every checkpoint carries the id of the run that wrote it (the temporary in its
+name, the checkpoint in ``trainer_state.json``): cleaning up temporaries and pruning old
+checkpoints touch only the calling run's own. What goes inside a checkpoint is
+:mod:`leapalign.training.checkpointing`'s business.
 """
 from __future__ import annotations
 
@@ -28,10 +23,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from leapalign.training.errors import CheckpointError
+from leapalign.training.faults import fault_point
 
 __all__ = [
     "CheckpointError",
+    "TRAINER_STATE",
     "checkpoint_root",
     "checkpoint_name",
     "write_checkpoint",
@@ -41,16 +38,10 @@ __all__ = [
     "prune_checkpoints",
     "read_trainer_state",
     "atomic_write_text",
-    "capture_rng_state",
-    "restore_rng_state",
 ]
 
 _NAME_RE = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, read or written; the message names the path."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -94,22 +85,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], None]) -> Path:
+def _tmp_prefix(run_id: str) -> str:
+    return f".tmp-{run_id or 'anon'}-"
+
+
+def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], None], run_id: str = "") -> Path:
     """Create ``checkpoints/step-NNNNNNNN`` atomically: ``write(tmp_dir)`` fills a temporary directory
-    which is then renamed into place and made ``latest``. Leftover temporaries of killed saves are
-    removed first. Returns the final directory."""
+    which is then renamed into place and made ``latest``. Leftover temporaries of this run's killed
+    saves are removed first (another run's never are). Returns the final directory."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
+    prefix = _tmp_prefix(run_id)
+    for stale in root.glob(prefix + "*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f"{prefix}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step: move the old one aside, then swap
-            old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = root / f"{prefix}old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -119,17 +115,27 @@ def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("before-pointer", step)
     atomic_write_text(root / "latest", final.name + "\n")
     return final
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporaries are never listed)."""
+def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first (temporaries are never listed); only ``run_id``'s when given."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    if run_id is not None:
+        found = [p for p in found if _run_of(p) == run_id]
     return sorted(found, key=lambda p: int(_NAME_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def _run_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -158,12 +164,15 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     return path
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest checkpoints (0 keeps everything)."""
+def prune_checkpoints(output_dir: str | Path, keep_last: int, run_id: str | None = None) -> None:
+    """Delete all but the ``keep_last`` newest of ``run_id``'s checkpoints (0 keeps everything); the
+    one ``latest`` names is always kept."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    keep = latest_checkpoint(output_dir)
+    for old in list_checkpoints(output_dir, run_id)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
@@ -172,37 +181,3 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
-
-
-def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every RNG a training step may touch: torch CPU, CUDA (all devices), numpy, python, named generators."""
-    import random
-
-    import numpy as np
-
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    for name, gen in (generators or {}).items():
-        state[f"generator/{name}"] = gen.get_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for name, gen in (generators or {}).items():
-        key = f"generator/{name}"
-        if key in state:
-            gen.set_state(state[key])
