@@ -134,6 +134,17 @@ def _time_cuda(step: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")) / 1e3
 
 
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12, "L40S": 0.864e12, "A10": 0.6e12}
+"""Bytes/s of HBM/GDDR by GPU name (SXM where there are variants): the roofline's time floor is
+an op's minimum bytes moved over this."""
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """The memory bandwidth of ``device``'s GPU, when its name is in `PEAK_BANDWIDTH`."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
 # ops whose kernels are registered under another op's name (they reuse its kernels)
 _REGISTRY_NAME = {"ada_layernorm_continuous": "modulated_layernorm", "gelu_linear": "gelu_tanh"}
 
@@ -182,12 +193,16 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                 rec["bytes_moved"] = total_bytes
                 if device.type == "cuda" and case.memory_bound:
                     rec["gb_per_s"] = total_bytes / seconds / 1e9
+                    if peak_bandwidth(device):  # roofline: achieved time over the bandwidth floor
+                        rec["floor_seconds"] = total_bytes / peak_bandwidth(device)
+                        rec["x_floor"] = seconds / rec["floor_seconds"]
             except Exception as exc:  # noqa: BLE001 - one impl failing (no compiler, no backend) is recorded
                 rec["status"] = "error"
                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             records.append(rec)
+            floor = f" {rec['x_floor']:.2f}x floor" if rec.get("x_floor") else ""
             print(f"  kernels {case.name:>24} {impl:>18} {format_float(rec['seconds'] and 1e3 * rec['seconds']):>9} ms "
-                  f"{rec['status']}", flush=True)
+                  f"{rec['status']}{floor}", flush=True)
         eager = next((r["seconds"] for r in records if r["op"] == case.name and r["impl"] == "eager" and r["seconds"]), None)
         for r in records:
             if r["op"] == case.name and r["seconds"] and eager:
@@ -202,7 +217,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
 COLUMNS = (
     Column("op", "op"), Column("impl", "implementation"),
     Column("seconds", "ms (fwd+bwd, median)", format_ms), Column("speedup_vs_eager", "x eager", format_ratio),
-    Column("gb_per_s", "GB/s", lambda x: f"{x:.0f}"), Column("status", "status"),
+    Column("gb_per_s", "GB/s", lambda x: f"{x:.0f}"), Column("x_floor", "x roofline floor", format_ratio),
+    Column("status", "status"),
 )
 
 NOTES = (
@@ -212,6 +228,8 @@ NOTES = (
     "speed is the CUDA run.",
     "GB/s (CUDA only): minimum bytes moved (forward: inputs + output once; backward: output grad read, "
     "input grads written, saved inputs re-read) / median time. gelu_linear is matmul-bound: no GB/s.",
+    "x roofline floor (CUDA, known GPUs): median time / (those bytes / the GPU's memory bandwidth, PEAK_BANDWIDTH); "
+    "1.0 is the floor.",
 )
 
 
