@@ -1,13 +1,15 @@
 """Objectives: LeapAlign and its baselines behind one interface, built by name.
 
 ``build_objective("leapalign", alpha=0.1, num_steps=25)`` -> an :class:`Objective` whose call on a
-micro-batch returns ``ObjectiveOutput(loss, rewards, images, metrics)``.
+micro-batch returns ``ObjectiveOutput(loss, rewards, images, metrics)``. Every built-in objective is a
+:class:`RolloutObjective` (fresh noise -> its gradient window -> decode, score, hinge loss) and
+writes only its :class:`GradientWindow`.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from leapalign.objectives.base import Objective, ObjectiveOutput
+from leapalign.objectives.base import GradientWindow, Objective, ObjectiveOutput, RolloutObjective
 from leapalign.objectives.baselines import (
     AlignPropObjective,
     DraftKObjective,
@@ -22,6 +24,8 @@ __all__ = [
     "OBJECTIVES",
     "Objective",
     "ObjectiveOutput",
+    "RolloutObjective",
+    "GradientWindow",
     "LeapAlignObjective",
     "LeapAlignObjectiveConfig",
     "build_objective",
