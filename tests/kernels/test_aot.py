@@ -53,11 +53,16 @@ json.dump(out, open({path!r}, "w"))
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> list[dict]:
-    path = tmp_path_factory.mktemp("aot") / "variants.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), path=str(path))], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """The compiled variants, compiled once per session (shared by pytest-xdist's workers)."""
+    from filelock import FileLock
+
+    path = tmp_path_factory.getbasetemp().parent / "leapkernels-aot-variants.json"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), path=str(path))], env=env,
+                                  capture_output=True, text=True, timeout=600, cwd=ROOT)
+            assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(path.read_text())
 
 
