@@ -125,7 +125,8 @@ if triton is not None:
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     ):
         """dx; and this program's partial d-scale / d-shift per column, accumulated in place
-        (the launcher zeroes them: each program owns its slice, so no atomics)."""
+        (the launcher zeroes them; each program owns its slice, so no atomics; a barrier after each
+        row tile orders one tile's stores before the next tile's loads across the block's threads)."""
         b = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1).to(tl.int64)
         part = (b * n_progs + p) * D
@@ -159,6 +160,8 @@ if triton is not None:
                     tl.store(dscale_ptr + part + cols, dscale, mask=cmask)
                     dshift = tl.load(dshift_ptr + part + cols, mask=cmask, other=0.0) + tl.sum(g, 0)
                     tl.store(dshift_ptr + part + cols, dshift, mask=cmask)
+            if NEED_DMOD:  # the next row tile re-reads the partials, maybe in other threads: make them visible
+                tl.debug_barrier()
 
 
 def _forward_triton(x, scale, shift, eps):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from leapkernels import backend
 from leapkernels.ops._common import device_fn, tl, triton
 
 rounded = None  # without triton (set below otherwise)
