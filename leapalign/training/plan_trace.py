@@ -12,8 +12,9 @@ AdamW step -> EMA update) under ``MemTracker`` / ``FSDPMemTracker`` (bytes by ca
 On fake tensors (``FakeTensorMode``: shapes, no data) three things need an answer that is not a
 tensor, and :class:`ConcreteScalars` gives it: ``.item()`` of a fake tensor (metrics, AdamW's
 step count) returns 1; the integer random draws with an explicit generator (leap steps, DRTune's
-offset, AlignProp's K) run for real, so ``.tolist()`` works; and ops whose tensor inputs are all
-real (the sigma schedule) stay real. None of these changes a shape, a dtype or an allocation.
+offset, AlignProp's K) run for real, so ``.tolist()`` works, and the float draws from such a
+generator (the noise) also advance it as a real run does, so a seeded plan draws the same steps as
+the seeded real run; ops whose tensor inputs are all real (the sigma schedule) stay real. None of these changes a shape, a dtype or an allocation.
 
 With ``skip_nograd=True`` only the first no-grad velocity call runs; the later ones return
 ``empty_like(x)`` (the output the real call allocates), count the first call's FLOPs again, and
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -40,6 +42,7 @@ __all__ = ["ConcreteScalars", "StorageSavedCounter", "IterationSetup", "Trace", 
 PHASES = ("rollout", "grad_steps", "decode_reward", "objective", "backward", "optimizer", "ema")
 
 _REAL_RANDOM = ("aten::randperm", "aten::randint")
+_DRAWS = ("aten::randn", "aten::rand", "aten::normal")
 
 
 def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -61,6 +64,10 @@ class ConcreteScalars(TorchDispatchMode):
         if real:
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
+        fake_draw = active_fake_mode() is not None and not tensors and func.name().startswith(_DRAWS)
+        if fake_draw and kwargs.get("generator") is not None:
+            with unset_fake_temporarily():  # advance the real generator as the real draw would
+                func(*args, **kwargs)
         return func(*args, **kwargs)
 
 
