@@ -96,9 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_path = Path(args.model_path)
     if not (model_path / "model_index.json").is_file():
         raise FileNotFoundError(f"--model_path={args.model_path!r} is not a diffusers pipeline directory (no model_index.json)")
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    if ckpt is not None and not ((ckpt / "lora").is_dir() or (ckpt / "transformer").is_dir()):
-        raise FileNotFoundError(f"--checkpoint={args.checkpoint!r} holds neither lora/ nor transformer/")
+    ckpt = _checkpoint_weights(args.checkpoint) if args.checkpoint else None
 
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -106,10 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dtype = torch_dtype(args.dtype)
     pipe = FluxPipeline.from_pretrained(str(model_path), torch_dtype=dtype)
-    if ckpt is not None and (ckpt / "lora").is_dir():
-        pipe.load_lora_weights(str(ckpt / "lora"))
+    if ckpt is not None and ckpt.parent.name == "lora":
+        pipe.load_lora_weights(str(ckpt.parent), weight_name=ckpt.name, use_safetensors=True)
     elif ckpt is not None:
-        pipe.transformer = FluxTransformer2DModel.from_pretrained(str(ckpt / "transformer"), torch_dtype=dtype)
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(str(ckpt.parent), torch_dtype=dtype, use_safetensors=True)
     pipe.to(device)
     encoder = FluxPromptEncoder(pipe, max_sequence_length=args.max_sequence_length, device=device)
     cond = encoder.encode(prompts)
@@ -119,6 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = save_image_grid(images, args.output)
     print(f"wrote {path} ({len(prompts)} image(s))", file=sys.stderr)
     return 0
+
+
+def _checkpoint_weights(checkpoint: str) -> Path:
+    """The safetensors file a checkpoint's deliverable lives in: ``lora/pytorch_lora_weights.safetensors``
+    or ``transformer/diffusion_pytorch_model.safetensors``. Only safetensors are read (pickled
+    ``.bin``/``.pt`` files could run code when loaded); anything else is refused by name."""
+    ckpt = Path(checkpoint)
+    lora, full = ckpt / "lora" / "pytorch_lora_weights.safetensors", ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = lora if lora.parent.is_dir() else full
+    if not weights.parent.is_dir():
+        raise FileNotFoundError(f"--checkpoint={checkpoint!r} holds neither lora/ nor transformer/")
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint!r}: {weights.parent.name}/ has no {weights.name}; only safetensors weights "
+            "are read (pickled .bin/.pt files could run code when loaded)")
+    return weights
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -135,3 +135,49 @@ def test_resume_rejects_a_checkpoint_of_another_setup(tmp_path):
     other = tiny_config(tmp_path / "run", lora_rank=2)
     with pytest.raises(CheckpointError, match="different trainable parameters"):
         LeapAlignTrainer(other, tiny_flux_pipeline()).load_checkpoint(latest_checkpoint(cfg.output_dir))
+
+
+class _RunsCode:
+    """A pickle payload that creates ``marker`` when unpickled (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["optimizer.pt", "scheduler.pt", "rng.pt"])
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path, planted):
+    from leapalign.training.errors import CheckpointError
+
+    cfg = tiny_config(tmp_path / "run", train_num_steps=1, ckpt_save_final=True, model_use_leapkernels=False)
+    ckpt = LeapAlignTrainer(cfg, tiny_flux_pipeline()).train().checkpoint
+    marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [], "x": _RunsCode(marker)}, ckpt / planted)
+    fresh = LeapAlignTrainer(cfg, tiny_flux_pipeline())
+    with pytest.raises(CheckpointError, match=rf"refusing to load .*{planted}.*could run code"):
+        fresh.load_checkpoint(ckpt)
+    assert not marker.exists()  # the payload never ran
+    assert fresh.step == 0
+
+
+def test_every_checkpoint_file_loads_with_weights_only(tmp_path):
+    """RNG states are tensors and plain data (numpy's and python's included), so resume never unpickles objects."""
+    import random
+
+    import numpy as np
+
+    cfg = tiny_config(tmp_path / "run", train_num_steps=1, ckpt_save_final=True, model_use_leapkernels=False)
+    ckpt = LeapAlignTrainer(cfg, tiny_flux_pipeline()).train().checkpoint
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.load(ckpt / name, weights_only=True)
+    from leapalign.training.checkpointing import capture_rng_state, restore_rng_state
+
+    state = torch.load(ckpt / "rng.pt", weights_only=True)[0]
+    restore_rng_state(state)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and (draws[1] == again[1]).all() and draws[2] == again[2]
+    assert capture_rng_state()["numpy"]["keys"].dtype == torch.int64

@@ -53,21 +53,81 @@ def _bad_cases(tmp_path: Path, model_dir: Path):
         "bad objective option": ([str(_write_config(tmp_path, model_dir, objective={"alpah": 0.1}))], "alpah"),
         "unsupported device": ([str(_write_config(tmp_path, model_dir, device="tpu"))], "device"),
         "missing model": ([str(_write_config(tmp_path, model_dir, model_path=str(tmp_path / "no-model")))], "model_index.json"),
-        "lora targets not in the model": ([str(_write_config(tmp_path, model_dir, lora_target_modules=["to_nothing"]))], "lora_target_modules"),
         "missing resume": ([str(_write_config(tmp_path, model_dir, ckpt_resume_from=str(tmp_path / "ck")))], "not a checkpoint"),
+        # issue 12: every check before the model loads, types included
+        "fractional int in the objective": ([str(_write_config(tmp_path, model_dir)), "--objective.num_steps", "2.5"],
+                                            "objective.num_steps=2.5 is invalid: expected an integer"),
+        "output_dir is a file": ([str(_write_config(tmp_path, model_dir, output_dir=str(tmp_path / "afile")))], "is an existing file"),
+        "output_dir under a file": ([str(_write_config(tmp_path, model_dir, output_dir=str(tmp_path / "afile" / "out")))], "cannot be created"),
+        "reward module that does not import": ([str(_write_config(tmp_path, model_dir, reward_specs=[{"name": "no_such_module_xyz:score"}]))],
+                                               "cannot import 'score' from 'no_such_module_xyz'"),
+        "reward that cannot be constructed": ([str(_write_config(tmp_path, model_dir, reward_specs=[
+            {"name": "trainer_fixtures:broken_reward_factory", "path": str(tmp_path)}]))], "cannot open the reward model"),
+        "reward without a gradient": ([str(_write_config(tmp_path, model_dir, reward_specs=[{"name": "trainer_fixtures:detached_reward"}]))],
+                                      "without a gradient path to the images"),
     }
 
 
-def test_train_user_errors_exit_2_and_write_nothing(tmp_path, model_dir, capsys):
+def test_train_user_errors_exit_2_and_write_nothing(tmp_path, model_dir, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
     cases = _bad_cases(tmp_path, model_dir)
     if not __import__("torch").cuda.is_available():
         cases["cuda without a GPU"] = ([str(_write_config(tmp_path, model_dir, device="cuda"))], "no CUDA device")
+
+    def no_model_loads(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checks")
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", no_model_loads)
     for name, (args, message) in cases.items():
         code = cli.main(["train", *args])
         err = capsys.readouterr().err
+        last = err.rstrip().splitlines()[-1]
         assert code == 2, (name, err)
-        assert message in err, (name, err)
+        assert last.startswith("leapalign train: error: ") and message in last, (name, err)  # one line says it all
         assert not (tmp_path / "out").exists(), name
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_train_user_errors_found_after_loading_still_exit_2(tmp_path, model_dir, capsys):
+    """LoRA targets can only be checked against the loaded model: still one line, exit 2, nothing written."""
+    config = _write_config(tmp_path, model_dir, lora_target_modules=["to_nothing"])
+    assert cli.main(["train", str(config)]) == 2
+    assert "lora_target_modules" in capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def _metric_steps(out: Path) -> list[float]:
+    import json
+
+    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_run_into_a_used_folder_is_refused_unless_resumed_or_overwritten(tmp_path, model_dir, capsys):
+    """Issue 12's probe 1: a new run into a folder holding a finished run no longer destroys its work."""
+    out = tmp_path / "out"
+    config = str(_write_config(tmp_path, model_dir, ckpt_every=2, ckpt_keep_last=1, model_use_leapkernels=False,
+                               objective={"num_steps": 2, "hinge_lambda": None, "use_kernels": False}))
+    assert cli.main(["train", config, "--train_num_steps", "4"]) == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["train", config, "--train_num_steps", "2", "--seed", "1"]) == 2
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert "already holds another run" in last and "last checkpoint step-00000004" in last and "--overwrite" in last
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    assert cli.main(["train", config, "--train_num_steps", "2", "--overwrite"]) == 0
+    assert "checkpoint: " + str(out / "checkpoints" / "step-00000002") in capsys.readouterr().err
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
+    assert _metric_steps(aside) == [1, 2, 3, 4] and (aside / "checkpoints" / "step-00000004").is_dir()
+    assert _metric_steps(out) == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+    assert cli.main(["train", config, "--train_num_steps", "3", "--resume", "latest"]) == 0
+    assert _metric_steps(out) == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
 
 
 def test_sample_user_errors(tmp_path, model_dir, capsys):
@@ -82,6 +142,22 @@ def test_sample_user_errors(tmp_path, model_dir, capsys):
         assert cli.main(["sample", *args]) == 2, args
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_sample_reads_only_safetensors_from_a_checkpoint(tmp_path, model_dir, capsys):
+    """A checkpoint whose LoRA is a pickle (that would run code) is refused by name; the code never runs."""
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (tmp_path / "ckpt" / "lora").mkdir(parents=True)
+    torch.save({"x": RunsCode()}, tmp_path / "ckpt" / "lora" / "pytorch_lora_weights.bin")
+    args = ["--model_path", str(model_dir), "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a", "--output", str(tmp_path / "s.png")]
+    assert cli.main(["sample", *args]) == 2
+    assert "only safetensors weights are read" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "s.png").exists()
 
 
 def test_unknown_command_and_missing_optional_modules(capsys, monkeypatch):

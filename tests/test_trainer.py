@@ -187,3 +187,51 @@ def test_bf16_autocast_trainer_after_an_fp32_one_in_the_same_process(tmp_path):
     assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in trainer.params) and trainer.ema.shadow[0].dtype == torch.float32
     assert any(not torch.equal(a, p) for a, p in zip(start, trainer.params))
+
+
+def _steps(out) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_skipped_step_is_logged_with_the_step_number_the_warning_gives(tmp_path, caplog):
+    """log_every does not hide a skipped step; the last one before the stop is logged too; warnings,
+    the error and metrics.jsonl all say "step N" for the N-th optimiser step."""
+    cfg = tiny_config(tmp_path / "run", train_num_steps=10, train_max_nonfinite_steps=2, log_every=5, model_use_leapkernels=False)
+    trainer = LeapAlignTrainer(cfg, tiny_flux_pipeline(), reward=_FlakyReward({"all"}))
+    with caplog.at_level("WARNING", logger="leapalign.trainer"), pytest.raises(NonFiniteLossError, match="stopping at step 2"):
+        trainer.train()
+    logged = _steps(tmp_path / "run")
+    assert [(m["step"], m["skipped"]) for m in logged] == [(1.0, 1.0), (2.0, 1.0)]
+    warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == ["step 1", "step 2"]
+
+
+def test_a_reward_without_a_gradient_is_named_at_the_first_step(tmp_path):
+    from leapalign.training.errors import RewardGradientError
+    from trainer_fixtures import detached_reward
+
+    cfg = tiny_config(tmp_path / "run", model_use_leapkernels=False)
+    trainer = LeapAlignTrainer(cfg, tiny_flux_pipeline(), reward=detached_reward)
+    with pytest.raises(RewardGradientError, match=r"^step 1: the reward \(detached_reward\): .*without a gradient path to the images"):
+        trainer.training_step()
+
+
+def test_sample_every_also_writes_the_final_grid(tmp_path):
+    cfg = tiny_config(tmp_path / "run", train_num_steps=3, sample_every=2, sample_num_images=1, sample_num_steps=2,
+                      model_use_leapkernels=False)
+    LeapAlignTrainer(cfg, tiny_flux_pipeline()).train()
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-00000002.png", "step-00000003.png"]
+
+
+def test_resume_logs_each_step_once_and_latest_without_a_checkpoint_says_so(tmp_path, caplog):
+    common = dict(ckpt_every=2, ckpt_save_final=False, model_use_leapkernels=False)
+    with caplog.at_level("WARNING", logger="leapalign.trainer"):
+        first = LeapAlignTrainer(tiny_config(tmp_path / "run", train_num_steps=3, ckpt_resume_from="latest", **common), tiny_flux_pipeline())
+        first.train()  # a checkpoint at step 2; step 3 logged but never saved (as if killed after it)
+    assert any("no checkpoint in" in r.getMessage() and "starting fresh at step 0" in r.getMessage() for r in caplog.records)
+    assert [m["step"] for m in _steps(tmp_path / "run")] == [1, 2, 3]
+    resumed = LeapAlignTrainer(tiny_config(tmp_path / "run", train_num_steps=4, ckpt_resume_from="latest", **common), tiny_flux_pipeline())
+    resumed.train()
+    assert [m["step"] for m in _steps(tmp_path / "run")] == [1, 2, 3, 4]

@@ -69,3 +69,13 @@ def tiny_config(output_dir: Path, **overrides):
     )
     base.update(overrides)
     return LeapAlignConfig(**base)
+
+
+def detached_reward(images, prompts):
+    """A reward that forgets its gradient (``.detach()``): the trainer must refuse it by name."""
+    return images.float().mean(dim=(1, 2, 3)).detach()
+
+
+def broken_reward_factory(path=None, **kwargs):
+    """A ``module:attr`` reward factory that fails when constructed."""
+    raise ValueError(f"cannot open the reward model at {path!r}")

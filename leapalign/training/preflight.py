@@ -19,6 +19,7 @@ import torch
 
 from leapalign.dtypes import torch_dtype
 from leapalign.prompts import PromptFileError, load_prompts
+from leapalign.rewards.base import RewardNotDifferentiableError, call_reward
 from leapalign.training import wiring
 from leapalign.training.config import LeapAlignConfig
 from leapalign.training.errors import ConfigError, RewardGradientError
@@ -75,15 +76,14 @@ def _check_inputs(config: LeapAlignConfig) -> None:
 
 
 def check_reward_gradient(reward: Any, config: LeapAlignConfig, prompts: Sequence[str], device: torch.device) -> None:
-    """One random image through ``reward``: the score must carry a gradient back to the image."""
+    """One random image through ``reward`` (``call_reward``'s contract): the score must carry a gradient
+    back to the image."""
     images = torch.rand(1, 3, config.model_height, config.model_width, device=device, requires_grad=True)
-    scores = reward(images, list(prompts[:1]))
-    if not isinstance(scores, torch.Tensor) or not scores.requires_grad:
+    try:
+        call_reward(reward, images, list(prompts[:1]))
+    except (RewardNotDifferentiableError, TypeError, ValueError) as exc:
         names = ", ".join(s.name for s in config.reward_specs)
-        raise RewardGradientError(
-            f"reward_specs ({names}): the reward returned values detached from the images (torch.no_grad, "
-            ".detach(), .item() or numpy); a reward must be differentiable torch ops on the images"
-        )
+        raise RewardGradientError(f"reward_specs ({names}): {exc}") from None
 
 
 def prepare_run(config_path: str, overrides: Sequence[str], main_process: bool | None = None) -> PreparedRun:

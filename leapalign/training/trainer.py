@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from leapalign.prompts import PromptSource
-from leapalign.rewards.base import RewardFn
+from leapalign.rewards.base import RewardFn, RewardNotDifferentiableError
 from leapalign.training import checkpointing, wiring
 from leapalign.training.checkpoint_dir import checkpoint_root, resolve_resume
 from leapalign.training.config import LeapAlignConfig
@@ -144,19 +144,25 @@ class LeapAlignTrainer:
     def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         prompts = self.micro_batch_prompts(step, micro)
         cond = self.prompt_encoder.encode(prompts)
-        with self.accelerator.autocast():
-            out = self.objective(self._rollout_model, cond, prompts, self.reward, generator=self.micro_batch_generator(step, micro))
+        try:
+            with self.accelerator.autocast():
+                out = self.objective(self._rollout_model, cond, prompts, self.reward, generator=self.micro_batch_generator(step, micro))
+        except RewardNotDifferentiableError as exc:
+            raise RewardGradientError(f"step {step + 1}: {self._reward_name()}: {exc}") from None
         loss = out.loss
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise RuntimeError(f"the objective must return a scalar loss tensor, got {loss!r}")
         if not loss.requires_grad:
-            names = [s.name for s in self.config.reward_specs] if self.reward is not None else []
             raise RewardGradientError(
-                f"step {step + 1}: the loss has no gradient: the reward ({', '.join(names) or type(self.reward).__name__}) "
-                "returned values detached from the images (torch.no_grad, .detach(), .item() or numpy); "
-                "a reward must be differentiable torch ops on the images"
+                f"step {step + 1}: the loss has no gradient: {self._reward_name()} returned values detached from the "
+                "images (torch.no_grad, .detach(), .item() or numpy); a reward must be differentiable torch ops on the images"
             )
         return loss, {**out.metrics, **getattr(self.reward, "last_components", {})}
+
+    def _reward_name(self) -> str:
+        terms = getattr(self.reward, "terms", None)  # a CompositeReward built from reward_specs
+        name = ", ".join(t.name for t in terms) if terms else getattr(self.reward, "__name__", type(self.reward).__name__)
+        return f"the reward ({name})"
 
     def compute_gradients(self, step: int) -> tuple[bool, dict[str, float]]:
         """Forward + backward over the step's micro-batches, gradients synchronised across ranks.
