@@ -1,26 +1,35 @@
-"""``python -m benchmarks study``: LeapAlign vs its baselines on the shapes world at equal wall-clock.
+"""``python -m benchmarks study``: LeapAlign vs its baselines on the shapes world at equal training time.
 
-Every run starts from the shipped shapes model, trains with :class:`leapalign.trainer.LeapAlignTrainer`
-on the shipped learned scorer for the same **training wall-clock budget** (evaluation excluded;
-cheap methods get more optimiser steps, which is the point of an equal-time comparison), and is
-then judged on the fixed evaluation set (fixed noise) by the exact rule-based evaluator (accuracy
-per GenEval-like category) and by the scorer (reward). Same T, batch, learning rate, hinge and
-optimiser for every method; only the objective changes.
+Every run starts from the shipped shapes model and trains with :class:`leapalign.LeapAlignTrainer`
+on the shipped learned scorer; only the objective changes (same T, batch, learning rate, hinge,
+optimiser, prompts, seeds). It is judged on the fixed evaluation set (fixed noise) by the exact
+rule-based evaluator, on the held-out prompt split, by the scorer and by the background-artifact
+share (:mod:`leapalign.shapes.experiment`).
 
-Groups of runs (each over ``--seeds`` training seeds):
+**Equal wall-clock without a clock in the result.** A budget measured with a clock makes the result
+depend on how busy the machine was. Instead ``--calibrate`` measures once, on an idle machine and
+under the study's own conditions (``--jobs`` runs side by side, one thread each), the seconds per
+optimiser step of every configuration, and writes them to ``study_calibration.json``. A study then
+gives each configuration ``budget / seconds_per_step`` steps, the budget being ``--leapalign-steps``
+steps of LeapAlign (default 200). Runs are deterministic for their seed; the calibration file (with
+its machine and load average) is copied into the study's JSON. Accuracy vs wall-clock uses the
+calibrated seconds (step x seconds per step), evaluated at ``--checkpoints`` points of each run.
 
-- ``methods``: leapalign (alpha 0.3, 2 leaps), full_backprop (naive BPTT), draft_lv, refl, drtune;
-- ``alpha``: leapalign with alpha in 0, 0.1, 0.3, 1 (0.3 shared with ``methods``);
-- ``leaps``: leapalign with 1, 2, 3 leaps (2 shared with ``methods``).
+Groups of runs (each over ``--seeds``): ``methods`` (leapalign alpha 0.3 2 leaps, full_backprop,
+draft_lv, refl, drtune), ``alpha`` (0, 0.1, 0.3, 1) and ``leaps`` (1, 2, 3); shared points run once.
 
-Writes ``{out}.json`` (every run, updated after each so a killed study keeps its results),
-``{out}.md`` (tables: mean +- std over seeds) and ``{out}.png``. The JSON and Markdown carry the
-exact command and the machine block.
+**Resumable and parallel.** Each run is written to ``STEM_runs/`` as soon as it finishes; a rerun
+skips every run whose file matches its settings (a changed setting reruns it). Runs go to a pool of
+``--jobs`` processes (default: the cores), one torch thread each. Then ``STEM.json`` (everything),
+``STEM.md`` (mean +- std over seeds, paired comparisons against LeapAlign: a paired bootstrap over
+prompts, :mod:`leapalign.shapes.stats`) and ``STEM.png`` (accuracy vs training wall-clock per run,
+mean and min-max band over seeds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,20 +40,29 @@ from typing import Any, Sequence
 from benchmarks.machine import command_line, machine_info
 from benchmarks.options import RESULTS_DIR, parse_suite_args, suite_parser
 
-__all__ = ["RunSpec", "study_runs", "run_one", "summarise", "markdown_report", "build_parser", "main"]
+__all__ = ["RunSpec", "study_runs", "run_one", "calibrate", "steps_for", "summarise", "comparisons", "markdown_report", "plot",
+           "build_parser", "main"]
 
 DEFAULT_OUT = str(Path(RESULTS_DIR) / "study_shapes")
+DEFAULT_CALIBRATION = str(Path(RESULTS_DIR) / "study_calibration.json")
 METHODS: tuple[str, ...] = ("leapalign", "full_backprop", "draft_lv", "refl", "drtune")
 ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)
 LEAPS: tuple[int, ...] = (1, 2, 3)
+REFERENCE = "leapalign a=0.3 leaps=2"
+GROUP_TITLES = {"methods": "Methods", "alpha": "LeapAlign alpha sweep", "leaps": "LeapAlign number of leaps"}
 
 
 class RunSpec(dict):
-    """One configuration: ``label``, ``objective`` name, objective ``overrides``, and the ``groups`` it belongs to."""
+    """One configuration: ``label``, ``objective`` name, objective ``overrides``, the ``groups`` it belongs to."""
 
     @property
     def key(self) -> str:
         return self["label"]
+
+    @property
+    def cost_key(self) -> str:
+        """What its seconds per step depend on: the objective and the number of leaps (alpha costs nothing)."""
+        return f"{self['objective']} leaps={self['overrides'].get('num_leaps', 2)}" if self["objective"] == "leapalign" else self["objective"]
 
 
 def study_runs(groups: Sequence[str]) -> list[RunSpec]:
@@ -58,7 +76,7 @@ def study_runs(groups: Sequence[str]) -> list[RunSpec]:
     for g in groups:
         if g == "methods":
             for m in METHODS:
-                add("leapalign a=0.3 leaps=2" if m == "leapalign" else m, m, {}, g)
+                add(REFERENCE if m == "leapalign" else m, m, {}, g)
         elif g == "alpha":
             for a in ALPHAS:
                 add(f"leapalign a={a:g} leaps=2", "leapalign", {"alpha": a}, g)
@@ -70,139 +88,260 @@ def study_runs(groups: Sequence[str]) -> list[RunSpec]:
     return list(runs.values())
 
 
-def run_one(spec: RunSpec, seed: int, settings: Any, scorer: Any, base_model: Any) -> dict[str, Any]:
-    """Train a fresh copy of ``base_model`` with ``spec`` for ``settings.max_train_seconds``; evaluate.
-
-    The model is copied in memory (not re-read from disk) so every run starts from the same weights
-    even if the asset files change while a long study runs.
-    """
-    import copy
-
-    from leapalign.shapes.experiment import evaluate_alignment, make_trainer, objective_kwargs, train_and_track
-    from leapalign.shapes.world import eval_prompts
-
-    s = replace(settings, seed=seed)
+def _spec_settings(spec: RunSpec, settings: Any, seed: int, steps: int) -> Any:
+    s = replace(settings, seed=seed, train_steps=max(1, steps), eval_every=10**9)
     if "alpha" in spec["overrides"]:
         s = replace(s, alpha=spec["overrides"]["alpha"])
     if "num_leaps" in spec["overrides"]:
         s = replace(s, num_leaps=spec["overrides"]["num_leaps"])
-    model = copy.deepcopy(base_model)
+    return s
+
+
+def run_one(spec: RunSpec, seed: int, settings: Any, steps: int, scorer: Any, base_model: Any, checkpoints: int = 4,
+            seconds_per_step: float = 1.0) -> dict[str, Any]:
+    """Train a fresh copy of ``base_model`` with ``spec`` for exactly ``steps`` steps; evaluate at ``checkpoints``
+    evenly spaced steps (eval set) and at the end (eval and held-out sets, per-prompt verdicts kept)."""
+    import copy
     import tempfile
 
+    from leapalign.shapes.experiment import eval_sets, evaluate_alignment, make_trainer, objective_kwargs
+
+    s = _spec_settings(spec, settings, seed, steps)
+    sets = eval_sets(s)
+    noise = {"eval": s.eval_seed, "heldout": s.heldout_seed}
+    model = copy.deepcopy(base_model)  # every run starts from the same weights, whatever happens on disk
+    marks = sorted({max(1, round(steps * k / checkpoints)) for k in range(1, checkpoints + 1)}) if steps else []
+    curve, metrics, train_seconds = [], [], 0.0
     with tempfile.TemporaryDirectory(prefix="leapalign_study_") as tmp:
-        trainer = make_trainer(model, scorer, s, tmp, spec["objective"], objective_kwargs(s, spec["objective"]))
-        log = train_and_track(trainer, s, None, desc=f"{spec['label']} seed {seed}", show_progress=False)
-    res = evaluate_alignment(model, scorer, eval_prompts(s.eval_prompts, s.eval_seed), s.num_steps, s.eval_seed)
+        trainer = make_trainer(model, scorer, s, tmp, spec["objective"], objective_kwargs(s, spec["objective"])) if steps else None
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            m = trainer.training_step()
+            train_seconds += time.perf_counter() - t0
+            metrics.append(float(m.get("reward_mean", float("nan"))))
+            if step in marks and step != steps:
+                res = evaluate_alignment(model, scorer, sets["eval"], s.num_steps, s.eval_seed)
+                curve.append({"step": step, "accuracy": res.accuracy["overall"], "reward": res.reward})
+    final = {name: evaluate_alignment(model, scorer, specs, s.num_steps, noise[name]) for name, specs in sets.items()}
+    curve.append({"step": steps, "accuracy": final["eval"].accuracy["overall"], "reward": final["eval"].reward})
+    for point in curve:
+        point["calibrated_seconds"] = point["step"] * seconds_per_step
     return {
-        "label": spec["label"], "objective": spec["objective"], "overrides": spec["overrides"], "seed": seed,
-        "steps": len(log.steps), "train_seconds": round(log.train_seconds, 2),
-        "seconds_per_step": log.train_seconds / max(1, len(log.steps)),
-        "train_reward_last": statistics.fmean(x.get("reward_mean", float("nan")) for x in log.steps[-5:]) if log.steps else None,
-        **res.to_json(),
+        "label": spec["label"], "objective": spec["objective"], "overrides": spec["overrides"], "seed": seed, "steps": steps,
+        "measured_train_seconds": round(train_seconds, 2),  # on whatever load there was; the comparison uses calibrated time
+        "train_reward_last": statistics.fmean(metrics[-5:]) if metrics else None,
+        **final["eval"].to_json(),
+        "correct": "".join("1" if c else "0" for c in final["eval"].correct),
+        **({"heldout": final["heldout"].to_json() | {"correct": "".join("1" if c else "0" for c in final["heldout"].correct)}}
+           if "heldout" in final else {}),
+        "curve": curve,
     }
 
 
-def _asset_hashes(model: Path | None, scorer: Path | None) -> dict[str, str]:
-    """sha256 of the model and scorer weights the study used (the shipped ones unless given)."""
-    import hashlib
+# --------------------------------------------------------------------------------------------------
+# the pool: one process per core, one thread each
 
-    from leapalign.shapes.model import shapes_model_files
-    from leapalign.shapes.scorer import shapes_scorer_files
+def _init_worker() -> None:
+    import torch
 
-    weights = {"model": shapes_model_files(model)[0], "scorer": shapes_scorer_files(scorer)[0]}
-    return {k: hashlib.sha256(f.read_bytes()).hexdigest() for k, f in weights.items()}
+    torch.set_num_threads(1)
 
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in a worker: a study run, or (``calibrate``) a timing of a few steps of one configuration."""
+    from leapalign.shapes.experiment import DemoSettings
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    key = (job["model"], job["scorer"])
+    if _WORKER.get("key") != key:  # each worker loads the assets once
+        _WORKER.update(key=key, model=load_shapes_model(job["model"] and Path(job["model"])),
+                       scorer=load_shapes_scorer(job["scorer"] and Path(job["scorer"])))
+    settings = DemoSettings(**job["settings"])
+    spec = RunSpec(job["spec"])
+    if job.get("calibrate"):
+        return _time_steps(spec, settings, _WORKER["model"], _WORKER["scorer"], job["calibrate"])
+    return run_one(spec, job["seed"], settings, job["steps"], _WORKER["scorer"], _WORKER["model"], job["checkpoints"],
+                   job["seconds_per_step"])
+
+
+def _time_steps(spec: RunSpec, settings: Any, base_model: Any, scorer: Any, steps: int, warmup: int = 2) -> dict[str, Any]:
+    import copy
+    import tempfile
+
+    from leapalign.shapes.experiment import make_trainer, objective_kwargs
+
+    s = _spec_settings(spec, settings, 0, warmup + steps)
+    with tempfile.TemporaryDirectory(prefix="leapalign_calib_") as tmp:
+        trainer = make_trainer(copy.deepcopy(base_model), scorer, s, tmp, spec["objective"], objective_kwargs(s, spec["objective"]))
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            trainer.training_step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return {"cost_key": spec.cost_key, "seconds_per_step": statistics.median(times), "seconds_all": [round(t, 3) for t in times]}
+
+
+def _run_jobs(jobs: list[dict[str, Any]], n_workers: int, on_result) -> None:
+    """Run ``jobs`` (in this process when ``n_workers`` is 1, else in a spawned pool) calling ``on_result`` as each ends."""
+    if n_workers <= 1:
+        for job in jobs:
+            on_result(job, _worker_job(job))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # Inherited by the spawned workers before they import torch: one OpenMP thread, sleeping when idle.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+        futures = {pool.submit(_worker_job, job): job for job in jobs}
+        for fut in as_completed(futures):
+            on_result(futures[fut], fut.result())
+
+
+def calibrate(specs: Sequence[RunSpec], settings: Any, jobs: int, steps: int, model: str | None, scorer: str | None) -> dict[str, Any]:
+    """Seconds per optimiser step of each cost class of ``specs``, ``jobs`` timings side by side, one thread each."""
+    by_cost = {s.cost_key: s for s in specs}
+    job_list = [{"spec": dict(s), "settings": asdict(settings), "calibrate": steps, "model": model, "scorer": scorer} for s in by_cost.values()]
+    # Keep the pool as busy as the study will be: repeat the list so every worker always has a timing to do.
+    result: dict[str, list[float]] = {}
+    _run_jobs(job_list * max(1, jobs), jobs, lambda job, r: result.setdefault(r["cost_key"], []).append(r["seconds_per_step"]))
+    return {k: statistics.median(v) for k, v in result.items()}
+
+
+def steps_for(spec: RunSpec, seconds_per_step: dict[str, float], leapalign_steps: int) -> int:
+    """Steps that give ``spec`` the training time of ``leapalign_steps`` steps of the reference LeapAlign."""
+    budget = leapalign_steps * seconds_per_step["leapalign leaps=2"]
+    return max(1, round(budget / seconds_per_step[spec.cost_key]))
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries, comparisons, report, plot
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per label: mean and std over seeds of reward, steps, overall and per-category accuracy."""
+    """Per label: mean and std over seeds of accuracy (overall, per category, held-out), reward, artifacts, steps."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["label"], []).append(r)
     out = {}
     for label, rs in by.items():
-        cats = list(rs[0]["accuracy"])
         out[label] = {
             "n_seeds": len(rs),
-            "reward": _mean_std([r["reward"] for r in rs]),
             "steps": _mean_std([r["steps"] for r in rs]),
-            "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in cats},
-            "reward_by_category": {c: _mean_std([r["reward_by_category"][c] for r in rs]) for c in rs[0]["reward_by_category"]},
+            "reward": _mean_std([r["reward"] for r in rs]),
+            "artifacts": _mean_std([r["background_artifact_share"] for r in rs]),
+            "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in rs[0]["accuracy"]},
+            **({"heldout": _mean_std([r["heldout"]["accuracy"]["overall"] for r in rs])} if "heldout" in rs[0] else {}),
         }
     return out
 
 
+def comparisons(runs: Sequence[dict[str, Any]], specs: Sequence[dict[str, Any]], resamples: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Every label against :data:`REFERENCE` on the seeds both have: paired bootstrap over prompts (eval set)."""
+    from leapalign.shapes.stats import paired_bootstrap
+
+    by = {(r["label"], r["seed"]): r for r in runs}
+    out = {}
+    for spec in specs:
+        label = spec["label"]
+        if label == REFERENCE:
+            continue
+        seeds = sorted(s for (lab, s) in by if lab == label and (REFERENCE, s) in by)
+        if not seeds:
+            continue
+        ref = [[c == "1" for c in by[(REFERENCE, s)]["correct"]] for s in seeds]
+        other = [[c == "1" for c in by[(label, s)]["correct"]] for s in seeds]
+        cmp = paired_bootstrap(ref, other, resamples=resamples)
+        out[label] = cmp.to_json() | {"seeds": seeds, "verdict": cmp.verdict(REFERENCE, label)}
+    return out
+
+
 def markdown_report(data: dict[str, Any]) -> str:
-    """Tables of the summary (accuracy in %, mean +- std over seeds), plus command, machine and reading."""
-    summ, base = data["summary"], data["baseline"]
+    """Tables (accuracy in %, mean +- std over seeds), the paired comparisons, command, machine, calibration, reading."""
+    summ, base, cmp = data["summary"], data["baseline"], data.get("comparisons", {})
     cats = list(base["accuracy"])
-    m = data["machine"]
+    m, cal = data["machine"], data["calibration"]
     lines = [
-        "# Shapes-world study: LeapAlign vs baselines at equal wall-clock",
+        "# Shapes-world study: LeapAlign vs baselines at equal training time",
         "",
         f"Command: `{data['command']}`  ",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}, git {m.get('git_commit', '?')}, load average at start {m.get('load_average_1_5_15')} (shared machine)  ",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}, git {m.get('git_commit', '?')}, "
+        f"load average at start {m.get('load_average_1_5_15')}; {data['jobs']} runs side by side, 1 thread each  ",
         f"Settings: {json.dumps(data['settings'])}  ",
-        f"Training budget per run: {data['settings']['max_train_seconds']} s of training wall-clock (evaluation excluded); "
-        f"seeds {data['seeds']}; eval set {data['settings']['eval_prompts']} prompts, fixed noise.",
+        f"Training budget per run: {data['leapalign_steps']} steps of LeapAlign = {data['budget_seconds']:.0f} s at the calibrated "
+        f"speed; other runs get the steps that take the same time (calibration: `{cal.get('command', '?')}`, load average "
+        f"{cal.get('machine', {}).get('load_average_1_5_15')}, s/step {json.dumps({k: round(v, 3) for k, v in cal['seconds_per_step'].items()})}).  ",
+        f"Seeds {data['seeds']}; eval set {data['settings']['eval_prompts']} prompts (whole grammar), held-out set "
+        f"{data['settings']['heldout_prompts']} prompts (never trained on by any run), fixed noise.",
         "",
     ]
-    header = "| run | steps | reward | " + " | ".join(cats) + " |"
-    sep = "|---|---:|---:|" + "---:|" * len(cats)
+    held = "heldout" in base
+    header = "| run | steps | reward | artifacts (%) | " + " | ".join(cats) + (" | held-out |" if held else " |")
+    sep = "|---|---:|---:|---:|" + "---:|" * len(cats) + ("---:|" if held else "")
+
+    def pm(x: tuple[float, float], scale: float = 100.0, fmt: str = ".1f") -> str:
+        return f"{scale * x[0]:{fmt}} ± {scale * x[1]:{fmt}}"
 
     def row(label: str, s: dict[str, Any]) -> str:
-        acc = " | ".join(f"{100 * s['accuracy'][c][0]:.1f} ± {100 * s['accuracy'][c][1]:.1f}" for c in cats)
-        return f"| {label} | {s['steps'][0]:.0f} | {s['reward'][0]:.3f} ± {s['reward'][1]:.3f} | {acc} |"
+        acc = " | ".join(pm(s["accuracy"][c]) for c in cats)
+        h = f" | {pm(s['heldout'])} |" if held else " |"
+        return f"| {label} | {s['steps'][0]:.0f} | {pm(s['reward'], 1, '.3f')} | {pm(s['artifacts'], 100, '.2f')} | {acc}{h}"
 
-    base_row = "| shipped model (no training) | 0 | " + f"{base['reward']:.3f} | " + " | ".join(f"{100 * base['accuracy'][c]:.1f}" for c in cats) + " |"
-    for group, title in (("methods", "Methods"), ("alpha", "LeapAlign alpha sweep"), ("leaps", "LeapAlign number of leaps")):
+    base_row = (f"| shipped model (no training) | 0 | {base['reward']:.3f} | {100 * base['background_artifact_share']:.2f} | "
+                + " | ".join(f"{100 * base['accuracy'][c]:.1f}" for c in cats) + (f" | {100 * base['heldout']['accuracy']['overall']:.1f} |" if held else " |"))
+    for group, title in GROUP_TITLES.items():
         labels = [r["label"] for r in data["specs"] if group in r["groups"] and r["label"] in summ]
         if not labels:
             continue
-        lines += [f"## {title}", "", "Rule-based accuracy (%) per category, reward = learned scorer on the eval set.", "", header, sep, base_row]
+        lines += [f"## {title}", "", "Rule-based accuracy (%) per category and on the held-out split, mean ± std over seeds; "
+                  "reward = learned scorer; artifacts = share of background pixels off the background colour.", "",
+                  header, sep, base_row]
         lines += [row(label, summ[label]) for label in labels]
+        pairs = [lab for lab in labels if lab in cmp]
+        if pairs:
+            lines += ["", f"Paired comparison with {REFERENCE} (overall accuracy on the eval set, same seeds and prompts; "
+                      "paired bootstrap over prompts, 10,000 resamples):", ""]
+            lines += [f"- {cmp[lab]['verdict']}" for lab in pairs]
         lines.append("")
-        if group == "methods":
-            rcats = list(base["reward_by_category"])
-            lines += ["Learned-scorer reward per category (mean ± std over seeds):", "",
-                      "| run | " + " | ".join(rcats) + " |", "|---|" + "---:|" * len(rcats),
-                      "| shipped model (no training) | " + " | ".join(f"{base['reward_by_category'][c]:.3f}" for c in rcats) + " |"]
-            lines += [f"| {lab} | " + " | ".join(f"{summ[lab]['reward_by_category'][c][0]:.3f} ± {summ[lab]['reward_by_category'][c][1]:.3f}" for c in rcats) + " |"
-                      for lab in labels]
-            lines.append("")
     if data.get("reading"):
         lines += ["## Reading", "", data["reading"], ""]
     return "\n".join(lines)
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
-    """Overall accuracy and reward per run (mean +- std over seeds), one panel each."""
+    """Overall accuracy vs calibrated training wall-clock, one panel per group: mean over seeds, min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summ = data["summary"]
-    labels = [r["label"] for r in data["specs"] if r["label"] in summ]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    x = range(len(labels))
-    for ax, key, title in ((axes[0], "overall", "rule-based accuracy (%)"), (axes[1], "reward", "learned scorer reward")):
-        if key == "reward":
-            mean = [summ[lab]["reward"][0] for lab in labels]
-            std = [summ[lab]["reward"][1] for lab in labels]
-            ax.axhline(data["baseline"]["reward"], color="k", ls="--", label="shipped model")
-        else:
-            mean = [100 * summ[lab]["accuracy"]["overall"][0] for lab in labels]
-            std = [100 * summ[lab]["accuracy"]["overall"][1] for lab in labels]
-            ax.axhline(100 * data["baseline"]["accuracy"]["overall"], color="k", ls="--", label="shipped model")
-        ax.bar(x, mean, yerr=std, capsize=3, color=["C0" if "leapalign" in lab else "C1" for lab in labels])
-        ax.set_xticks(list(x), labels, rotation=40, ha="right", fontsize=8)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"shapes world, equal training wall-clock {data['settings']['max_train_seconds']} s/run, {len(data['seeds'])} seeds")
+    groups = [g for g in GROUP_TITLES if any(g in s["groups"] for s in data["specs"])]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    base = 100 * data["baseline"]["accuracy"]["overall"]
+    for ax, group in zip(axes[0], groups):
+        for i, spec in enumerate(s for s in data["specs"] if group in s["groups"]):
+            runs = [r for r in data["runs"] if r["label"] == spec["label"]]
+            if not runs:
+                continue
+            n = min(len(r["curve"]) for r in runs)
+            xs = [0.0] + [statistics.fmean(r["curve"][k]["calibrated_seconds"] for r in runs) for k in range(n)]
+            ys = [[base] + [100 * r["curve"][k]["accuracy"] for k in range(n)] for r in runs]
+            cols = list(zip(*ys))
+            ax.plot(xs, [statistics.fmean(c) for c in cols], "o-", color=f"C{i}", lw=2.5 if spec["label"] == REFERENCE else 1.5, label=spec["label"])
+            ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.15)
+        ax.set(xlabel="training wall-clock (s, calibrated)", ylabel="rule-based accuracy (%)", title=GROUP_TITLES[group])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"shapes world: equal training time ({data['budget_seconds']:.0f} s = {data['leapalign_steps']} LeapAlign steps), "
+                 f"{len(data['seeds'])} seeds, mean and min-max band", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -210,35 +349,49 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------------
+# command line
+
 def build_parser() -> argparse.ArgumentParser:
-    p = suite_parser("study", __doc__, threads_default=1)
-    p.add_argument("--budget", type=float, default=30.0, help="training wall-clock seconds per run")
+    p = suite_parser("study", __doc__, threads=False)
+    p.add_argument("--calibrate", action="store_true", help="measure seconds per step of every configuration (idle machine!) and write --calibration")
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration file (default benchmarks/results/study_calibration.json)")
+    p.add_argument("--calibration-steps", type=int, default=8, help="timed steps per configuration when calibrating (after 2 warm-up)")
+    p.add_argument("--leapalign-steps", type=int, default=200, help="the training budget: this many LeapAlign steps' worth of time per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--groups", nargs="+", default=["methods", "alpha", "leaps"], help="methods, alpha, leaps")
+    p.add_argument("--groups", nargs="+", default=list(GROUP_TITLES), help="methods, alpha, leaps")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs side by side, one thread each (default: the cores)")
+    p.add_argument("--checkpoints", type=int, default=4, help="evaluations per run along training (the last at the end)")
     p.add_argument("--T", dest="num_steps", type=int, default=None, help="Euler steps of rollout and eval sampler (demo default)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (demo default)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
-    p.add_argument("--reward", choices=("score", "log_score"), default=None, help="training reward (demo default)")
-    p.add_argument("--eval-prompts", type=int, default=48, help="size of the fixed eval set")
-    p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint (default: shipped)")
-    p.add_argument("--scorer", type=Path, default=None, help="scorer checkpoint (default: shipped)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: writes STEM.json, STEM.md, STEM.png (default: benchmarks/results/study_shapes)")
+    p.add_argument("--eval-prompts", type=int, default=192, help="size of the fixed eval set")
+    p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
+    p.add_argument("--model", default=None, help="shapes model checkpoint (default: shipped)")
+    p.add_argument("--scorer", default=None, help="scorer checkpoint (default: shipped)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: STEM.json/.md/.png and STEM_runs/ (default benchmarks/results/study_shapes)")
     p.add_argument("--reading", type=Path, default=None, help="a text file with the written reading to embed in the Markdown")
     p.add_argument("--render-only", action="store_true", help="run nothing: re-render STEM.md/.png from STEM.json (with --reading)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from leapalign.shapes.experiment import DemoSettings, evaluate_alignment
-    from leapalign.shapes.model import load_shapes_model
-    from leapalign.shapes.scorer import load_shapes_scorer
-    from leapalign.shapes.world import eval_prompts
+def _settings(args: argparse.Namespace) -> Any:
+    from leapalign.shapes.experiment import DemoSettings
 
+    base = DemoSettings()
+    return replace(base, eval_prompts=args.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
+                   batch_size=args.batch_size or base.batch_size, learning_rate=args.lr or base.learning_rate)
+
+
+def _slug(label: str, seed: int) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label) + f"__seed{seed}.json"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     out = Path(args.out)
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
-        data["summary"] = summarise(data["runs"])
         if args.reading:
             data["reading"] = args.reading.read_text().strip()
             out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
@@ -246,44 +399,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(data, out.with_suffix(".png"))
         print(f"[study] re-rendered {out}.md/.png from {out}.json")
         return 0
-    base = DemoSettings()
-    settings = replace(
-        base, max_train_seconds=args.budget, train_steps=100_000, eval_prompts=args.eval_prompts,
-        num_steps=args.num_steps or base.num_steps, batch_size=args.batch_size or base.batch_size,
-        learning_rate=args.lr or base.learning_rate, reward=args.reward or base.reward,
-    )
+    settings = _settings(args)
     specs = study_runs(args.groups)
-    scorer = load_shapes_scorer(args.scorer)
-    model = load_shapes_model(args.model)
-    b = evaluate_alignment(model, scorer, eval_prompts(settings.eval_prompts, settings.eval_seed), settings.num_steps, settings.eval_seed)
-    data: dict[str, Any] = {
-        "command": command_line(["study", *argv]),
-        "machine": machine_info(["study", *argv]),
-        "settings": asdict(settings),
-        "seeds": list(args.seeds),
-        "specs": [dict(s) for s in specs],
-        "baseline": b.to_json(),
-        "assets_sha256": _asset_hashes(args.model, args.scorer),
-        "runs": [],
-        "reading": args.reading.read_text().strip() if args.reading else "",
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    total = len(specs) * len(args.seeds)
+    command = command_line(["study", *argv])
+    if args.calibrate:
+        t0 = time.perf_counter()
+        sps = calibrate(specs, settings, args.jobs, args.calibration_steps, args.model, args.scorer)
+        cal = {"command": command, "machine": machine_info(["study", *argv]), "jobs": args.jobs, "settings": asdict(settings),
+               "seconds_per_step": sps, "wall_seconds": time.perf_counter() - t0}
+        Path(args.calibration).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.calibration).write_text(json.dumps(cal, indent=2) + "\n")
+        print(f"[study] calibration ({args.jobs} side by side, load average {cal['machine']['load_average_1_5_15']}): "
+              + ", ".join(f"{k} {v:.3f} s/step" for k, v in sps.items()) + f" -> {args.calibration}")
+        return 0
+    cal_path = Path(args.calibration)
+    if not cal_path.is_file():
+        print(f"python -m benchmarks study: error: no calibration at {cal_path}; run with --calibrate first (on an idle machine)", file=sys.stderr)
+        return 2
+    cal = json.loads(cal_path.read_text())
+    sps = cal["seconds_per_step"]
+    missing = sorted({s.cost_key for s in specs} - set(sps))
+    if missing:
+        print(f"python -m benchmarks study: error: {cal_path} has no timing for {missing}; rerun --calibrate", file=sys.stderr)
+        return 2
+
+    runs_dir = Path(f"{out}_runs")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    common = {"settings": asdict(settings), "checkpoints": args.checkpoints, "model": args.model, "scorer": args.scorer}
+    todo, done = [], {}
+    for spec in [RunSpec(label="shipped model", objective="none", overrides={}, groups=[])] + specs:
+        for seed in ([0] if spec["objective"] == "none" else args.seeds):
+            steps = 0 if spec["objective"] == "none" else steps_for(spec, sps, args.leapalign_steps)
+            job = {"spec": dict(spec), "seed": seed, "steps": steps, "seconds_per_step": 0.0 if not steps else sps[spec.cost_key], **common}
+            path = runs_dir / _slug(spec["label"], seed)
+            fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
+            fingerprint["spec"] = {k: v for k, v in job["spec"].items() if k != "groups"}
+            if path.is_file() and json.loads(path.read_text()).get("job") == fingerprint:
+                done[(spec["label"], seed)] = json.loads(path.read_text())["result"]
+            else:
+                todo.append(job | {"path": str(path), "fingerprint": fingerprint})
+    print(f"[study] {len(done)} runs already done in {runs_dir}, {len(todo)} to run on {args.jobs} worker(s)", flush=True)
     t0 = time.perf_counter()
-    for seed in args.seeds:  # seed-major: an interrupted study still has every method at the first seeds
-        for spec in specs:
-            r = run_one(spec, seed, settings, scorer, model)
-            data["runs"].append(r)
-            data["summary"] = summarise(data["runs"])
-            out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-            print(f"[study {len(data['runs'])}/{total} {time.perf_counter() - t0:.0f}s] {r['label']} seed {seed}: "
-                  f"{r['steps']} steps, reward {r['reward']:.3f}, accuracy {100 * r['accuracy']['overall']:.1f}%", flush=True)
-    data["summary"] = summarise(data["runs"])
-    data["wall_seconds"] = time.perf_counter() - t0
+    total = len(done) + len(todo)
+
+    def save(job: dict[str, Any], result: dict[str, Any]) -> None:
+        Path(job["path"]).write_text(json.dumps({"job": job["fingerprint"], "result": result}, indent=2) + "\n")
+        done[(result["label"], result["seed"])] = result
+        print(f"[study {len(done)}/{total} {time.perf_counter() - t0:.0f}s] {result['label']} seed {result['seed']}: {result['steps']} steps, "
+              f"accuracy {100 * result['accuracy']['overall']:.1f}%, reward {result['reward']:.3f}", flush=True)
+
+    _run_jobs(todo, args.jobs, save)
+    baseline = done.pop(("shipped model", 0))
+    runs = [done[(s["label"], seed)] for seed in args.seeds for s in specs]
+    data: dict[str, Any] = {
+        "command": command, "machine": machine_info(["study", *argv]), "jobs": args.jobs, "settings": asdict(settings),
+        "seeds": list(args.seeds), "specs": [dict(s) for s in specs], "calibration": cal, "leapalign_steps": args.leapalign_steps,
+        "budget_seconds": args.leapalign_steps * sps["leapalign leaps=2"], "baseline": baseline, "runs": runs,
+        "summary": summarise(runs), "comparisons": comparisons(runs, specs),
+        "reading": args.reading.read_text().strip() if args.reading else "", "wall_seconds_this_invocation": time.perf_counter() - t0,
+    }
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_report(data))
     plot(data, out.with_suffix(".png"))
-    print(f"[study] wrote {out}.json/.md/.png in {data['wall_seconds']:.0f} s")
+    print(f"[study] wrote {out}.json/.md/.png ({len(todo)} runs in {data['wall_seconds_this_invocation']:.0f} s)")
     return 0
 
 

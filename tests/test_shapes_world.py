@@ -115,3 +115,63 @@ def test_generation_is_deterministic_and_eval_set_is_balanced():
     assert torch.equal(render_batch(a[:8], seed=4), render_batch(a[:8], seed=4))
     assert not torch.equal(render_batch(a[:8], seed=4), render_batch(a[:8], seed=5))
     assert sample_specs(30, seed=9) == sample_specs(30, seed=9)
+
+
+def test_grammar_enumerates_every_prompt_the_sampler_draws():
+    from leapalign.shapes.world import grammar_specs
+
+    grammar = {c: {s.text for s in grammar_specs(c)} for c in CATEGORIES}
+    assert {c: len(t) for c, t in grammar.items()} == {
+        "single_object": 3, "colors": 15, "two_object": 6, "counting": 9, "position": 840, "color_attr": 120}
+    assert all(len(grammar_specs(c)) == len(grammar[c]) for c in CATEGORIES)  # no duplicates
+    for spec in sample_specs(3000, seed=11):
+        assert spec.text in grammar[spec.category]
+        assert parse_prompt(spec.text) == spec
+
+
+def test_heldout_split_is_disjoint_from_alignment_training():
+    """The held-out split: >= 1 prompt held out and >= 1 kept per category, fixed (CRC-32, not hash());
+    the alignment runs' training prompts (training_specs, what make_trainer uses) never contain it;
+    the held-out eval set contains only it."""
+    from leapalign.shapes import experiment
+    from leapalign.shapes.world import grammar_specs, heldout_eval_prompts, heldout_texts, is_heldout, training_specs
+
+    held = heldout_texts()
+    assert len(held) == 200
+    for c in CATEGORIES:
+        n_held = sum(s.text in held for s in grammar_specs(c))
+        assert 1 <= n_held < len(grammar_specs(c))
+    # Pinned members: a changed split would silently change every held-out figure ever reported.
+    assert {"a square", "a circle and a square", "three squares", "two triangles"} <= held
+    assert is_heldout("a  Square") and not is_heldout("a circle")
+
+    train = training_specs(20_000, seed=3)
+    assert not any(s.text in held for s in train)
+    assert {s.category for s in train} == set(CATEGORIES)
+    evalset = heldout_eval_prompts(96, seed=4321)
+    assert all(s.text in held for s in evalset) and {s.category for s in evalset} == set(CATEGORIES)
+    assert evalset == heldout_eval_prompts(96, seed=4321)
+    # The trainer the demo and the study build gets exactly training_specs' prompts.
+    import inspect
+
+    assert "training_specs(" in inspect.getsource(experiment.make_trainer)
+
+
+def test_background_artifacts_count_off_colour_background_only():
+    from leapalign.shapes.evaluator import background_artifact_share
+    from leapalign.shapes.world import BACKGROUND
+
+    specs = eval_prompts(12, seed=3)
+    images = render_batch(specs, seed=0)
+    assert torch.equal(background_artifact_share(images), torch.zeros(12))  # ground truth: exactly 0
+    bg = (images - torch.tensor(BACKGROUND).view(1, 3, 1, 1)).abs().sum(1, keepdim=True) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    # A faint dotted texture on a quarter of the background: invisible to the evaluator, counted here.
+    dots = (torch.rand(images.shape[0], 1, *images.shape[2:], generator=g) < 0.25) & bg
+    textured = torch.where(dots, images - 0.15, images)
+    assert all(j.correct for j in evaluate(textured, specs))
+    share = background_artifact_share(textured)
+    assert ((share > 0.15) & (share < 0.35)).all(), share
+    # Changes inside the objects are not background artifacts.
+    tinted = torch.where(bg, images, (images * 0.9).clamp(0, 1))
+    assert torch.equal(background_artifact_share(tinted), torch.zeros(12))

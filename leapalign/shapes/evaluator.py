@@ -22,7 +22,17 @@ import torch.nn.functional as F
 
 from leapalign.shapes.world import BACKGROUND, CATEGORIES, COLORS, PromptSpec, parse_prompt
 
-__all__ = ["DetectedObject", "Judgement", "detect_objects", "classify_shape", "judge", "evaluate", "accuracy_by_category"]
+__all__ = [
+    "DetectedObject",
+    "Judgement",
+    "detect_objects",
+    "classify_shape",
+    "judge",
+    "evaluate",
+    "accuracy_by_category",
+    "ARTIFACT_TOL",
+    "background_artifact_share",
+]
 
 _PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
 
@@ -185,3 +195,38 @@ def accuracy_by_category(judgements: Sequence[Judgement]) -> dict[str, float]:
     acc = {c: sum(per[c]) / len(per[c]) for c in CATEGORIES if c in per}
     acc["overall"] = sum(j.correct for j in judgements) / len(judgements)
     return acc
+
+
+ARTIFACT_TOL = 0.1  # RGB distance to the background colour beyond which a background pixel is an artifact
+
+
+@torch.no_grad()
+def background_artifact_share(images: torch.Tensor, tol: float = 0.3, min_area: int = 12, artifact_tol: float = ARTIFACT_TOL) -> torch.Tensor:
+    """``[B]``: the share of each image's background pixels that differ from the background colour.
+
+    Background = every pixel outside the evaluator's objects (palette-colour components of at least
+    ``min_area`` pixels, segmented at ``tol``), the objects grown by one pixel so their soft edges do
+    not count. A background pixel is an artifact when its RGB distance to :data:`BACKGROUND`
+    exceeds ``artifact_tol`` (0.1, a third of the evaluator's colour tolerance): faint textures the
+    evaluator reads as background, unassigned pixels and speckle below ``min_area`` all count. It
+    measures what a hacked scorer can add without the evaluator noticing; a ground-truth render
+    scores exactly 0.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    x = images.detach().to(torch.float32)
+    seg = _segment(x, tol)
+    b, h, w = seg.shape
+    k = len(_PALETTE_NAMES)
+    comps = _components(torch.stack([seg == c for c in range(k)], 1).view(b * k, h, w))
+    objects = torch.zeros(b * k, h, w, dtype=torch.bool)
+    for i in range(b * k):
+        ids, counts = comps[i].unique(return_counts=True)
+        keep = ids[(ids != 0) & (counts >= min_area)]
+        if keep.numel():
+            objects[i] = torch.isin(comps[i], keep)
+    objects = objects.view(b, k, h, w).any(1)
+    grown = F.max_pool2d(objects.float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0
+    background = ~grown
+    off = (x - torch.tensor(BACKGROUND).view(1, 3, 1, 1)).square().sum(1).sqrt() > artifact_tol
+    return (off & background).sum((1, 2)).float() / background.sum((1, 2)).clamp_min(1).float()

@@ -6,21 +6,32 @@ leapalign.shapes.harden`` and ``python -m benchmarks study`` run it with their o
 1. :func:`evaluate_alignment` samples a fixed evaluation set (:func:`leapalign.shapes.world.eval_prompts`,
    fixed noise) and reports the **rule-based accuracy** per GenEval-like category (the exact evaluator,
    which never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises);
-2. :func:`make_trainer` builds a :class:`leapalign.LeapAlignTrainer` on the world's training prompts and
-   :func:`train_and_track` steps it for a number of steps capped by a wall-clock budget, evaluating
-   every ``eval_every`` steps;
+   It also measures the **background artifacts** (:func:`leapalign.shapes.evaluator.background_artifact_share`)
+   the scorer may reward without the evaluator noticing; the same on the **held-out split**
+   (:func:`leapalign.shapes.world.heldout_eval_prompts`), prompts no alignment run trains on;
+2. :func:`make_trainer` builds a :class:`leapalign.LeapAlignTrainer` on the world's training prompts
+   (:func:`leapalign.shapes.world.training_specs`: the held-out split removed) and :func:`train_and_track`
+   steps it for exactly ``train_steps`` steps, evaluating every ``eval_every`` steps. No clock decides
+   what is reported: a run is a pure function of its settings and seed (see "Determinism" below);
+   ``time_limit_seconds`` only aborts a run (:class:`TimeLimitExceeded`), it never truncates one;
 3. :func:`measure_memory_time` compares bytes saved for backward, peak RSS and seconds per iteration
    of LeapAlign and naive full backprop at the same T; :func:`reading` says what the numbers mean.
 
 Tuned choices (see :class:`DemoSettings`; the runs behind them are in ``leapalign/assets/README.md``):
-full fine-tune (the model has 1.9M parameters), AdamW lr 1e-4, 240 steps of batch 16 capped at
-200 s of training, T = 12 for rollout and evaluation, alpha 0.3, and the training reward the
+full fine-tune (the model has 1.9M parameters), AdamW lr 1e-4, 240 steps of batch 16,
+T = 12 for rollout and evaluation, alpha 0.3, and the training reward the
 scorer's probability with the hinge ``relu(0.95 - r)``. Maximising ``log p`` instead weights each
 sample by ``1 / p`` and so pushes hardest on the worst images, where the scorer is least reliable:
 with it the rule-based accuracy collapsed (24 % -> 7 % in 120 steps).
 
 The learned scorer is a proxy, like HPS or PickScore: if the reward rises while the rule-based
 accuracy does not, the scorer is being hacked, and :func:`reading` says so.
+
+Determinism: the trainer draws every step's noise, leap pair and prompts from generators seeded by
+``(seed, step)``, the evaluation from ``eval_seed``; the model is float32 on CPU. Two runs with the
+same settings, seed and torch thread count give bit-identical numbers (tested). The thread count
+is recorded with the results because parallel CPU reductions may in principle order their sums
+differently with it; on the project's 2-core machine 1 and 2 threads gave identical numbers.
 """
 from __future__ import annotations
 
@@ -33,9 +44,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leapalign.shapes.evaluator import accuracy_by_category, evaluate
+from leapalign.shapes.evaluator import accuracy_by_category, background_artifact_share, evaluate
 from leapalign.shapes.model import ShapesVelocityModel
-from leapalign.shapes.world import CATEGORIES, PromptSpec, sample_specs
+from leapalign.shapes.world import BACKGROUND, CATEGORIES, PromptSpec, eval_prompts, heldout_eval_prompts, training_specs
 
 __all__ = [
     "DemoSettings",
@@ -43,14 +54,22 @@ __all__ = [
     "REWARDS",
     "LogScoreReward",
     "training_reward",
+    "background_penalty",
+    "PenalisedReward",
     "EvalResult",
     "evaluate_alignment",
+    "eval_sets",
+    "gain_summary",
+    "TimeLimitExceeded",
     "objective_kwargs",
     "make_trainer",
     "TrainLog",
     "train_and_track",
     "measure_memory_time",
     "reading",
+    "seeds_reading",
+    "TARGET_MEAN_POINTS",
+    "TARGET_MIN_POINTS",
 ]
 
 
@@ -59,7 +78,7 @@ class DemoSettings:
     """The knobs of one alignment run on the shapes world (defaults: the tuned demo)."""
 
     train_steps: int = 240
-    max_train_seconds: float = 200.0  # keeps `make demo` under 5 minutes on 2 cores (evals excluded from it)
+    time_limit_seconds: float = 0.0  # > 0: abort (TimeLimitExceeded) when training takes longer; never truncates a run
     num_steps: int = 12  # T of the training rollout (and of the evaluation sampler)
     batch_size: int = 16
     learning_rate: float = 1e-4
@@ -70,25 +89,30 @@ class DemoSettings:
     num_leaps: int = 2
     ema_decay: float = 0.0  # off: a 0.97 EMA did not steady the accuracy curve in a 240-step run
     max_grad_norm: float = 1.0
-    eval_prompts: int = 96
-    eval_every: int = 40
+    eval_prompts: int = 192
+    heldout_prompts: int = 96  # held-out split, evaluated before and after (0: skip)
+    eval_every: int = 60
     eval_seed: int = 1234
+    heldout_seed: int = 4321
     seed: int = 0
     reward: str = "score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
+    background_penalty: float = 0.0  # > 0: minus this times background_penalty(images) in the training reward
 
     def __post_init__(self) -> None:
         checks = {
             "train_steps": self.train_steps >= 1,
-            "max_train_seconds": self.max_train_seconds > 0,
+            "time_limit_seconds": self.time_limit_seconds >= 0,
             "num_steps": self.num_steps >= 2,
             "batch_size": self.batch_size >= 1,
             "learning_rate": self.learning_rate > 0,
             "train_mode": self.train_mode in ("full", "lora"),
             "eval_prompts": self.eval_prompts >= 1,
+            "heldout_prompts": self.heldout_prompts >= 0,
             "eval_every": self.eval_every >= 1,
             "num_leaps": self.num_leaps in (1, 2, 3),
             "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "reward": self.reward in REWARDS,
+            "background_penalty": self.background_penalty >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -109,32 +133,56 @@ class LogScoreReward:
 REWARDS = ("score", "log_score")
 
 
-def training_reward(scorer: Any, name: str) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`."""
+def background_penalty(images: torch.Tensor, tol: float = 0.3, softness: float = 0.03) -> torch.Tensor:
+    """``[B]``, differentiable: mean over pixels of the RGB distance ``d`` to the background colour, weighted
+    by ``sigmoid((tol - d) / softness)`` -- faint off-background pixels (the textures a hacked scorer
+    rewards, which the evaluator reads as background) count fully, object colours (``d >= 0.55``) not at all."""
+    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    d = (images - bg).square().sum(1).add(1e-8).sqrt()
+    return (d * torch.sigmoid((tol - d) / softness)).mean((1, 2))
+
+
+class PenalisedReward:
+    """``reward(images) - weight * background_penalty(images)``: the scorer with a prior against background texture."""
+
+    def __init__(self, reward: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], weight: float) -> None:
+        self.reward, self.weight = reward, weight
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.reward(images, prompts) - self.weight * background_penalty(images)
+
+
+def training_reward(scorer: Any, name: str, penalty: float = 0.0) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
+    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`, minus
+    ``penalty`` times :func:`background_penalty` when ``penalty`` > 0 (:class:`PenalisedReward`)."""
     if name == "score":
-        return scorer
-    if name == "log_score":
-        return LogScoreReward(scorer)
-    raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
+        reward = scorer
+    elif name == "log_score":
+        reward = LogScoreReward(scorer)
+    else:
+        raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
+    return PenalisedReward(reward, penalty) if penalty > 0 else reward
 
 
 def quick_settings() -> DemoSettings:
     """The ``--quick`` budget: a few steps, few prompts, tiny T; every output is still written."""
-    return DemoSettings(train_steps=2, max_train_seconds=20.0, num_steps=3, batch_size=2, eval_prompts=6, eval_every=1000)
-
-
+    return DemoSettings(train_steps=2, num_steps=3, batch_size=2, eval_prompts=6, heldout_prompts=6, eval_every=1000)
 
 @dataclass
 class EvalResult:
-    """Rule-based accuracy per category (+ overall) and mean scorer reward on the fixed eval set."""
+    """Rule-based accuracy per category (+ overall), mean scorer reward and mean background-artifact
+    share (:func:`~leapalign.shapes.evaluator.background_artifact_share`) on a fixed eval set."""
 
     accuracy: dict[str, float]
     reward: float
     reward_by_category: dict[str, float]
     images: torch.Tensor = field(repr=False)
+    artifact_share: float = 0.0
+    correct: list[bool] = field(default_factory=list, repr=False)  # the evaluator's verdict per prompt, in order
 
     def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category}
+        return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category,
+                "background_artifact_share": self.artifact_share}
 
 
 @torch.no_grad()
@@ -163,7 +211,28 @@ def evaluate_alignment(
     for spec, r in zip(specs, rewards.tolist()):
         by_cat.setdefault(spec.category, []).append(r)
     reward_by_category = {c: statistics.fmean(by_cat[c]) for c in CATEGORIES if c in by_cat}
-    return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images)
+    artifacts = float(background_artifact_share(images).mean())
+    return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images, artifacts,
+                      [j.correct for j in judgements])
+
+
+def eval_sets(settings: DemoSettings) -> dict[str, list[PromptSpec]]:
+    """The fixed evaluation sets of a run: ``eval`` (whole grammar) and ``heldout`` (held-out split; absent at 0)."""
+    sets = {"eval": eval_prompts(settings.eval_prompts, settings.eval_seed)}
+    if settings.heldout_prompts:
+        sets["heldout"] = heldout_eval_prompts(settings.heldout_prompts, settings.heldout_seed)
+    return sets
+
+
+def gain_summary(gains: dict[int, float]) -> dict[str, Any]:
+    """Per-seed accuracy gains (points) and their mean, min and standard deviation."""
+    values = list(gains.values())
+    return {
+        "gain_points_by_seed": {str(k): v for k, v in gains.items()},
+        "mean_gain_points": statistics.fmean(values),
+        "min_gain_points": min(values),
+        "std_gain_points": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
 def objective_kwargs(settings: DemoSettings, objective_name: str = "leapalign", **overrides: Any) -> dict[str, Any]:
@@ -207,9 +276,13 @@ def make_trainer(
         ckpt_every=0,
         ckpt_save_final=False,
     )
-    # Training prompts: the world's sampler, all categories, a seed unrelated to the eval set's.
-    prompts = [s.text for s in sample_specs(4096, seed=settings.seed + 100_003)]
-    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward), prompt_source=prompts)
+    # Training prompts: the world's sampler without the held-out split, a seed unrelated to the eval sets'.
+    prompts = [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
+    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward, settings.background_penalty), prompt_source=prompts)
+
+
+class TimeLimitExceeded(RuntimeError):
+    """Training ran past ``DemoSettings.time_limit_seconds``; the run is aborted, not reported."""
 
 
 @dataclass
@@ -219,7 +292,6 @@ class TrainLog:
     steps: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
-    stopped_by: str = "steps"
     last_eval: EvalResult | None = None  # the evaluation after the final step (images included)
 
 
@@ -230,10 +302,11 @@ def train_and_track(
     desc: str = "leapalign",
     show_progress: bool = True,
 ) -> TrainLog:
-    """Run ``trainer.training_step`` until ``train_steps`` or ``max_train_seconds`` of training time.
+    """Run ``trainer.training_step`` exactly ``settings.train_steps`` times.
 
-    Evaluation time is not counted against the budget; ``evaluate_fn`` runs every ``eval_every``
-    steps and after the last one (EMA weights swapped in when the trainer keeps an EMA).
+    ``evaluate_fn`` runs every ``eval_every`` steps and after the last one (EMA weights swapped in
+    when the trainer keeps an EMA). With ``time_limit_seconds`` > 0, training time beyond it
+    (evaluation excluded) raises :class:`TimeLimitExceeded`: a run is either complete or not reported.
     """
     from tqdm.auto import tqdm
 
@@ -248,6 +321,9 @@ def train_and_track(
             res = evaluate_fn()
         log.last_eval = res
         log.evals.append({"step": step, "train_seconds": round(log.train_seconds, 3), **res.to_json()})
+        if show_progress:
+            progress.write(f"{desc} step {step}: accuracy {100 * res.accuracy['overall']:.1f}%, reward {res.reward:.3f}, "
+                           f"background artifacts {100 * res.artifact_share:.2f}%")
 
     try:
         for step in range(settings.train_steps):
@@ -257,13 +333,13 @@ def train_and_track(
             log.steps.append({"step": step + 1, "seconds": log.train_seconds, **{k: float(v) for k, v in metrics.items()}})
             progress.update(1)
             progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
-            last = step + 1 == settings.train_steps or log.train_seconds >= settings.max_train_seconds
-            if log.train_seconds >= settings.max_train_seconds and step + 1 < settings.train_steps:
-                log.stopped_by = "time"
-            if last or (step + 1) % settings.eval_every == 0:
+            if settings.time_limit_seconds and log.train_seconds > settings.time_limit_seconds and step + 1 < settings.train_steps:
+                raise TimeLimitExceeded(
+                    f"training took {log.train_seconds:.0f} s for {step + 1} of {settings.train_steps} steps, over the time limit of "
+                    f"{settings.time_limit_seconds:g} s: aborted (a shorter run would not be comparable; lower the load, or raise or "
+                    "drop the limit)")
+            if step + 1 == settings.train_steps or (step + 1) % settings.eval_every == 0:
                 run_eval(step + 1)
-            if last:
-                break
     finally:
         progress.close()
     return log
@@ -323,7 +399,7 @@ def _measure_method(
         with PeakMemory("cpu") as pm:
             t0 = time.perf_counter()
             with SavedTensorCounter() as counter:
-                out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward), generator=g)
+                out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward, settings.background_penalty), generator=g)
             out.loss.backward()
             dt = time.perf_counter() - t0
         if r == 0:
@@ -345,13 +421,30 @@ def _measure_method(
     }
 
 
-def reading(before: EvalResult, after: EvalResult) -> str:
-    """One sentence on the run: accuracy gain against the 15-point target, or a hacked scorer called out."""
+def reading(before: EvalResult, after: EvalResult, judge_target: bool = True) -> str:
+    """One sentence on one run: accuracy gain (against the 15-point target when ``judge_target``), or a
+    hacked scorer called out. Runs shorter than the demo's (``--quick``) pass ``judge_target=False``."""
     d_acc = 100 * (after.accuracy["overall"] - before.accuracy["overall"])
     d_rew = after.reward - before.reward
+    if not judge_target:
+        return f"rule-based accuracy {d_acc:+.1f} points, reward {d_rew:+.3f} (a shortened run: the target and hacking are not judged)"
     if d_rew > 0.02 and d_acc < 2:
         return (f"reward up {d_rew:+.3f} but rule-based accuracy {d_acc:+.1f} points: the learned scorer is being "
                 "hacked (it rewards images the exact evaluator rejects)")
-    if d_acc >= 15:
-        return f"rule-based accuracy up {d_acc:+.1f} points (target >= 15 reached), reward {d_rew:+.3f}"
     return f"rule-based accuracy {d_acc:+.1f} points (target >= 15 {'reached' if d_acc >= 15 else 'NOT reached'}), reward {d_rew:+.3f}"
+
+
+TARGET_MEAN_POINTS = 15.0
+TARGET_MIN_POINTS = 10.0
+
+
+def seeds_reading(gains: dict[str, Any], judge_target: bool = True) -> str:
+    """One sentence on a multi-seed demo against the target: mean >= +15 points, no seed below +10."""
+    mean, low, n = gains["mean_gain_points"], gains["min_gain_points"], len(gains["gain_points_by_seed"])
+    head = f"accuracy gain over {n} seed{'s' if n > 1 else ''}: mean {mean:+.1f}, min {low:+.1f} points"
+    if not judge_target:
+        return head + " (a shortened run: the target is not judged)"
+    if n < 3:
+        return head + f" (the target, mean >= +{TARGET_MEAN_POINTS:g} with no seed below +{TARGET_MIN_POINTS:g}, is judged over >= 3 seeds: --seeds 0 1 2)"
+    ok = mean >= TARGET_MEAN_POINTS and low >= TARGET_MIN_POINTS
+    return head + f" (target mean >= +{TARGET_MEAN_POINTS:g} with no seed below +{TARGET_MIN_POINTS:g}: {'reached' if ok else 'NOT reached'})"

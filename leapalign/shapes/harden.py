@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def _aligned_samples(args: argparse.Namespace, scorer: torch.nn.Module, r: int) -> LabelledPool:
     """Round ``r``: align a fresh copy of the model to ``scorer``; its labelled samples every ``--snapshot-every`` steps."""
     model = load_shapes_model(args.model)
-    settings = DemoSettings(train_steps=args.snapshot_every, max_train_seconds=1e9, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
+    settings = DemoSettings(train_steps=args.snapshot_every, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
                             batch_size=args.batch_size, num_steps=args.num_steps)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, scorer, settings, tmp)

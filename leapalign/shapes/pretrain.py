@@ -41,8 +41,8 @@ from leapalign.shapes.world import eval_prompts, render_batch, sample_specs
 __all__ = ["build_parser", "main", "evaluate_model"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m leapalign.shapes.pretrain", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "leapalign pretrain-toy") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     add_training_args(p, DEFAULT_MODEL_NAME, steps=900, batch_size=32, lr=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
@@ -139,9 +139,10 @@ def _train(model: ShapesVelocityModel, args: argparse.Namespace) -> list[float]:
     return losses
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Pretrain, evaluate, save. Returns a process exit code."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "leapalign pretrain-toy") -> int:
+    """Pretrain, evaluate, save. Returns a process exit code. ``prog`` names the command in usage and
+    errors: ``leapalign pretrain-toy`` (the CLI calls ``main(argv)``) or the module's own name."""
+    args = build_parser(prog).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
@@ -183,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m leapalign.shapes.pretrain"))
