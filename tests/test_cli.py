@@ -122,6 +122,7 @@ def test_a_second_run_into_a_used_folder_is_refused_unless_resumed_or_overwritte
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
     assert _metric_steps(aside) == [1, 2, 3, 4] and (aside / "checkpoints" / "step-00000004").is_dir()
     assert _metric_steps(out) == [1, 2]
+    assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is False  # rerunning it never moves the run
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
 

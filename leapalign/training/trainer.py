@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from leapalign.prompts import PromptSource
@@ -291,7 +292,8 @@ class LeapAlignTrainer:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             truncate_metrics(out, self.step)  # the steps after the checkpoint are logged again
-            cfg.save_yaml(out / "config.yaml")
+            saved = cfg.to_dict() | {"overwrite": False}  # a one-off instruction: rerunning this file must not move the run
+            (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
     def _loop(self) -> None:
         from tqdm.auto import tqdm
