@@ -252,3 +252,24 @@ def test_demo_settings_reject_a_bad_ema():
     with pytest.raises(ValueError, match="ema_decay"):
         experiment.DemoSettings(ema_decay=1.0)
     assert experiment.DemoSettings(ema_decay=0.97).ema_decay == 0.97
+
+
+def test_background_penalty_prices_faint_texture_not_objects():
+    from leapalign.rewards.base import call_reward
+    from leapalign.shapes.scorer import load_shapes_scorer
+    from leapalign.shapes.world import BACKGROUND, render_batch
+
+    specs = eval_prompts(6, seed=2)
+    images = render_batch(specs, seed=0)
+    clean = experiment.background_penalty(images)
+    assert (clean < 1e-3).all()  # exact renders: only the sqrt's epsilon
+    bg = (images - torch.tensor(BACKGROUND).view(1, 3, 1, 1)).abs().sum(1, keepdim=True) < 1e-6
+    textured = torch.where(bg & (torch.rand(images[:, :1].shape, generator=torch.Generator().manual_seed(0)) < 0.3), images - 0.1, images)
+    assert (experiment.background_penalty(textured) > clean + 0.01).all()
+    scorer = load_shapes_scorer()
+    x = textured.clone().requires_grad_(True)
+    r = call_reward(experiment.training_reward(scorer, "score", penalty=5.0), x, [s.text for s in specs])
+    torch.testing.assert_close(r, scorer(textured, [s.text for s in specs]) - 5.0 * experiment.background_penalty(textured))
+    r.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert experiment.training_reward(scorer, "score", penalty=0.0) is scorer
