@@ -56,7 +56,8 @@ def variants(tmp_path_factory) -> list[dict]:
     """The compiled variants, compiled once per session (shared by pytest-xdist's workers)."""
     from filelock import FileLock
 
-    path = tmp_path_factory.getbasetemp().parent / "leapkernels-aot-variants.json"
+    base = tmp_path_factory.getbasetemp()  # this session's; under xdist its parent is the session's
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "leapkernels-aot-variants.json"
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
