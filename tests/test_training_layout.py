@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Aliases kept at the old paths for leapalign.shapes / benchmarks; they are training-layer modules.
-_TRAINING_ALIASES = {"leapalign.config", "leapalign.trainer"}
+#: The alias kept at the old path for benchmarks/workload.py; it is a training-layer module.
+_TRAINING_ALIASES = {"leapalign.config"}
 
 
 def _module_name(path: Path) -> str:

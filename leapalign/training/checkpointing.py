@@ -22,6 +22,7 @@ import json
 import logging
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def safe_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "not plain data")
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = f"it names {found.group(1)}" if found else "not plain data"
         raise CheckpointError(
             f"refusing to load {str(path)!r}: it holds pickled objects, not only tensors and plain data "
             f"({reason}); loading it could run code -- it was not written by this leapalign or was altered"
