@@ -97,12 +97,17 @@ def test_pruning_and_temp_cleanup_touch_only_this_runs_files(tmp_path):
 
 
 def test_latest_never_names_a_missing_folder(tmp_path):
+    """Pruning keeps the checkpoint the pointer names (here an older one: a kill came between the
+    rename of step 2 and the pointer update); a pointer to a folder that is gone falls back."""
     out = tmp_path / "out"
-    first = _checkpoint(out, 1, "r")
-    (out / "checkpoints" / "latest").write_text("step-00000009\n")  # a pointer to a folder that is gone
-    assert latest_checkpoint(out) == first
+    first, second = _checkpoint(out, 1, "r"), _checkpoint(out, 2, "r")
+    pointer = out / "checkpoints" / "latest"
+    pointer.write_text("step-00000001\n")
     prune_checkpoints(out, keep_last=1, run_id="r")
-    assert first.is_dir()
+    assert first.is_dir() and second.is_dir()
+    assert (out / "checkpoints" / pointer.read_text().strip()).is_dir()
+    pointer.write_text("step-00000009\n")  # deleted by hand
+    assert latest_checkpoint(out) == second
 
 
 def test_output_dir_checks_write_nothing(tmp_path, monkeypatch):
