@@ -138,6 +138,7 @@ setup(
         "nvidia-ml-py>=12.0",
         "pyyaml>=6.0",
         "pydantic>=2.6",
+        "packaging>=23.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "numpy>=1.24",
