@@ -153,14 +153,14 @@ def _count_params(module: torch.nn.Module) -> int:
 def add_lora(transformer: torch.nn.Module, rank: int) -> None:
     """Freeze ``transformer`` and add peft LoRA adapters of ``rank`` on diffusers' Flux LoRA targets.
 
-    The same targets and init as the trainer (``leapalign.config.FLUX_LORA_TARGET_MODULES``,
+    The same targets and init as the trainer (``leapalign.training.config.FLUX_LORA_TARGET_MODULES``,
     alpha = rank, gaussian init) so benchmark and training iterations do the same work.
     """
     if rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {rank}")
     from peft import LoraConfig
 
-    from leapalign.config import FLUX_LORA_TARGET_MODULES
+    from leapalign.training.config import FLUX_LORA_TARGET_MODULES
 
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
