@@ -11,8 +11,6 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The alias kept at the old path for benchmarks/workload.py; it is a training-layer module.
-_TRAINING_ALIASES = {"leapalign.config"}
 
 
 def _module_name(path: Path) -> str:
@@ -48,7 +46,7 @@ def _layer(module: str) -> int:
         return 4
     if module in ("leapalign.cli", "leapalign.__main__"):
         return 3
-    if module.startswith("leapalign.training") or module in _TRAINING_ALIASES:
+    if module.startswith("leapalign.training"):
         return 2
     return 1
 
@@ -94,3 +92,5 @@ def test_public_api_is_re_exported():
 
     assert leapalign.LeapAlignConfig is LeapAlignConfig and leapalign.LeapAlignTrainer is LeapAlignTrainer
     from leapalign.sampling import image_grid, save_image_grid  # noqa: F401  (leapalign.shapes uses them)
+    for old in ("config", "trainer", "checkpoint", "ema"):  # moved into leapalign.training, no aliases left
+        assert not (ROOT / "leapalign" / f"{old}.py").exists(), old
