@@ -22,6 +22,11 @@ _EXPORTS = {
     "FluxVelocityModel": "leapalign.adapters.flux",
     "FluxConditioning": "leapalign.adapters.flux",
     "build_reward": "leapalign.rewards",
+    "plan": "leapalign.training.plan",
+    "PlanReport": "leapalign.training.plan",
+    "velocity_model_from_pipeline": "leapalign.adapters",
+    "Flux2VelocityModel": "leapalign.adapters.flux2",
+    "SD3VelocityModel": "leapalign.adapters.sd3",
 }
 
 __all__ = ["__version__", *_EXPORTS]

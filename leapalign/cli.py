@@ -1,4 +1,4 @@
-"""The ``leapalign`` command: ``train``, ``sample``, ``demo``, ``pretrain-toy``, ``--version``.
+"""The ``leapalign`` command: ``train``, ``sample``, ``plan``, ``demo``, ``pretrain-toy``, ``--version``.
 
 Every user error (bad paths, empty or malformed prompt files, unknown reward or objective names,
 wrong types, unsupported devices, an output folder that is a file, not writable or held by another
@@ -26,6 +26,9 @@ _USAGE = """usage: leapalign COMMAND [ARGS]
 commands:
   train CONFIG.yaml [--key value ...]   post-train with LeapAlign (leapalign train --help lists the keys)
   sample --model_path DIR [--checkpoint CKPT] --prompt TEXT --output OUT.png
+  plan CONFIG.yaml [--key value ...] [--gpu NAME] [--world-size N] [--json PATH]
+                                         memory per GPU, FLOPs and roofline time of a config on the
+                                         real architecture, on fake tensors (no GPU, no weights)
   demo [ARGS]                            the embedded shapes-world demo (CPU, minutes)
   pretrain-toy [ARGS]                    pretrain the shapes-world toy model
   --version                              print the version
@@ -33,8 +36,10 @@ commands:
 benchmarks run from a checkout of the repository: python -m benchmarks --help
 """
 
-# Commands served by other modules' ``main(argv)``, imported only when asked for.
+# Commands served by other modules' ``main(argv)``, imported only when asked for. The shapes world
+# sits above the command line in the layers: it is named here as a string, never imported.
 _DISPATCH = {
+    "plan": ("leapalign.training.plan", "main"),
     "demo": ("leapalign.shapes.demo", "main"),
     "pretrain-toy": ("leapalign.shapes.pretrain", "main"),
 }

@@ -217,3 +217,15 @@ def test_console_entry_trains_then_samples_from_the_checkpoint(tmp_path, model_d
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (32, 16)
+
+
+def test_plan_is_a_command_and_bad_input_is_one_line(tmp_path, capsys):
+    """``leapalign plan`` is served by leapalign.training.plan; an unknown GPU or world size is exit 2."""
+    assert cli.main(["--help"]) == 0
+    assert "plan CONFIG.yaml" in capsys.readouterr().out
+    config = tmp_path / "c.yaml"
+    config.write_text("train_mode: lora\n")
+    for extra, needle in ((["--gpu", "NOPE"], "unknown GPU"), (["--world-size", "0"], "world_size=0")):
+        assert cli.main(["plan", str(config), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
