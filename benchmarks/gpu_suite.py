@@ -14,6 +14,12 @@ Runs, each stage in its own process with its own time limit inside one global bu
 6. ``plot`` over the folder, and ``gpu_suite.json``: the machine block, each stage's command, exit
    code, seconds and log file.
 
+Beside the GPU stages, on the CPUs, ``python -m benchmarks plan`` plans every FLUX.1-dev point the
+memory stage measures, configured the same way (``benchmarks.plan.GPU_SUITE_PLAN``); at the end
+``plan_vs_measured_flux-dev.{json,md}`` puts planned and measured saved-for-backward bytes and peaks
+side by side, so the first lent GPU checks the planner (points the planner did not finish within
+the budget are marked ``planned: false``).
+
 Stages are ordered by value: when the budget runs short the later ones are skipped (recorded as
 ``skipped``), never the tests. Needs a CUDA build of torch with triton, diffusers, peft and
 nvidia-ml-py installed in the running interpreter.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +90,59 @@ def _run_stage(stage: Stage, limit: float, out: str) -> dict[str, object]:
     return record
 
 
+def _start_plan(out: str) -> subprocess.Popen | None:
+    """Plan the FLUX.1-dev memory points on the CPUs while the GPU stages run (its own log)."""
+    from benchmarks.plan import gpu_suite_plan_argv
+    from benchmarks.workload import DEFAULT_METHODS
+
+    jobs = max(1, min(len(DEFAULT_METHODS), (os.cpu_count() or 2) // 2))
+    argv = gpu_suite_plan_argv(sys.executable, DEFAULT_METHODS, os.path.join(out, "plan_flux-dev.json"), jobs)
+    log = open(os.path.join(out, "plan_flux_dev.log"), "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    # its own process group: at the deadline the planner and the point processes it started stop together
+    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish_plan(proc: subprocess.Popen | None, out: str, wait_s: float) -> dict[str, object]:
+    """Wait for the planner (at most ``wait_s``), then write planned next to measured from what exists."""
+    from benchmarks.plan import pair_planned_measured
+
+    record: dict[str, object] = {"stage": "plan_vs_measured", "log": "plan_flux_dev.log"}
+    if proc is not None:
+        try:
+            proc.wait(timeout=max(1.0, wait_s))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        record["plan_rc"] = proc.returncode
+    planned = []
+    points = os.path.join(out, "plan_flux-dev_points")
+    for name in sorted(os.listdir(points)) if os.path.isdir(points) else []:
+        with open(os.path.join(points, name), encoding="utf-8") as fh:
+            planned.append(json.load(fh))
+    measured_path = os.path.join(out, "memory_cuda_flux-dev.json")
+    measured = []
+    if os.path.exists(measured_path):
+        with open(measured_path, encoding="utf-8") as fh:
+            measured = json.load(fh)["records"]
+    rows = pair_planned_measured(planned, measured)
+    with open(os.path.join(out, "plan_vs_measured_flux-dev.json"), "w", encoding="utf-8") as fh:
+        json.dump({"rows": rows, "planned_points": len(planned)}, fh, indent=2)
+        fh.write("\n")
+    from benchmarks.report import Column, format_bytes, render_table
+
+    cols = [Column("method", "method"), Column("steps", "T"), Column("measured_status", "measured"),
+            Column("planned_saved_bytes", "planned saved (MiB)", format_bytes),
+            Column("measured_saved_bytes", "measured saved (MiB)", format_bytes), Column("saved_ratio", "ratio"),
+            Column("planned_peak_no_optimizer_bytes", "planned peak w/o AdamW+EMA (MiB)", format_bytes),
+            Column("measured_peak_bytes", "measured max_memory_allocated (MiB)", format_bytes), Column("peak_ratio", "ratio")]
+    with open(os.path.join(out, "plan_vs_measured_flux-dev.md"), "w", encoding="utf-8") as fh:
+        fh.write("# FLUX.1-dev: planned (leapalign plan, fake tensors) vs measured (memory stage)\n\n"
+                 + render_table(rows, cols) + "\n")
+    record["status"] = ("ok" if rows and all(r["planned"] for r in rows)
+                        else "partial" if any(r["planned"] for r in rows) else "failed")
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = suite_parser("gpu", __doc__, threads=False)
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "gpu"), help="folder for every result and log")
@@ -99,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     plot_reserve = 20.0
+    planner = None if args.only and "plan_vs_measured" not in args.only else _start_plan(out)
     records = []
     for stage in stages(out):
         if args.only and stage.name not in args.only:
@@ -112,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = _run_stage(stage, min(stage.limit_s, remaining), out)
         records.append(rec)
         print(f"[gpu] {stage.name}: {rec['status']} in {rec['seconds']}s (log {rec['log']})", flush=True)
+    if planner is not None:
+        pairing = _finish_plan(planner, out, args.budget - plot_reserve - (time.perf_counter() - start))
+        records.append(pairing)
+        print(f"[gpu] plan_vs_measured: {pairing['status']}", flush=True)
     plot = _run_stage(Stage("plot", [sys.executable, "-m", "benchmarks", "plot", "--results", out], plot_reserve),
                       plot_reserve, out)
     records.append(plot)
