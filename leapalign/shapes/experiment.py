@@ -334,8 +334,8 @@ def train_and_track(
             metrics = trainer.training_step()
             log.train_seconds += time.perf_counter() - t0
             log.steps.append({"step": step + 1, "seconds": log.train_seconds, **{k: float(v) for k, v in metrics.items()}})
+            progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}", refresh=False)
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
             if settings.time_limit_seconds and log.train_seconds > settings.time_limit_seconds and step + 1 < settings.train_steps:
                 raise TimeLimitExceeded(
                     f"training took {log.train_seconds:.0f} s for {step + 1} of {settings.train_steps} steps, over the time limit of "
