@@ -138,9 +138,6 @@ def run_one(spec: RunSpec, seed: int, settings: Any, steps: int, scorer: Any, ba
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# the pool: one process per core, one thread each
-
 def _init_worker() -> None:
     import torch
 
@@ -220,49 +217,18 @@ def steps_for(spec: RunSpec, seconds_per_step: dict[str, float], leapalign_steps
     return max(1, round(budget / seconds_per_step[spec.cost_key]))
 
 
-# --------------------------------------------------------------------------------------------------
-# summaries, comparisons, report, plot
-
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per label: mean and std over seeds of accuracy (overall, per category, held-out), reward, artifacts, steps."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        by.setdefault(r["label"], []).append(r)
-    out = {}
-    for label, rs in by.items():
-        out[label] = {
-            "n_seeds": len(rs),
-            "steps": _mean_std([r["steps"] for r in rs]),
-            "reward": _mean_std([r["reward"] for r in rs]),
-            "artifacts": _mean_std([r["background_artifact_share"] for r in rs]),
-            "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in rs[0]["accuracy"]},
-            **({"heldout": _mean_std([r["heldout"]["accuracy"]["overall"] for r in rs])} if "heldout" in rs[0] else {}),
-        }
-    return out
+    """Per label: mean and std over seeds (:func:`leapalign.shapes.stats.summarise_runs`)."""
+    from leapalign.shapes.stats import summarise_runs
+
+    return summarise_runs(runs)
 
 
 def comparisons(runs: Sequence[dict[str, Any]], specs: Sequence[dict[str, Any]], resamples: int = 10_000) -> dict[str, dict[str, Any]]:
-    """Every label against :data:`REFERENCE` on the seeds both have: paired bootstrap over prompts (eval set)."""
-    from leapalign.shapes.stats import paired_bootstrap
+    """Every label against :data:`REFERENCE` (:func:`leapalign.shapes.stats.compare_with`: paired bootstrap over prompts)."""
+    from leapalign.shapes.stats import compare_with
 
-    by = {(r["label"], r["seed"]): r for r in runs}
-    out = {}
-    for spec in specs:
-        label = spec["label"]
-        if label == REFERENCE:
-            continue
-        seeds = sorted(s for (lab, s) in by if lab == label and (REFERENCE, s) in by)
-        if not seeds:
-            continue
-        ref = [[c == "1" for c in by[(REFERENCE, s)]["correct"]] for s in seeds]
-        other = [[c == "1" for c in by[(label, s)]["correct"]] for s in seeds]
-        cmp = paired_bootstrap(ref, other, resamples=resamples)
-        out[label] = cmp.to_json() | {"seeds": seeds, "verdict": cmp.verdict(REFERENCE, label)}
-    return out
+    return compare_with(REFERENCE, runs, [sp["label"] for sp in specs], resamples)
 
 
 def markdown_report(data: dict[str, Any]) -> str:
@@ -349,9 +315,6 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------------
-# command line
-
 def build_parser() -> argparse.ArgumentParser:
     p = suite_parser("study", __doc__, threads=False)
     p.add_argument("--calibrate", action="store_true", help="measure seconds per step of every configuration (idle machine!) and write --calibration")
@@ -387,6 +350,37 @@ def _slug(label: str, seed: int) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in label) + f"__seed{seed}.json"
 
 
+def _calibrate_main(args: argparse.Namespace, settings: Any, specs: list[RunSpec], command: str, argv: list[str]) -> int:
+    t0 = time.perf_counter()
+    sps = calibrate(specs, settings, args.jobs, args.calibration_steps, args.model, args.scorer)
+    cal = {"command": command, "machine": machine_info(["study", *argv]), "jobs": args.jobs, "settings": asdict(settings),
+           "seconds_per_step": sps, "wall_seconds": time.perf_counter() - t0}
+    Path(args.calibration).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.calibration).write_text(json.dumps(cal, indent=2) + "\n")
+    print(f"[study] calibration ({args.jobs} side by side, load average {cal['machine']['load_average_1_5_15']}): "
+          + ", ".join(f"{k} {v:.3f} s/step" for k, v in sps.items()) + f" -> {args.calibration}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: dict[str, float], runs_dir: Path
+          ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
+    """``(todo, done)``: the jobs still to run and the results already saved (same settings) in ``runs_dir``."""
+    common = {"settings": asdict(settings), "checkpoints": args.checkpoints, "model": args.model, "scorer": args.scorer}
+    todo, done = [], {}
+    for spec in [RunSpec(label="shipped model", objective="none", overrides={}, groups=[])] + specs:
+        for seed in ([0] if spec["objective"] == "none" else args.seeds):
+            steps = 0 if spec["objective"] == "none" else steps_for(spec, sps, args.leapalign_steps)
+            job = {"spec": dict(spec), "seed": seed, "steps": steps, "seconds_per_step": 0.0 if not steps else sps[spec.cost_key], **common}
+            path = runs_dir / _slug(spec["label"], seed)
+            fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
+            fingerprint["spec"] = {k: v for k, v in job["spec"].items() if k != "groups"}
+            if path.is_file() and json.loads(path.read_text()).get("job") == fingerprint:
+                done[(spec["label"], seed)] = json.loads(path.read_text())["result"]
+            else:
+                todo.append(job | {"path": str(path), "fingerprint": fingerprint})
+    return todo, done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     out = Path(args.out)
@@ -403,15 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = study_runs(args.groups)
     command = command_line(["study", *argv])
     if args.calibrate:
-        t0 = time.perf_counter()
-        sps = calibrate(specs, settings, args.jobs, args.calibration_steps, args.model, args.scorer)
-        cal = {"command": command, "machine": machine_info(["study", *argv]), "jobs": args.jobs, "settings": asdict(settings),
-               "seconds_per_step": sps, "wall_seconds": time.perf_counter() - t0}
-        Path(args.calibration).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.calibration).write_text(json.dumps(cal, indent=2) + "\n")
-        print(f"[study] calibration ({args.jobs} side by side, load average {cal['machine']['load_average_1_5_15']}): "
-              + ", ".join(f"{k} {v:.3f} s/step" for k, v in sps.items()) + f" -> {args.calibration}")
-        return 0
+        return _calibrate_main(args, settings, specs, command, argv)
     cal_path = Path(args.calibration)
     if not cal_path.is_file():
         print(f"python -m benchmarks study: error: no calibration at {cal_path}; run with --calibrate first (on an idle machine)", file=sys.stderr)
@@ -425,19 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs_dir = Path(f"{out}_runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    common = {"settings": asdict(settings), "checkpoints": args.checkpoints, "model": args.model, "scorer": args.scorer}
-    todo, done = [], {}
-    for spec in [RunSpec(label="shipped model", objective="none", overrides={}, groups=[])] + specs:
-        for seed in ([0] if spec["objective"] == "none" else args.seeds):
-            steps = 0 if spec["objective"] == "none" else steps_for(spec, sps, args.leapalign_steps)
-            job = {"spec": dict(spec), "seed": seed, "steps": steps, "seconds_per_step": 0.0 if not steps else sps[spec.cost_key], **common}
-            path = runs_dir / _slug(spec["label"], seed)
-            fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
-            fingerprint["spec"] = {k: v for k, v in job["spec"].items() if k != "groups"}
-            if path.is_file() and json.loads(path.read_text()).get("job") == fingerprint:
-                done[(spec["label"], seed)] = json.loads(path.read_text())["result"]
-            else:
-                todo.append(job | {"path": str(path), "fingerprint": fingerprint})
+    todo, done = _plan(args, settings, specs, sps, runs_dir)
     print(f"[study] {len(done)} runs already done in {runs_dir}, {len(todo)} to run on {args.jobs} worker(s)", flush=True)
     t0 = time.perf_counter()
     total = len(done) + len(todo)

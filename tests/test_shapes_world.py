@@ -118,7 +118,7 @@ def test_generation_is_deterministic_and_eval_set_is_balanced():
 
 
 def test_grammar_enumerates_every_prompt_the_sampler_draws():
-    from leapalign.shapes.world import grammar_specs
+    from leapalign.shapes.split import grammar_specs
 
     grammar = {c: {s.text for s in grammar_specs(c)} for c in CATEGORIES}
     assert {c: len(t) for c, t in grammar.items()} == {
@@ -134,7 +134,7 @@ def test_heldout_split_is_disjoint_from_alignment_training():
     the alignment runs' training prompts (training_specs, what make_trainer uses) never contain it;
     the held-out eval set contains only it."""
     from leapalign.shapes import experiment
-    from leapalign.shapes.world import grammar_specs, heldout_eval_prompts, heldout_texts, is_heldout, training_specs
+    from leapalign.shapes.split import grammar_specs, heldout_eval_prompts, heldout_texts, is_heldout, training_specs
 
     held = heldout_texts()
     assert len(held) == 200

@@ -258,24 +258,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs[seed], afters[seed] = log, after
         runs.append(_run_summary(seed, before, after, log, judge_target=not args.quick))
 
-    first = seeds[0]
-    save_before_after(before["eval"].images, afters[first]["eval"].images, out / "before_after.png")
+    save_before_after(before["eval"].images, afters[seeds[0]]["eval"].images, out / "before_after.png")
     plot_curves(logs, before["eval"], out / "curves.png", settings.reward)
     summary = _summary(command, machine, threads, settings, seeds, sets, before, runs, rows, judge_target=not args.quick)
     summary["wall_seconds"] = time.perf_counter() - wall0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_report(summary, out)
+    return 0
+
+
+def _print_report(summary: dict[str, Any], out: Path) -> None:
+    """The closing lines: each seed's reading, the target, held-out gains, artifacts, memory/time, outputs."""
+    runs = summary["runs"]
     for r in runs:
         print(f"[demo] seed {r['seed']}: {r['reading']}")
     print(f"[demo] {summary['reading']}")
-    if "heldout" in sets:
-        print(f"[demo] held-out split: accuracy {100 * before['heldout'].accuracy['overall']:.1f}% before, gain by seed "
+    if "heldout" in summary:
+        print(f"[demo] held-out split: accuracy {100 * summary['heldout']['accuracy_before']:.1f}% before, gain by seed "
               + ", ".join(f"{r['seed']}: {r['heldout_gain_points']:+.1f}" for r in runs) + " points")
-    print(f"[demo] background artifacts: {100 * before['eval'].artifact_share:.2f}% of background pixels before, after by seed "
+    print(f"[demo] background artifacts: {100 * summary['background_artifact_share']['before']:.2f}% of background pixels before, after by seed "
           + ", ".join(f"{r['seed']}: {100 * r['after']['eval']['background_artifact_share']:.2f}%" for r in runs))
-    for r in rows:
+    for r in summary["memory_time"]:
         print(f"[demo] {r['method']}: saved {r['saved_bytes'] / 2**20:.2f} MiB, {r['seconds_per_iter']:.3f} s/iter")
     print(f"[demo] wrote {out}/ (before_after.png, curves.png, memory_time.md/json, summary.json) in {summary['wall_seconds']:.0f} s")
-    return 0
 
 
 def _write_memory_time(
@@ -331,7 +336,7 @@ def _summary(command: str, machine: str, threads: ThreadChoice, settings: DemoSe
         "eval_sets": {
             "eval": {"prompts": len(sets["eval"]), "noise_seed": settings.eval_seed, "drawn_from": "the whole grammar (world.eval_prompts)"},
             **({"heldout": {"prompts": len(sets["heldout"]), "noise_seed": settings.heldout_seed,
-                            "drawn_from": "the held-out split (world.heldout_eval_prompts), never in an alignment run's training prompts"}}
+                            "drawn_from": "the held-out split (split.heldout_eval_prompts), never in an alignment run's training prompts"}}
                if "heldout" in sets else {}),
         },
         "before": {name: res.to_json() for name, res in before.items()},

@@ -8,9 +8,9 @@ leapalign.shapes.harden`` and ``python -m benchmarks study`` run it with their o
    which never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises);
    It also measures the **background artifacts** (:func:`leapalign.shapes.evaluator.background_artifact_share`)
    the scorer may reward without the evaluator noticing; the same on the **held-out split**
-   (:func:`leapalign.shapes.world.heldout_eval_prompts`), prompts no alignment run trains on;
+   (:func:`leapalign.shapes.split.heldout_eval_prompts`), prompts no alignment run trains on;
 2. :func:`make_trainer` builds a :class:`leapalign.LeapAlignTrainer` on the world's training prompts
-   (:func:`leapalign.shapes.world.training_specs`: the held-out split removed) and :func:`train_and_track`
+   (:func:`leapalign.shapes.split.training_specs`: the held-out split removed) and :func:`train_and_track`
    steps it for exactly ``train_steps`` steps, evaluating every ``eval_every`` steps. No clock decides
    what is reported: a run is a pure function of its settings and seed (see "Determinism" below);
    ``time_limit_seconds`` only aborts a run (:class:`TimeLimitExceeded`), it never truncates one;
@@ -49,7 +49,9 @@ import torch
 
 from leapalign.shapes.evaluator import accuracy_by_category, background_artifact_share, evaluate
 from leapalign.shapes.model import ShapesVelocityModel
-from leapalign.shapes.world import BACKGROUND, CATEGORIES, PromptSpec, eval_prompts, heldout_eval_prompts, training_specs
+from leapalign.shapes.reward import REWARDS, LogScoreReward, PenalisedReward, background_penalty, training_reward
+from leapalign.shapes.split import heldout_eval_prompts, training_specs
+from leapalign.shapes.world import CATEGORIES, PromptSpec, eval_prompts
 
 __all__ = [
     "DemoSettings",
@@ -120,51 +122,6 @@ class DemoSettings:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r} is invalid")
-
-
-class LogScoreReward:
-    """``log p`` of the scorer (``logsigmoid`` of its logits): a ``RewardFn`` whose gradient does not
-    vanish where the scorer's sigmoid saturates near 0, which is where most samples of a weak model sit."""
-
-    def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.nn.functional.logsigmoid(self.scorer.logits(images, prompts))
-
-
-REWARDS = ("score", "log_score")
-
-
-def background_penalty(images: torch.Tensor, tol: float = 0.3, softness: float = 0.03) -> torch.Tensor:
-    """``[B]``, differentiable: mean over pixels of the RGB distance ``d`` to the background colour, weighted
-    by ``sigmoid((tol - d) / softness)`` -- faint off-background pixels (the textures a hacked scorer
-    rewards, which the evaluator reads as background) count fully, object colours (``d >= 0.55``) not at all."""
-    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    d = (images - bg).square().sum(1).add(1e-8).sqrt()
-    return (d * torch.sigmoid((tol - d) / softness)).mean((1, 2))
-
-
-class PenalisedReward:
-    """``reward(images) - weight * background_penalty(images)``: the scorer with a prior against background texture."""
-
-    def __init__(self, reward: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], weight: float) -> None:
-        self.reward, self.weight = reward, weight
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return self.reward(images, prompts) - self.weight * background_penalty(images)
-
-
-def training_reward(scorer: Any, name: str, penalty: float = 0.0) -> Callable[[torch.Tensor, Sequence[str]], torch.Tensor]:
-    """The reward the objective maximises: the scorer itself (``score``) or :class:`LogScoreReward`, minus
-    ``penalty`` times :func:`background_penalty` when ``penalty`` > 0 (:class:`PenalisedReward`)."""
-    if name == "score":
-        reward = scorer
-    elif name == "log_score":
-        reward = LogScoreReward(scorer)
-    else:
-        raise ValueError(f"reward must be one of {REWARDS}, got {name!r}")
-    return PenalisedReward(reward, penalty) if penalty > 0 else reward
 
 
 def quick_settings() -> DemoSettings:

@@ -12,11 +12,12 @@ bootstrap would be meaningless. The spread between seeds is reported separately 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+import statistics
+from typing import Any, Sequence
 
 import torch
 
-__all__ = ["PairedComparison", "paired_bootstrap"]
+__all__ = ["PairedComparison", "paired_bootstrap", "summarise_runs", "compare_with"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,43 @@ def paired_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], r
     else:
         p = min(1.0, max(1.0 / resamples, 2 * min(float((boot <= 0).double().mean()), float((boot >= 0).double().mean()))))
     return PairedComparison(diff, low, high, p, n, ta.shape[0], resamples)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per label: mean and std over seeds of accuracy (overall, per category, held-out), reward, artifacts, steps."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["label"], []).append(r)
+    out = {}
+    for label, rs in by.items():
+        out[label] = {
+            "n_seeds": len(rs),
+            "steps": _mean_std([r["steps"] for r in rs]),
+            "reward": _mean_std([r["reward"] for r in rs]),
+            "artifacts": _mean_std([r["background_artifact_share"] for r in rs]),
+            "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in rs[0]["accuracy"]},
+            **({"heldout": _mean_std([r["heldout"]["accuracy"]["overall"] for r in rs])} if "heldout" in rs[0] else {}),
+        }
+    return out
+
+
+def compare_with(reference: str, runs: Sequence[dict[str, Any]], labels: Sequence[str], resamples: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Every label against ``reference`` on the seeds both have, from the runs' per-prompt verdict strings
+    (``correct``: "0"/"1" per eval prompt): :func:`paired_bootstrap` over prompts."""
+    by = {(r["label"], r["seed"]): r for r in runs}
+    out = {}
+    for label in labels:
+        if label == reference:
+            continue
+        seeds = sorted(s for (lab, s) in by if lab == label and (reference, s) in by)
+        if not seeds:
+            continue
+        ref = [[c == "1" for c in by[(reference, s)]["correct"]] for s in seeds]
+        other = [[c == "1" for c in by[(label, s)]["correct"]] for s in seeds]
+        cmp = paired_bootstrap(ref, other, resamples=resamples)
+        out[label] = cmp.to_json() | {"seeds": seeds, "verdict": cmp.verdict(reference, label)}
+    return out
