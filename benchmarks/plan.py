@@ -285,11 +285,22 @@ def plot_plan(records: Sequence[dict[str, Any]], out: str, caption: str) -> str 
                 if hit:
                     xs.append(j + (i - (len(methods) - 1) / 2) * width)
                     ys.append(hit[0]["peak_bytes"] / GIB)
-            ax.bar(xs, ys, width=width, label=m)
+            bars = ax.bar(xs, ys, width=width, label=m, alpha=0.35 if mode == "full" else 1.0)
+            if mode == "full":  # the per-rank peak at the smallest FSDP2 size that fits 80 GB, hatched on top
+                for x, px in zip(xs, [px for px in res if any(r["method"] == m and r["resolution"] == px for r in rows)]):
+                    rec = next(r for r in rows if r["method"] == m and r["resolution"] == px)
+                    n = rec.get("fsdp_min_world_size_80gb")
+                    hit = [e for e in rec.get("fsdp_search", []) if e.get("world_size") == n]
+                    if n and hit and hit[0].get("peak_bytes"):
+                        ax.bar([x], [hit[0]["peak_bytes"] / GIB], width=width, hatch="//", edgecolor="white",
+                               color=bars.patches[0].get_facecolor()[:3])
+                        ax.annotate(f"FSDP2 x{n}: {hit[0]['peak_bytes'] / GIB:.0f} GiB/rank", (x, hit[0]["peak_bytes"] / GIB),
+                                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         ax.axhline(line, color="red", linestyle="--", linewidth=1, label=f"80 GB GPU (usable {line:.0f} GiB)")
         ax.set_xticks(range(len(res)), [f"{px}x{px}" for px in res])
         ax.set_ylabel("planned peak per GPU (GiB)")
-        ax.set_title(f"{mode} (1 GPU)" if mode == "lora" else f"{mode} fine-tune (1 GPU, unsharded)", fontsize=9)
+        ax.set_title(f"{mode} (1 GPU)" if mode == "lora"
+                     else f"{mode} fine-tune (pale: 1 GPU unsharded; hatched: per rank, FSDP2)", fontsize=9)
         ax.legend(fontsize=7)
     return _save(plt, fig, out, caption)
 
