@@ -15,7 +15,7 @@ Runs, each stage in its own process with its own time limit inside one global bu
    code, seconds and log file.
 
 Beside the GPU stages, on the CPUs, ``python -m benchmarks plan`` plans every FLUX.1-dev point the
-memory stage measures, configured the same way (``benchmarks.plan.GPU_SUITE_PLAN``); at the end
+memory stage measures, configured the same way (``GPU_SUITE_PLAN`` below); at the end
 ``plan_vs_measured_flux-dev.{json,md}`` puts planned and measured saved-for-backward bytes and peaks
 side by side, so the first lent GPU checks the planner (points the planner did not finish within
 the budget are marked ``planned: false``).
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from benchmarks.machine import machine_info
 from benchmarks.options import REPO_ROOT, RESULTS_DIR, parse_suite_args, suite_parser
@@ -92,7 +92,6 @@ def _run_stage(stage: Stage, limit: float, out: str) -> dict[str, object]:
 
 def _start_plan(out: str) -> subprocess.Popen | None:
     """Plan the FLUX.1-dev memory points on the CPUs while the GPU stages run (its own log)."""
-    from benchmarks.plan import gpu_suite_plan_argv
     from benchmarks.workload import DEFAULT_METHODS
 
     jobs = max(1, min(len(DEFAULT_METHODS), (os.cpu_count() or 2) // 2))
@@ -104,7 +103,6 @@ def _start_plan(out: str) -> subprocess.Popen | None:
 
 def _finish_plan(proc: subprocess.Popen | None, out: str, wait_s: float) -> dict[str, object]:
     """Wait for the planner (at most ``wait_s``), then write planned next to measured from what exists."""
-    from benchmarks.plan import pair_planned_measured
 
     record: dict[str, object] = {"stage": "plan_vs_measured", "log": "plan_flux_dev.log"}
     if proc is not None:
@@ -189,3 +187,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         fh.write("\n")
     print(json.dumps(summary["summary"]))
     return 0 if not summary["summary"]["failed"] else 1
+
+
+# --- the GPU suite's check of the planner (issue 14 item 6) -------------------------------------------
+
+#: How the GPU suite's FLUX.1-dev memory stage runs (``benchmarks.gpu_suite``: bf16 weights, no autocast,
+#: LoRA rank 16, T = 25, 512x512, no transformer checkpointing, a weightless reward): planned the same way.
+GPU_SUITE_PLAN = ["--model", "flux-dev", "--resolutions", "512", "--train-modes", "lora", "--lora-rank", "16",
+                  "--steps", "25", "--no-gradient-checkpointing", "--reward", "brightness", "--mixed-precision", "no",
+                  "--trainable-dtype", "bfloat16", "--no-world-search"]
+
+
+def gpu_suite_plan_argv(python: str, methods: Sequence[str], json_path: str, jobs: int) -> list[str]:
+    """The command that plans the GPU suite's FLUX.1-dev memory points (CPU only; run beside the GPU stages)."""
+    return [python, "-m", "benchmarks", "plan", *GPU_SUITE_PLAN, "--methods", *methods, "--jobs", str(jobs),
+            "--json", json_path]
+
+
+def pair_planned_measured(planned: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measured point (``memory`` suite records, matched by method and T): planned next to measured.
+
+    Measured ``peak_allocated_bytes`` is CUDA's ``max_memory_allocated`` over objective forward + backward
+    (weights included, no optimiser step); planned ``peak_bytes`` is the planner's per-GPU peak of the whole
+    iteration (optimiser step, AdamW state and EMA included), so ``planned_peak_no_optimizer_bytes`` drops the
+    AdamW state and the EMA from it for the like-for-like ratio (an upper bound when the planned peak falls
+    in the optimiser step). Saved-for-backward bytes compare directly.
+    """
+    by_key = {(p["method"], p.get("steps")): p for p in planned if p.get("status") == "ok"}
+    rows = []
+    for m in measured:
+        p = by_key.get((m["method"], m.get("steps")))
+        row: dict[str, Any] = {"method": m["method"], "steps": m.get("steps"), "measured_status": m.get("status"),
+                               "planned": p is not None,
+                               "measured_saved_bytes": m.get("saved_bytes"),
+                               "measured_peak_bytes": m.get("peak_allocated_bytes", m.get("peak_bytes"))}
+        if p is not None:
+            row["planned_saved_bytes"] = p["saved_bytes"]
+            row["planned_peak_bytes"] = p["peak_bytes"]
+            held = sum(int(p.get("breakdown", {}).get(k, 0)) for k in ("optimizer", "ema"))
+            row["planned_peak_no_optimizer_bytes"] = p["peak_bytes"] - held
+            row["planned_peak_phase"] = p.get("peak_phase")
+            row["planned_fits_80gb"] = p.get("fits", {}).get("80GB")
+            for key, a, b in (("saved_ratio", "planned_saved_bytes", "measured_saved_bytes"),
+                              ("peak_ratio", "planned_peak_no_optimizer_bytes", "measured_peak_bytes")):
+                row[key] = round(row[a] / row[b], 4) if row.get(b) else None
+        rows.append(row)
+    return rows

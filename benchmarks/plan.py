@@ -31,8 +31,8 @@ from benchmarks.options import REPO_ROOT, add_output_args, output_paths, parse_s
 from benchmarks.report import Column, ResultDoc, format_float, write_results
 from benchmarks.workload import METHODS, resolve_methods
 
-__all__ = ["main", "point_config", "point_key", "plan_point", "fsdp_lower_bound", "pair_planned_measured",
-           "gpu_suite_plan_argv", "COLUMNS", "MATRIX_METHODS"]
+__all__ = ["main", "point_config", "point_key", "plan_point", "fsdp_lower_bound",
+           "COLUMNS", "MATRIX_METHODS"]
 
 _RECORD_MARK = "@@PLAN_RECORD "
 GIB = 2**30
@@ -337,6 +337,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _suite_config(args: argparse.Namespace, points_dir: str) -> dict[str, Any]:
+    """The settings every point of this run shares, as the result files record them."""
+    tiny = args.model != "flux-dev"
+    reward = args.reward or ("brightness" if tiny else "pickscore")
+    return {"model": args.model, "steps": args.steps, "batch_size_per_gpu": 1, "grad_accumulation": 1,
+              "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
+              "mixed_precision": args.mixed_precision or ("no" if tiny else "bf16"), "trainable_dtype": args.trainable_dtype,
+              "reward": "PickScore_v1 (CLIP ViT-H/14 shapes)" if reward == "pickscore" else reward,
+              "world_search": args.world_search, "world_sizes": args.world_sizes, "points_dir": os.path.relpath(points_dir, REPO_ROOT)}
+
+
+def _notes(ok: list[dict[str, Any]], missing: list[str], config: dict[str, Any]) -> list[str]:
+    """How to read the table, and what this run left out."""
+    notes = [
+        "Planned, not measured: leapalign.plan under FakeTensorMode (no GPU). peak_bytes is per GPU (per rank "
+        "for FSDP2); fits: per memory size with 1 GiB of CUDA context and 95 % allocator share deducted.",
+        "TFLOP/iter: one micro-batch (1 image) incl. the T-2 no-grad rollout steps, grad steps, backward, decode + "
+        "reward; roofline s/iter: max(FLOPs / dense bf16 peak, weight traffic / bandwidth) on an H100 SXM "
+        "(roofline_s in the JSON has every GPU of leapalign.training.gpus).",
+        "plan s / plan RSS: wall time and peak RSS of the planning process on this machine (shared, 2 cores).",
+        "FSDP2 ranks for 80 GB (full fine-tune only): smallest of --world-sizes whose per-rank peak fits; sizes whose "
+        "sharded state alone exceeds 80 GB are not planned (fsdp_search in the JSON).",
+    ]
+    late = [r for r in ok if r.get("peak_phase") in ("optimizer", "ema")]
+    if late:
+        held = max(r["breakdown"].get("activations", 0) for r in late)
+        notes.append(
+            f"{len(late)} point(s) peak in the optimizer step / EMA update, after backward, with up to {_gib(held)} GiB "
+            "still counted as activations: tensors the traced iteration keeps alive after backward. The same happens "
+            "in a real (non-fake) cpu-bench run traced by leapalign.training.plan_trace (~28 MiB of activations stay "
+            "alive after backward, held from C++, no Python referrer), so the planner's proof tests agree with it; "
+            "whether the trainer's own loop holds them too is not yet known. Until it is, these peaks are upper "
+            "bounds: the peak during backward is the lower figure to compare.")
+    if missing:
+        notes.append(f"Not planned in this run ({len(missing)} of {len(TRAIN_MODES) * len(RESOLUTIONS) * len(MATRIX_METHODS)} "
+                     f"matrix points): {', '.join(missing)}. Each FLUX.1-dev point takes minutes on this shared "
+                     f"2-core machine; rerun the command without --points/--methods/... to fill them in (finished "
+                     f"points are kept in {config['points_dir']}/ and skipped).")
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     kw = dict(steps=args.steps, lora_rank=args.lora_rank, gradient_checkpointing=args.gradient_checkpointing,
@@ -373,43 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = [r for r in records if finished(r)]
     done = {(r["method"], r["resolution"], r["train_mode"]) for r in records if r["status"] == "ok"}
     missing = _missing(args, done) if args.model == "flux-dev" else []
-    tiny = args.model != "flux-dev"
-    reward = args.reward or ("brightness" if tiny else "pickscore")
-    config = {"model": args.model, "steps": args.steps, "batch_size_per_gpu": 1, "grad_accumulation": 1,
-              "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
-              "mixed_precision": args.mixed_precision or ("no" if tiny else "bf16"), "trainable_dtype": args.trainable_dtype,
-              "reward": "PickScore_v1 (CLIP ViT-H/14 shapes)" if reward == "pickscore" else reward,
-              "world_search": args.world_search, "world_sizes": args.world_sizes, "points_dir": os.path.relpath(points_dir, REPO_ROOT)}
+    config = _suite_config(args, points_dir)
     ok = [r for r in records if r["status"] == "ok"]
     summary = {"points": len(records), "ok": len(ok), "matrix_points_missing": len(missing),
                "max_plan_seconds": max((r["plan_seconds"] for r in ok), default=None),
                "max_plan_rss_gib": round(max((r["rss_peak_bytes"] for r in ok), default=0) / GIB, 2)}
     doc = ResultDoc("plan", machine_info(["plan", *argv]), config, records, summary)
-    notes = [
-        "Planned, not measured: leapalign.plan under FakeTensorMode (no GPU). peak_bytes is per GPU (per rank "
-        "for FSDP2); fits: per memory size with 1 GiB of CUDA context and 95 % allocator share deducted.",
-        "TFLOP/iter: one micro-batch (1 image) incl. the T-2 no-grad rollout steps, grad steps, backward, decode + "
-        "reward; roofline s/iter: max(FLOPs / dense bf16 peak, weight traffic / bandwidth) on an H100 SXM "
-        "(roofline_s in the JSON has every GPU of leapalign.training.gpus).",
-        "plan s / plan RSS: wall time and peak RSS of the planning process on this machine (shared, 2 cores).",
-        "FSDP2 ranks for 80 GB (full fine-tune only): smallest of --world-sizes whose per-rank peak fits; sizes whose "
-        "sharded state alone exceeds 80 GB are not planned (fsdp_search in the JSON).",
-    ]
-    late = [r for r in ok if r.get("peak_phase") in ("optimizer", "ema")]
-    if late:
-        held = max(r["breakdown"].get("activations", 0) for r in late)
-        notes.append(
-            f"{len(late)} point(s) peak in the optimizer step / EMA update, after backward, with up to {_gib(held)} GiB "
-            "still counted as activations: tensors the traced iteration keeps alive after backward. The same happens "
-            "in a real (non-fake) cpu-bench run traced by leapalign.training.plan_trace (~28 MiB of activations stay "
-            "alive after backward, held from C++, no Python referrer), so the planner's proof tests agree with it; "
-            "whether the trainer's own loop holds them too is not yet known. Until it is, these peaks are upper "
-            "bounds: the peak during backward is the lower figure to compare.")
-    if missing:
-        notes.append(f"Not planned in this run ({len(missing)} of {len(TRAIN_MODES) * len(RESOLUTIONS) * len(MATRIX_METHODS)} "
-                     f"matrix points): {', '.join(missing)}. Each FLUX.1-dev point takes minutes on this shared "
-                     f"2-core machine; rerun the command without --points/--methods/... to fill them in (finished "
-                     f"points are kept in {config['points_dir']}/ and skipped).")
+    notes = _notes(ok, missing, config)
     notes += args.note
     write_results(json_path, md_path, doc, COLUMNS, f"Planned FLUX.1-dev training memory and time ({args.model})", notes)
     png = plot_plan(records, os.path.splitext(json_path)[0] + ".png",
@@ -418,49 +429,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if png:
         print(f"wrote {png}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
-
-
-# --- the GPU suite's check of the planner (issue 14 item 6) -------------------------------------------
-
-#: How the GPU suite's FLUX.1-dev memory stage runs (``benchmarks.gpu_suite``: bf16 weights, no autocast,
-#: LoRA rank 16, T = 25, 512x512, no transformer checkpointing, a weightless reward): planned the same way.
-GPU_SUITE_PLAN = ["--model", "flux-dev", "--resolutions", "512", "--train-modes", "lora", "--lora-rank", "16",
-                  "--steps", "25", "--no-gradient-checkpointing", "--reward", "brightness", "--mixed-precision", "no",
-                  "--trainable-dtype", "bfloat16", "--no-world-search"]
-
-
-def gpu_suite_plan_argv(python: str, methods: Sequence[str], json_path: str, jobs: int) -> list[str]:
-    """The command that plans the GPU suite's FLUX.1-dev memory points (CPU only; run beside the GPU stages)."""
-    return [python, "-m", "benchmarks", "plan", *GPU_SUITE_PLAN, "--methods", *methods, "--jobs", str(jobs),
-            "--json", json_path]
-
-
-def pair_planned_measured(planned: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per measured point (``memory`` suite records, matched by method and T): planned next to measured.
-
-    Measured ``peak_allocated_bytes`` is CUDA's ``max_memory_allocated`` over objective forward + backward
-    (weights included, no optimiser step); planned ``peak_bytes`` is the planner's per-GPU peak of the whole
-    iteration (optimiser step, AdamW state and EMA included), so ``planned_peak_no_optimizer_bytes`` drops the
-    AdamW state and the EMA from it for the like-for-like ratio (an upper bound when the planned peak falls
-    in the optimiser step). Saved-for-backward bytes compare directly.
-    """
-    by_key = {(p["method"], p.get("steps")): p for p in planned if p.get("status") == "ok"}
-    rows = []
-    for m in measured:
-        p = by_key.get((m["method"], m.get("steps")))
-        row: dict[str, Any] = {"method": m["method"], "steps": m.get("steps"), "measured_status": m.get("status"),
-                               "planned": p is not None,
-                               "measured_saved_bytes": m.get("saved_bytes"),
-                               "measured_peak_bytes": m.get("peak_allocated_bytes", m.get("peak_bytes"))}
-        if p is not None:
-            row["planned_saved_bytes"] = p["saved_bytes"]
-            row["planned_peak_bytes"] = p["peak_bytes"]
-            held = sum(int(p.get("breakdown", {}).get(k, 0)) for k in ("optimizer", "ema"))
-            row["planned_peak_no_optimizer_bytes"] = p["peak_bytes"] - held
-            row["planned_peak_phase"] = p.get("peak_phase")
-            row["planned_fits_80gb"] = p.get("fits", {}).get(SEARCH_MEMORY)
-            for key, a, b in (("saved_ratio", "planned_saved_bytes", "measured_saved_bytes"),
-                              ("peak_ratio", "planned_peak_no_optimizer_bytes", "measured_peak_bytes")):
-                row[key] = round(row[a] / row[b], 4) if row.get(b) else None
-        rows.append(row)
-    return rows

@@ -8,7 +8,8 @@ import json
 import os
 
 from benchmarks.__main__ import main as bench_main
-from benchmarks.plan import fsdp_lower_bound, pair_planned_measured, point_key
+from benchmarks.gpu_suite import pair_planned_measured
+from benchmarks.plan import fsdp_lower_bound, point_key
 
 RECORD_KEYS = {"method", "resolution", "train_mode", "world_size", "peak_bytes", "flops", "roofline_s", "fits",
                "plan_seconds", "rss_peak_bytes", "status"}
