@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["SavedTensorCounter", "saved_tensor_bytes", "PeakMemory", "MemoryReport"]
 
@@ -32,7 +33,11 @@ def _is_parameter(t: torch.Tensor) -> bool:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """One key per live storage. Fake tensors (``leapalign plan``) all have data pointer 0, so they are
+    keyed by their storage object's address instead, unique while the storage lives (as the graph keeps it)."""
     storage = t.untyped_storage()
+    if isinstance(t, FakeTensor):
+        return ("fake:" + str(t.device), storage._cdata)
     return (str(t.device), storage.data_ptr())
 
 

@@ -75,3 +75,22 @@ def test_checkpoint_inputs_are_counted_instead_of_activations():
     assert counter.bytes == 4000  # the checkpoint's input x * 2 only
     y.sum().backward()
     assert torch.allclose(x.grad, 2 * torch.cos(2 * x) * torch.exp(torch.sin(2 * x)))
+
+
+def test_saved_bytes_count_fake_storages_once_each():
+    """Under FakeTensorMode every storage has data pointer 0: distinct storages must still count apart and
+    views of one storage once, so a fake run counts exactly what the same real run counts (``leapalign plan``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from leapalign.profiling import SavedTensorCounter
+
+    def saved(make) -> int:
+        a, b = make(64), make(32)
+        with SavedTensorCounter() as counter:
+            (a * b.repeat(2)).sum().add((a.view(8, 8) * a.view(8, 8).t()).sum())
+        return counter.bytes
+
+    real = saved(lambda n: torch.randn(n, requires_grad=True))
+    with FakeTensorMode():
+        fake = saved(lambda n: torch.randn(n, requires_grad=True))
+    assert real > 64 * 4 and fake == real, (fake, real)

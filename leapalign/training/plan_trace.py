@@ -2,7 +2,7 @@
 
 :func:`trace_iteration` runs the trainer's micro-batch (objective -> backward -> grad clip ->
 AdamW step -> EMA update) under ``MemTracker`` / ``FSDPMemTracker`` (bytes by category, peak),
-``FlopCounterMode`` (FLOPs) and :class:`StorageSavedCounter` (bytes saved for backward, as
+``FlopCounterMode`` (FLOPs) and :class:`leapalign.profiling.SavedTensorCounter` (bytes saved for backward, as
 :mod:`leapalign.profiling` counts them), and attributes every FLOP and the peak to a phase:
 
 ``rollout`` (no-grad velocity calls), ``grad_steps`` (grad-enabled velocity calls),
@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from leapalign.profiling import SavedTensorCounter
 
-__all__ = ["ConcreteScalars", "StorageSavedCounter", "IterationSetup", "Trace", "trace_iteration", "PHASES"]
+__all__ = ["ConcreteScalars", "IterationSetup", "Trace", "trace_iteration", "PHASES"]
 
 PHASES = ("rollout", "grad_steps", "decode_reward", "objective", "backward", "optimizer", "ema")
 
@@ -69,43 +69,6 @@ class ConcreteScalars(TorchDispatchMode):
             with unset_fake_temporarily():  # advance the real generator as the real draw would
                 func(*args, **kwargs)
         return func(*args, **kwargs)
-
-
-def _is_parameter(t: torch.Tensor) -> bool:
-    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
-
-
-class StorageSavedCounter(SavedTensorCounter):
-    """:class:`leapalign.profiling.SavedTensorCounter` that also counts fake tensors right.
-
-    The profiling counter keys storages by ``data_ptr()``, which is 0 for every fake storage (they
-    would all count as one). Here a fake tensor's storage is keyed by its identity (held weakly, so
-    nothing is kept alive that the real run would free); real tensors are counted as before.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        self._fake_seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._fake_bytes = 0
-
-    @property
-    def bytes(self) -> int:
-        return super().bytes + self._fake_bytes
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, FakeTensor):
-            return super()._pack(t)
-        self.count += 1
-        if not _is_parameter(t):
-            storage = t.untyped_storage()
-            if storage not in self._fake_seen:
-                nbytes = storage.nbytes()
-                self._fake_seen[storage] = nbytes
-                self._fake_bytes += nbytes
-                self.by_dtype[str(t.dtype).replace("torch.", "")] += nbytes
-        return t
 
 
 @dataclass
@@ -377,7 +340,7 @@ def trace_iteration(setup: IterationSetup, *, skip_nograd: bool = True) -> Trace
     rec = _Recorder(mem, flop_counter)
     model = _PlannedModel(setup.model, setup.network, rec, skip_nograd)
     reward = _PlannedReward(setup.reward, rec)
-    saved = StorageSavedCounter()
+    saved = SavedTensorCounter()
     wrapper = _Iteration()
     autocast = (torch.autocast(_device_type(setup), dtype=setup.autocast_dtype) if setup.autocast_dtype
                 else contextlib.nullcontext())
