@@ -342,10 +342,10 @@ def _suite_config(args: argparse.Namespace, points_dir: str) -> dict[str, Any]:
     tiny = args.model != "flux-dev"
     reward = args.reward or ("brightness" if tiny else "pickscore")
     return {"model": args.model, "steps": args.steps, "batch_size_per_gpu": 1, "grad_accumulation": 1,
-              "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
-              "mixed_precision": args.mixed_precision or ("no" if tiny else "bf16"), "trainable_dtype": args.trainable_dtype,
-              "reward": "PickScore_v1 (CLIP ViT-H/14 shapes)" if reward == "pickscore" else reward,
-              "world_search": args.world_search, "world_sizes": args.world_sizes, "points_dir": os.path.relpath(points_dir, REPO_ROOT)}
+            "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
+            "mixed_precision": args.mixed_precision or ("no" if tiny else "bf16"), "trainable_dtype": args.trainable_dtype,
+            "reward": "PickScore_v1 (CLIP ViT-H/14 shapes)" if reward == "pickscore" else reward,
+            "world_search": args.world_search, "world_sizes": args.world_sizes, "points_dir": os.path.relpath(points_dir, REPO_ROOT)}
 
 
 def _notes(ok: list[dict[str, Any]], missing: list[str], config: dict[str, Any]) -> list[str]:
