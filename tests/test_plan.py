@@ -67,8 +67,8 @@ class _Encoder:
                                         generator=torch.Generator().manual_seed(0))
 
 
-def _measured(cfg, spec_name: str):
-    """A real trainer's second micro-batch + step, every rollout step run, real tensors."""
+def _real_setup(cfg, spec_name: str) -> IterationSetup:
+    """A real trainer after one warm-up step, wired for its next micro-batch + step (real tensors)."""
     from leapalign import LeapAlignTrainer
     from leapalign.adapters.flux import FluxVelocityModel
     from leapalign.models.tiny_flux import tiny_flux_spec, tiny_flux_transformer, tiny_flux_vae
@@ -81,14 +81,37 @@ def _measured(cfg, spec_name: str):
         for p in trainer.params:
             p.grad = torch.zeros_like(p)
     prompts = trainer.micro_batch_prompts(1, 0)
-    setup = IterationSetup(
+    return IterationSetup(
         model=trainer._rollout_model, network=trainer.network, objective=trainer.objective, reward=trainer.reward,
         cond=trainer.prompt_encoder.encode(prompts), prompts=prompts, optimizer=trainer.optimizer, params=trainer.params,
         ema=trainer.ema, frozen=[model.vae], max_grad_norm=cfg.train_max_grad_norm,
         grad_accumulation=cfg.train_gradient_accumulation_steps, generator=trainer.micro_batch_generator(1, 0),
         autocast_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
     )
-    return trace_iteration(setup, skip_nograd=False)
+
+
+def _measured(cfg, spec_name: str):
+    """A real trainer's second micro-batch + step, every rollout step run, real tensors."""
+    return trace_iteration(_real_setup(cfg, spec_name), skip_nograd=False)
+
+
+def test_counting_flops_does_not_change_the_memory_measured():
+    """The FLOP counter must not keep tensors alive: torch's FlopCounterMode tracks modules with grad
+    hooks whose handles hold every module output until it exits (2.7x the true peak on cpu-bench)."""
+    from leapalign.training.plan_trace import _Iteration, _make_tracker, _optimizer_step
+
+    cfg = _config("cpu-bench", "leapalign", model_gradient_checkpointing=True)
+    setup = _real_setup(cfg, "cpu-bench")
+    mem = _make_tracker(setup)  # PyTorch's MemTracker, nothing else
+    with mem:
+        loss = _Iteration()(lambda: setup.objective(setup.model, setup.cond, setup.prompts, setup.reward,
+                                                    generator=setup.generator).loss)
+        loss.backward()
+        del loss
+        _optimizer_step(setup)
+    bare_peak = sum(dev["Total"] for dev in mem.get_tracker_snapshot("peak").values())
+    traced = _measured(cfg, "cpu-bench")
+    assert abs(traced.peak_bytes - bare_peak) <= 0.02 * bare_peak, (traced.peak_bytes, bare_peak)
 
 
 def _planned(cfg, spec_name: str):

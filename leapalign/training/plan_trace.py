@@ -327,16 +327,41 @@ def _optimizer_step(setup: IterationSetup) -> None:
     setup.optimizer.zero_grad(set_to_none=True)
 
 
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's module tracker: every FLOP counts under "Global" only.
+
+    ``torch.utils.module_tracker.ModuleTracker`` puts grad hooks on every module's inputs and
+    outputs and keeps their handles until the counter exits; a handle keeps its tensors alive, so
+    the tracked iteration held activations that a real run frees (measured on cpu-bench LoRA:
+    peak 45.6 MB with it, 16.9 MB without, and 16.9 MB under MemTracker alone). The plan needs
+    FLOPs per phase, never per module.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_NoModuleTracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _flop_counter() -> Any:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()
+    return counter
+
+
 def trace_iteration(setup: IterationSetup, *, skip_nograd: bool = True) -> Trace:
     """Run one micro-batch and optimiser step of ``setup`` under the trackers (see module docstring).
 
     With ``grad_accumulation > 1`` this is the last micro-batch of a step: the gradients of the
     earlier ones are already held (the caller allocates them), so the peak is the step's worst.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     mem = _make_tracker(setup)
-    flop_counter = FlopCounterMode(display=False)
+    flop_counter = _flop_counter()
     rec = _Recorder(mem, flop_counter)
     model = _PlannedModel(setup.model, setup.network, rec, skip_nograd)
     reward = _PlannedReward(setup.reward, rec)
