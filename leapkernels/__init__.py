@@ -17,6 +17,14 @@ from leapkernels.ops.modulated_layernorm import (
     modulated_layernorm,
     modulated_layernorm_reference,
 )
+from leapkernels.ops.swiglu import (
+    gated_swiglu_linear,
+    gated_swiglu_linear_reference,
+    swiglu,
+    swiglu_linear,
+    swiglu_linear_reference,
+    swiglu_reference,
+)
 from leapkernels.ops.qk_norm_rope import (
     linear_qk_norm_rope,
     linear_qk_norm_rope_reference,
@@ -52,6 +60,12 @@ __all__ = [
     "gated_linear_reference",
     "linear_qk_norm_rope",
     "linear_qk_norm_rope_reference",
+    "swiglu",
+    "swiglu_reference",
+    "swiglu_linear",
+    "swiglu_linear_reference",
+    "gated_swiglu_linear",
+    "gated_swiglu_linear_reference",
     "apply_leapkernels_to_flux",
     "revert_leapkernels",
     "is_patched",
