@@ -20,6 +20,9 @@ What differs from a GPU run, by construction (each said in the report's notes):
   convolutions and attention);
 - the no-grad rollout steps after the first are not run: each counts the first one's FLOPs and
   memory transient (a no-grad step keeps nothing, so its cost depends on shapes only);
+- naive BPTT (``full_backprop``, every step with grad) is planned at T = 3 and T = 4 and extrapolated
+  linearly to the configured T: each further step adds the same shapes, so bytes and FLOPs are
+  exactly linear in T (proven against full traces in ``tests/test_plan_extrapolation.py``);
 - AdamW runs its single-tensor implementation on fake tensors; on CUDA PyTorch defaults to the
   ``foreach`` one, whose step temporaries (one copy of the largest state list) this plan does not see.
 """
@@ -29,7 +32,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from leapalign.training.gpus import GPUS, gpu_named, usable_bytes
@@ -125,6 +128,41 @@ def _trace(cfg: Any, spec: ModelSpec, world_size: int, notes: list[str]):
             dist.destroy_process_group()
 
 
+#: Objectives whose every sampling step runs with grad, and the two step counts they are planned at.
+LINEAR_IN_STEPS = frozenset({"full_backprop"})
+EXTRAPOLATE_FROM = (3, 4)  # at T = 2 the peak falls at another moment of backward (measured on the tiny models)
+
+
+def _linear(a: Any, b: Any, t: int, t1: int, t2: int) -> Any:
+    """The value at ``t`` of the line through ``(t1, a)`` and ``(t2, b)``, for ints and dicts of ints (exact)."""
+    if isinstance(a, dict):
+        return {k: _linear(a.get(k, 0), b.get(k, 0), t, t1, t2) for k in {**a, **b}}
+    step, rem = divmod(b - a, t2 - t1)
+    if rem:
+        raise PlanError(f"not linear in T: {a} at T={t1}, {b} at T={t2}")
+    return b + (t - t2) * step
+
+
+def _trace_steps(cfg: Any, spec: ModelSpec, world_size: int, notes: list[str]):
+    """:func:`_trace`, or for objectives in :data:`LINEAR_IN_STEPS` two short traces extrapolated to T."""
+    steps = int(cfg.objective.get("num_steps", 25))
+    t1, t2 = EXTRAPOLATE_FROM
+    if cfg.objective_name not in LINEAR_IN_STEPS or steps <= t2:
+        return _trace(cfg, spec, world_size, notes)
+    short = [_trace(_changed(cfg, objective={**cfg.objective, "num_steps": n}), spec, world_size, [])
+             for n in (t1, t2)]
+    (a, _), (b, setup) = short
+    same_moment = a.peak_phase == b.peak_phase and all(
+        a.breakdown[k] == b.breakdown[k] for k in a.breakdown if k != "activations")
+    if not same_moment:  # only the held activations may grow with T; otherwise trace every step
+        notes.append("every step runs with grad: the short traces peaked at different moments, so all T steps were traced")
+        return _trace(cfg, spec, world_size, notes)
+    trace = replace(b, **{name: _linear(getattr(a, name), getattr(b, name), steps, t1, t2)
+                          for name in ("peak_bytes", "breakdown", "saved_bytes", "saved_by_dtype", "flops", "calls")})
+    notes.append(f"every step runs with grad: planned at T = {t1} and T = {t2}, extrapolated linearly to T = {steps}")
+    return trace, setup
+
+
 def _roofline(flops: int, traffic: int, steps: int) -> tuple[dict[str, float], dict[str, float]]:
     per_iteration = {name: max(flops / g.bf16_flops, traffic / g.bandwidth) for name, g in GPUS.items()}
     return per_iteration, {name: s * steps for name, s in per_iteration.items()}
@@ -133,7 +171,7 @@ def _roofline(flops: int, traffic: int, steps: int) -> tuple[dict[str, float], d
 def _plan_once(cfg: Any, spec: ModelSpec, gpu: str, world_size: int) -> PlanReport:
     start = time.perf_counter()
     notes = list(spec.notes)
-    trace, setup = _trace(cfg, spec, world_size, notes)
+    trace, setup = _trace_steps(cfg, spec, world_size, notes)
     accum = cfg.train_gradient_accumulation_steps
     calls = trace.calls
     passes = calls.get("nograd", 0) + calls.get("grad", 0) * (2 + int(cfg.model_gradient_checkpointing))
