@@ -149,9 +149,9 @@ def _trace_steps(cfg: Any, spec: ModelSpec, world_size: int, notes: list[str]):
     t1, t2 = EXTRAPOLATE_FROM
     if cfg.objective_name not in LINEAR_IN_STEPS or steps <= t2:
         return _trace(cfg, spec, world_size, notes)
-    short = [_trace(_changed(cfg, objective={**cfg.objective, "num_steps": n}), spec, world_size, [])
-             for n in (t1, t2)]
-    (a, _), (b, setup) = short
+    setup_notes: list[str] = []
+    (a, _), (b, setup) = (_trace(_changed(cfg, objective={**cfg.objective, "num_steps": n}), spec, world_size, out)
+                          for n, out in ((t1, []), (t2, setup_notes)))
     same_moment = a.peak_phase == b.peak_phase and all(
         a.breakdown[k] == b.breakdown[k] for k in a.breakdown if k != "activations")
     if not same_moment:  # only the held activations may grow with T; otherwise trace every step
@@ -159,6 +159,7 @@ def _trace_steps(cfg: Any, spec: ModelSpec, world_size: int, notes: list[str]):
         return _trace(cfg, spec, world_size, notes)
     trace = replace(b, **{name: _linear(getattr(a, name), getattr(b, name), steps, t1, t2)
                           for name in ("peak_bytes", "breakdown", "saved_bytes", "saved_by_dtype", "flops", "calls")})
+    notes.extend(setup_notes)
     notes.append(f"every step runs with grad: planned at T = {t1} and T = {t2}, extrapolated linearly to T = {steps}")
     return trace, setup
 
