@@ -362,14 +362,12 @@ def _notes(ok: list[dict[str, Any]], missing: list[str], config: dict[str, Any])
     ]
     late = [r for r in ok if r.get("peak_phase") in ("optimizer", "ema")]
     if late:
-        held = max(r["breakdown"].get("activations", 0) for r in late)
-        notes.append(
-            f"{len(late)} point(s) peak in the optimizer step / EMA update, after backward, with up to {_gib(held)} GiB "
-            "still counted as activations: tensors the traced iteration keeps alive after backward. The same happens "
-            "in a real (non-fake) cpu-bench run traced by leapalign.training.plan_trace (~28 MiB of activations stay "
-            "alive after backward, held from C++, no Python referrer), so the planner's proof tests agree with it; "
-            "whether the trainer's own loop holds them too is not yet known. Until it is, these peaks are upper "
-            "bounds: the peak during backward is the lower figure to compare.")
+        notes.append(f"{len(late)} point(s) peak in the optimizer step / EMA update, after backward: what is held then "
+                     "(weights, gradients, AdamW state, EMA, the step's temporaries) is more than backward's peak.")
+    if any(r["method"].startswith("bptt") for r in ok):
+        notes.append("bptt / bptt_ckpt (every step with grad) are planned at T = 3 and T = 4 and extrapolated linearly "
+                     "to T (leapalign.training.plan.EXTRAPOLATE_FROM; exact against full traces: "
+                     "tests/test_plan_extrapolation.py).")
     if missing:
         notes.append(f"Not planned in this run ({len(missing)} of {len(TRAIN_MODES) * len(RESOLUTIONS) * len(MATRIX_METHODS)} "
                      f"matrix points): {', '.join(missing)}. Each FLUX.1-dev point takes minutes on this shared "
