@@ -5,7 +5,7 @@ and recomputes intermediates, and a plain-PyTorch ``*_reference`` that tests use
 Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|native|auto``).
 """
 from leapkernels.backend import BackendUnavailableError, force_backend, select_backend
-from leapkernels.flux import FluxPatchOptions, apply_leapkernels_to_flux, is_patched, revert_leapkernels
+from leapkernels.flux import FluxPatchOptions, apply_leapkernels_to_flux
 from leapkernels.ops.gated_linear import gated_linear, gated_linear_reference
 from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
 from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
@@ -30,6 +30,14 @@ from leapkernels.ops.qk_norm_rope import (
     linear_qk_norm_rope_reference,
     qk_norm_rope,
     qk_norm_rope_reference,
+)
+from leapkernels.patch import (
+    UnsupportedModelError,
+    apply_leapkernels,
+    is_patched,
+    patch_options,
+    revert_leapkernels,
+    supported_models,
 )
 from leapkernels import native  # noqa: E402  (after the ops: native joins their registry)
 
@@ -66,8 +74,12 @@ __all__ = [
     "swiglu_linear_reference",
     "gated_swiglu_linear",
     "gated_swiglu_linear_reference",
-    "apply_leapkernels_to_flux",
+    "apply_leapkernels",
     "revert_leapkernels",
     "is_patched",
+    "patch_options",
+    "supported_models",
+    "UnsupportedModelError",
+    "apply_leapkernels_to_flux",
     "FluxPatchOptions",
 ]

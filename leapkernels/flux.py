@@ -31,33 +31,33 @@ unless the caller opts in with ``allow_unverified_diffusers=True`` (then a warni
 """
 from __future__ import annotations
 
-import types
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from leapkernels.ops.gated_linear import gated_linear
-from leapkernels.ops.gated_residual import gated_residual
-from leapkernels.ops.gelu import gelu_linear, gelu_tanh
-from leapkernels.ops.modulated_layernorm import ada_layernorm_continuous, modulated_layernorm
-from leapkernels.flux_attention import LeapFluxAttnProcessor, plain_linear, same_dtype_device
+from leapkernels.flux_attention import LeapFluxAttnProcessor
+from leapkernels.fusions import (
+    OPTIONS,
+    VERIFIED_DIFFUSERS,
+    UnverifiedDiffusersError,
+    ada_continuous_forward,
+    branch_out,
+    check_ada_continuous,
+    check_diffusers_version,
+    gate,
+    gelu_feed_forward_residual,
+    modulate,
+    restore,
+    swap_forward,
+    swap_processor,
+)
 
-VERIFIED_DIFFUSERS = SpecifierSet(">=0.42.1,<0.43")
-"""diffusers releases whose Flux blocks the patched forwards were checked against (0.42.1 is what
-CI installs and the parity tests run on; setup.py pins the same range)."""
-
-_OPTIONS = "_leapkernels_options"
-
-
-class UnverifiedDiffusersError(RuntimeError):
-    """The installed diffusers is not one the patched Flux forwards were verified against."""
-_ORIGINAL_PROCESSOR = "_leapkernels_original_processor"
+__all__ = [
+    "FluxPatchOptions", "apply_leapkernels_to_flux", "revert_leapkernels", "is_patched", "patch_options",
+    "check_diffusers_version", "VERIFIED_DIFFUSERS", "UnverifiedDiffusersError",
+]
 
 
 @dataclass(frozen=True)
@@ -73,71 +73,22 @@ class FluxPatchOptions:
 
 # ----------------------------------------------------------------------------- shared pieces
 def _modulate(opts: FluxPatchOptions, norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    if opts.modulated_layernorm and same_dtype_device(x, scale, shift):
-        return modulated_layernorm(x, scale, shift, norm.eps)
-    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return modulate(opts.modulated_layernorm, norm, x, scale, shift)
 
 
-def _gate(opts: FluxPatchOptions, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if opts.gated_residual and same_dtype_device(x, gate, y) and x.shape == y.shape:
-        return gated_residual(x, gate, y)
-    return x + gate.unsqueeze(1) * y
+def _gate(opts: FluxPatchOptions, x: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gate(opts.gated_residual, x, g, y)
 
 
-def _inactive(dropout: nn.Module | None) -> bool:
-    return dropout is None or not dropout.training or dropout.p == 0
+def _branch_out(opts: FluxPatchOptions, residual: torch.Tensor, g: torch.Tensor, x: torch.Tensor, linear: nn.Module, *,
+                gelu: bool = False, **kwargs: Any) -> torch.Tensor:
+    """``residual + g * linear(cat([prefix, gelu?(x)]))`` as fused as the switches allow (`fusions.branch_out`)."""
+    return branch_out(opts.gated_residual, opts.gelu, residual, g, x, linear, act="gelu" if gelu else None, **kwargs)
 
 
-def _branch_out(
-    opts: FluxPatchOptions,
-    residual: torch.Tensor,
-    gate: torch.Tensor,
-    x: torch.Tensor,
-    linear: nn.Module,
-    *,
-    gelu: bool = False,
-    prefix: torch.Tensor | None = None,
-    dropout: nn.Module | None = None,
-    dropout_after: nn.Module | None = None,
-) -> torch.Tensor:
-    """``residual + gate * dropout_after(linear(cat([prefix, dropout(gelu?(x))])))``, as fused as allowed.
-
-    Plain Linear + gated_residual on: one `gated_linear` (saves neither GELU's output nor the
-    projection's). Otherwise `gelu_linear` (GELU + projection), else module calls; then the gate.
-    """
-    operands = (x, linear.weight) + ((prefix,) if prefix is not None else ())
-    fusable = plain_linear(linear) and _inactive(dropout) and _inactive(dropout_after) and same_dtype_device(*operands)
-    if opts.gated_residual and fusable and same_dtype_device(residual, gate, x) and residual.shape[:2] == x.shape[:2]:
-        if gelu and not opts.gelu:
-            x, gelu = F.gelu(x, approximate="tanh"), False
-        return gated_linear(residual, gate, x, linear.weight, linear.bias, prefix, gelu)
-    if gelu and opts.gelu and fusable:
-        y = gelu_linear(x, linear.weight, linear.bias, prefix)
-    else:
-        a = (gelu_tanh(x) if opts.gelu else F.gelu(x, approximate="tanh")) if gelu else x
-        if dropout is not None:
-            a = dropout(a)
-        if prefix is not None:
-            a = torch.cat([prefix, a], dim=-1)
-        y = linear(a.contiguous())
-        if dropout_after is not None:
-            y = dropout_after(y)
-    return _gate(opts, residual, gate, y)
-
-
-def _feed_forward_residual(opts: FluxPatchOptions, ff: nn.Module, residual: torch.Tensor, gate: torch.Tensor,
+def _feed_forward_residual(opts: FluxPatchOptions, ff: nn.Module, residual: torch.Tensor, g: torch.Tensor,
                            x: torch.Tensor) -> torch.Tensor:
-    """``residual + gate * FeedForward(x)`` for diffusers' tanh-GELU FeedForward
-    (net = [GELU(proj), Dropout, Linear] + optional extras, which are then called as modules)."""
-    net = ff.net
-    h = net[0].proj(x)
-    if len(net) == 3:
-        return _branch_out(opts, residual, gate, h, net[2], gelu=True, dropout=net[1])
-    a = gelu_tanh(h) if opts.gelu else F.gelu(h, approximate="tanh")
-    out = net[2](net[1](a))
-    for module in net[3:]:
-        out = module(out)
-    return _gate(opts, residual, gate, out)
+    return gelu_feed_forward_residual(opts.gated_residual, opts.gelu, ff, residual, g, x)
 
 
 def _ada_zero(opts: FluxPatchOptions, norm: nn.Module, x: torch.Tensor, temb: torch.Tensor, chunks: int):
@@ -156,7 +107,7 @@ def _double_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_
                           temb: torch.Tensor, image_rotary_emb: Rope = None,
                           joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' FluxTransformerBlock.forward (0.42), with the fused ops switched in."""
-    opts: FluxPatchOptions = getattr(self, _OPTIONS)
+    opts: FluxPatchOptions = getattr(self, OPTIONS)
     norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero(opts, self.norm1, hidden_states, temb, 6)
     norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _ada_zero(
         opts, self.norm1_context, encoder_hidden_states, temb, 6
@@ -204,7 +155,7 @@ def _single_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_
                           temb: torch.Tensor, image_rotary_emb: Rope = None,
                           joint_attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' FluxSingleTransformerBlock.forward (0.42), with the fused ops switched in."""
-    opts: FluxPatchOptions = getattr(self, _OPTIONS)
+    opts: FluxPatchOptions = getattr(self, OPTIONS)
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
@@ -219,19 +170,9 @@ def _single_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_
     return encoder_hidden_states, hidden_states
 
 
-def _norm_out_forward(self: nn.Module, x: torch.Tensor, conditioning_embedding: torch.Tensor) -> torch.Tensor:
-    """diffusers' AdaLayerNormContinuous.forward: chunk order (scale, shift)."""
-    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
-    if same_dtype_device(x, emb):
-        return ada_layernorm_continuous(x, emb, self.norm.eps)
-    scale, shift = torch.chunk(emb, 2, dim=1)
-    return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
-
-
 # ----------------------------------------------------------------------------- apply / revert
 def _check_flux(transformer: nn.Module) -> None:
     from diffusers.models.activations import GELU
-    from diffusers.models.normalization import AdaLayerNormContinuous
 
     for name in ("transformer_blocks", "single_transformer_blocks", "norm_out"):
         if not hasattr(transformer, name):
@@ -253,42 +194,16 @@ def _check_flux(transformer: nn.Module) -> None:
             raise NotImplementedError(f"single_transformer_blocks.{i}.act_mlp is not a tanh GELU")
         if not isinstance(block.norm.norm, nn.LayerNorm) or block.norm.norm.weight is not None:
             raise NotImplementedError(f"single_transformer_blocks.{i}.norm is not an affine-free LayerNorm AdaLN-Zero")
-    norm_out = transformer.norm_out
-    if not isinstance(norm_out, AdaLayerNormContinuous) or not isinstance(norm_out.norm, nn.LayerNorm) \
-            or norm_out.norm.weight is not None:
-        raise NotImplementedError("norm_out is not an affine-free LayerNorm AdaLayerNormContinuous")
+    check_ada_continuous(transformer.norm_out, "norm_out")
 
 
-def check_diffusers_version(allow_unverified: bool = False) -> str:
-    """The installed diffusers version; raises `UnverifiedDiffusersError` unless it is in
-    `VERIFIED_DIFFUSERS` (with ``allow_unverified``: warns instead)."""
-    import diffusers
-
-    installed = diffusers.__version__
-    try:
-        verified = Version(installed) in VERIFIED_DIFFUSERS
-    except InvalidVersion:
-        verified = False
-    if verified:
-        return installed
-    what = (
-        f"leapkernels' patched Flux block forwards are copies of diffusers' code verified against diffusers "
-        f"{VERIFIED_DIFFUSERS}, but diffusers {installed} is installed: if its Flux blocks changed, the patched "
-        "model computes something else, silently"
-    )
-    if not allow_unverified:
-        raise UnverifiedDiffusersError(
-            f"{what}. Install diffusers{VERIFIED_DIFFUSERS}, or pass allow_unverified_diffusers=True to patch anyway "
-            "(then run tests/kernels/test_flux_patch.py against this diffusers)"
-        )
-    warnings.warn(f"{what}; patching anyway (allow_unverified_diffusers=True)", UserWarning, stacklevel=3)
-    return installed
+def _blocks(transformer: nn.Module) -> list[nn.Module]:
+    return list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
 
 
 def is_patched(transformer: nn.Module) -> bool:
     """Whether `apply_leapkernels_to_flux` is in effect on ``transformer``."""
-    blocks = list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
-    return any(hasattr(b, _OPTIONS) for b in blocks)
+    return any(hasattr(b, OPTIONS) for b in _blocks(transformer))
 
 
 def apply_leapkernels_to_flux(
@@ -319,43 +234,27 @@ def apply_leapkernels_to_flux(
         revert_leapkernels(transformer)
     opts = FluxPatchOptions(modulated_layernorm, gated_residual, qk_norm_rope, gelu, norm_out)
     for block in transformer.transformer_blocks:
-        setattr(block, _OPTIONS, opts)
-        block.forward = types.MethodType(_double_block_forward, block)
+        swap_forward(block, _double_block_forward, opts)
     for block in transformer.single_transformer_blocks:
-        setattr(block, _OPTIONS, opts)
-        block.forward = types.MethodType(_single_block_forward, block)
+        swap_forward(block, _single_block_forward, opts)
     if qk_norm_rope or gated_residual:
-        for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-            original = block.attn.processor
-            if type(original) is not FluxAttnProcessor:
-                continue  # IP-adapter and custom processors keep their own q/k path
-            processor = LeapFluxAttnProcessor(fuse_qk=qk_norm_rope)
-            processor._attention_backend = original._attention_backend
-            processor._parallel_config = original._parallel_config
-            setattr(block.attn, _ORIGINAL_PROCESSOR, original)
-            block.attn.processor = processor
+        for block in _blocks(transformer):
+            if type(block.attn.processor) is FluxAttnProcessor:  # IP-adapter and custom processors keep their own path
+                swap_processor(block.attn, LeapFluxAttnProcessor(fuse_qk=qk_norm_rope))
     if norm_out:
-        setattr(transformer.norm_out, _OPTIONS, opts)
-        transformer.norm_out.forward = types.MethodType(_norm_out_forward, transformer.norm_out)
+        swap_forward(transformer.norm_out, ada_continuous_forward, opts)
     return opts
 
 
 def revert_leapkernels(transformer: nn.Module) -> None:
     """Undo `apply_leapkernels_to_flux`: original forwards and processors, bit-identical outputs."""
-    modules = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks) + [transformer.norm_out]
-    for module in modules:
-        if hasattr(module, _OPTIONS):
-            delattr(module, _OPTIONS)
-            module.__dict__.pop("forward", None)
-        attn = getattr(module, "attn", None)
-        if attn is not None and hasattr(attn, _ORIGINAL_PROCESSOR):
-            attn.processor = getattr(attn, _ORIGINAL_PROCESSOR)
-            delattr(attn, _ORIGINAL_PROCESSOR)
+    blocks = _blocks(transformer)
+    restore(blocks + [b.attn for b in blocks] + [transformer.norm_out])
 
 
 def patch_options(transformer: nn.Module) -> dict[str, bool] | None:
     """The switches in effect on a patched ``transformer`` (``None`` if unpatched)."""
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        if hasattr(block, _OPTIONS):
-            return asdict(getattr(block, _OPTIONS))
+    for block in _blocks(transformer):
+        if hasattr(block, OPTIONS):
+            return asdict(getattr(block, OPTIONS))
     return None

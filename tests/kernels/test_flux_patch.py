@@ -169,14 +169,14 @@ def test_apply_rejects_a_non_flux_module():
 def test_norm_out_runs_ada_layernorm_continuous(monkeypatch):
     """norm_out alone: the final AdaLayerNormContinuous goes through the fused op (once per forward),
     matches the unpatched model in output and gradients, and reverts bit for bit."""
-    import leapkernels.flux as lkflux
+    import leapkernels.fusions as fusions
 
     model, inputs = _model("tiny")
     cot = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     before = _run(model, inputs, torch.float32, cot)
     calls = []
-    fused = lkflux.ada_layernorm_continuous
-    monkeypatch.setattr(lkflux, "ada_layernorm_continuous", lambda *a: calls.append(1) or fused(*a))
+    fused = fusions.ada_layernorm_continuous
+    monkeypatch.setattr(fusions, "ada_layernorm_continuous", lambda *a: calls.append(1) or fused(*a))
     names = ["modulated_layernorm", "gated_residual", "qk_norm_rope", "gelu"]
     apply_leapkernels_to_flux(model, **{n: False for n in names}, norm_out=True)
     patched = _run(model, inputs, torch.float32, cot)
