@@ -32,7 +32,7 @@ def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice):
     return (rope[0][rows], rope[1][rows]) if rope is not None else (None, None)
 
 
-def _norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
+def norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
     """``apply_rotary_emb(norm(x), rope[rows])`` fused (RMSNorm + interleaved RoPE)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
@@ -55,7 +55,7 @@ def _project_norm_rope(proj: nn.Module, norm: nn.Module, x: torch.Tensor, head_d
             and (cos is None or (cos.device == x.device and cos.shape[0] == x.shape[1]))):
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         return linear_qk_norm_rope(x, proj.weight, proj.bias, weight, cos, sin, eps, head_dim)
-    return _norm_rope(norm, proj(x).unflatten(-1, (-1, head_dim)), rope, rows)
+    return norm_rope(norm, proj(x).unflatten(-1, (-1, head_dim)), rope, rows)
 
 
 def _fused_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
@@ -77,13 +77,16 @@ def _fused_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_stat
 
 
 def _diffusers_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                   rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as heads by diffusers' own q/k path (FluxAttnProcessor, 0.42)."""
+                   rope: tuple[torch.Tensor, torch.Tensor] | None, projections=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as heads by diffusers' own q/k path (FluxAttnProcessor / Flux2AttnProcessor, 0.42);
+    ``projections``: the model module's ``_get_qkv_projections`` (FLUX.1's by default)."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    if projections is None:
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections as projections
 
     hd = attn.head_dim
-    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+    query, key, value, encoder_query, encoder_key, encoder_value = projections(
         attn, hidden_states, encoder_hidden_states
     )
     query, key, value = (t.unflatten(-1, (-1, hd)) for t in (query, key, value))
@@ -105,13 +108,17 @@ class LeapFluxAttnProcessor:
     """diffusers' FluxAttnProcessor (0.42) with the q/k path fused (projection + RMSNorm + RoPE,
     when ``fuse_qk``); attention still goes through ``dispatch_attention_fn`` with this processor's
     backend. ``leap_defer_out_projection=True`` (joint attention only) returns the attention output
-    before ``to_out`` / ``to_add_out`` so the block can fuse them with its gated residual."""
+    before ``to_out`` / ``to_add_out`` so the block can fuse them with its gated residual.
+
+    FLUX.2's double-block ``Flux2AttnProcessor`` is the same computation on a module with the same
+    attributes; ``projections`` is then FLUX.2's ``_get_qkv_projections`` (the unfused path)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, fuse_qk: bool = True) -> None:
+    def __init__(self, fuse_qk: bool = True, projections=None) -> None:
         self.fuse_qk = fuse_qk
+        self.projections = projections
 
     def __call__(
         self,
@@ -127,7 +134,7 @@ class LeapFluxAttnProcessor:
         if self.fuse_qk and not attn.fused_projections:
             query, key, value = _fused_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         else:
-            query, key, value = _diffusers_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            query, key, value = _diffusers_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.projections)
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
