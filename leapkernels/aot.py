@@ -127,10 +127,30 @@ def _stream_cases(dt, width: int, batch: int, tokens: int) -> list[tuple[str, Ca
     ]
 
 
-def launch_cases(dt, width: int, batch: int = 1, tokens: int = 4096) -> list[tuple[str, Callable]]:
+def _swiglu_cases(dt, width: int, batch: int, tokens: int) -> list[tuple[str, Callable]]:
+    """SwiGLU on FLUX.2's MLP pre-activation (2 x 3 x width), contiguous (double blocks) and as the
+    MLP half of the single blocks' fused projection (row stride 9 x width)."""
+    hidden = 3 * width
+    h = _meta(batch * tokens, 2 * hidden, dtype=dt)
+    fused = _meta(batch * tokens, 3 * width + 2 * hidden, dtype=dt)[:, 3 * width:]
+    da = _meta(batch * tokens, hidden, dtype=dt)
+    sw = _kernels("swiglu")
+    return [
+        ("swiglu.fwd", lambda: sw.forward(h)),
+        ("swiglu.bwd", lambda: sw.backward(da, h)),
+        ("swiglu.fwd strided", lambda: sw.forward(fused)),
+        ("swiglu.bwd strided", lambda: sw.backward(da, fused)),
+    ]
+
+
+CASES = {"row": _row_cases, "head": _head_cases, "stream": _stream_cases, "swiglu": _swiglu_cases}
+"""Launch-case families: every kernel of every op belongs to one."""
+
+
+def launch_cases(dt, width: int, batch: int = 1, tokens: int = 4096, families=tuple(CASES)) -> list[tuple[str, Callable]]:
     """Every kernel and constexpr branch at FLUX.1-dev's shapes (1024 x 1024: 4,096 image tokens),
-    model width ``width`` (FLUX.1-dev: 3,072, heads of 128)."""
-    return _row_cases(dt, width, batch, tokens) + _head_cases(dt, width, batch, tokens) + _stream_cases(dt, width, batch, tokens)
+    model width ``width`` (FLUX.1-dev: 3,072, heads of 128); ``families``: a subset of `CASES`."""
+    return [case for name in families for case in CASES[name](dt, width, batch, tokens)]
 
 
 # ----------------------------------------------------------------------------- record, then compile
@@ -276,13 +296,13 @@ def _spec_key(launch: Launch, arch: int) -> tuple:
     return (launch.kernel.__name__, arch, tuple(parts), tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())))
 
 
-def record_matrix(dtypes, widths, batch: int = 1, tokens: int = 4096) -> list[tuple[str, int, Launch]]:
+def record_matrix(dtypes, widths, batch: int = 1, tokens: int = 4096, families=tuple(CASES)) -> list[tuple[str, int, Launch]]:
     """``(dtype name, width, launch)`` for every launch of every case."""
     out = []
     for dname in dtypes:
         for width in widths:
             with recording() as launches:
-                for case, call in launch_cases(DTYPES[dname], width, batch, tokens):
+                for case, call in launch_cases(DTYPES[dname], width, batch, tokens, families):
                     n = len(launches)
                     call()
                     for launch in launches[n:]:
@@ -299,13 +319,14 @@ def _compile_task(i: int) -> Variant:
     return compile_launch(launch, arch, v)
 
 
-def run_matrix(archs=(90,), dtypes=("bf16",), widths=(3072,), jobs: int = 1, batch: int = 1, tokens: int = 4096) -> list[Variant]:
-    """Record every launch of every case, compile each distinct specialisation once per arch (in
-    ``jobs`` forked workers), and return one `Variant` per (launch, arch)."""
+def run_matrix(archs=(90,), dtypes=("bf16",), widths=(3072,), jobs: int = 1, batch: int = 1, tokens: int = 4096,
+               families=tuple(CASES)) -> list[Variant]:
+    """Record every launch of every case (of ``families``), compile each distinct specialisation once
+    per arch (in ``jobs`` forked workers), and return one `Variant` per (launch, arch)."""
     from triton import knobs
 
     knobs.cache.dir = tempfile.mkdtemp(prefix="leapkernels-aot-")  # a fresh cache: every variant compiles
-    records = record_matrix(dtypes, widths, batch, tokens)
+    records = record_matrix(dtypes, widths, batch, tokens, families)
     unique: dict[tuple, int] = {}
     owners = []
     _TASKS.clear()
