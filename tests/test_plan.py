@@ -166,7 +166,7 @@ def test_model_folder_without_config_json_is_an_error(tmp_path):
 
 def test_unplannable_architecture_is_an_error(tmp_path):
     (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "HunyuanDiT2DModel"}')
     with pytest.raises(PlanError, match="cannot be planned"):
         model_spec(str(tmp_path))
 

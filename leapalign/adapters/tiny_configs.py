@@ -37,6 +37,8 @@ __all__ = [
     "flux2_scheduler",
     "sd3_scheduler",
     "byte_level_vocab",
+    "tiny_transformer_config",
+    "tiny_vae_config",
 ]
 
 FLUX2_VARIANTS = ("dev", "klein", "klein-distilled")
@@ -60,6 +62,22 @@ _FLUX2_VAE = dict(
     _ONE_LEVEL_VAE, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), latent_channels=1
 )
 _SD3_VAE = dict(_ONE_LEVEL_VAE, latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_transformer_config(family: str, variant: str = "klein") -> dict[str, Any]:
+    """The tiny transformer's diffusers config (``family``: ``"flux2"`` with a FLUX.2 ``variant``, or ``"sd3"``)."""
+    if family == "sd3":
+        return dict(_SD3_TRANSFORMER)
+    if family != "flux2" or variant not in FLUX2_VARIANTS:
+        raise ValueError(f"no tiny config for family={family!r}, variant={variant!r}; expected sd3 or flux2 with {FLUX2_VARIANTS}")
+    return dict(_FLUX2_TRANSFORMER, guidance_embeds=variant == "dev")
+
+
+def tiny_vae_config(family: str) -> dict[str, Any]:
+    """The tiny VAE's diffusers config (``AutoencoderKLFlux2`` for ``"flux2"``, ``AutoencoderKL`` for ``"sd3"``)."""
+    if family not in ("flux2", "sd3"):
+        raise ValueError(f"no tiny VAE config for family={family!r}; expected flux2 or sd3")
+    return dict(_FLUX2_VAE if family == "flux2" else _SD3_VAE)
 
 
 def _seeded_init(module: torch.nn.Module, seed: int) -> None:

@@ -1,26 +1,28 @@
 """Build a config's models from their configs and wire them as the trainer does, for one traced step.
 
 :func:`build_setup` runs inside the caller's ``FakeTensorMode`` (or on real tensors, for the proof
-tests) and returns an :class:`~leapalign.training.plan_trace.IterationSetup`: the adapter over the
-transformer and VAE, the trainable weights (peft LoRA on the configured targets, or the full
-transformer) in ``train_trainable_dtype``, diffusers gradient checkpointing, the leapkernels patch,
-FSDP2 ``fully_shard`` per block then the root (with the trainer's mixed-precision policy), the
-objective with the reward's hinge, AdamW with its state already allocated (an iteration in steady
-state) and the EMA.
+tests) and returns an :class:`~leapalign.training.plan_trace.IterationSetup`. The models are the
+spec's family's (FLUX.1, FLUX.2, SD3: transformer, VAE and adapter built from their configs); the
+wiring is the trainer's own, :mod:`leapalign.training.wiring`: ``setup_trainable`` (freeze, peft
+LoRA on the family's targets or the full transformer, ``train_trainable_dtype``, VAE freeze and
+checkpointing), ``apply_leapkernels``, ``apply_fsdp`` (per block then the root, the trainer's
+mixed-precision policy), ``build_objective`` (the reward's hinge as lambda), ``make_optimizer``
+(AdamW, its state allocated as after one step: an iteration in steady state) and ``make_ema``.
+Only the reward differs: weightless models built from their configs (the trainer loads weights).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from leapalign.training import wiring
 from leapalign.training.plan_models import ModelSpec, PlanError, clip_vit_h14_config
 from leapalign.training.plan_trace import IterationSetup
 
-__all__ = ["build_setup", "default_dtype", "flux_is_patchable"]
+__all__ = ["build_setup", "default_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,77 +38,36 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def flux_is_patchable(net: Any) -> bool:
-    return hasattr(net, "transformer_blocks") and hasattr(net, "single_transformer_blocks")
-
-
 def _build_adapter(cfg: Any, spec: ModelSpec) -> Any:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    """The spec's family's transformer and VAE on the meta device, wrapped as the trainer wraps them."""
+    import diffusers
 
-    from leapalign.adapters.flux import FluxVelocityModel
+    from leapalign.adapters.families import family_named
 
+    family = family_named(spec.family)
     with torch.device("meta"), default_dtype(_DTYPES[cfg.model_dtype]):
-        transformer = FluxTransformer2DModel.from_config(dict(spec.transformer))
-        vae = AutoencoderKL.from_config(dict(spec.vae)) if spec.vae is not None else None
+        transformer = getattr(diffusers, family.transformer).from_config(dict(spec.transformer))
+        vae = getattr(diffusers, family.vae).from_config(dict(spec.vae)) if spec.vae is not None else None
     transformer.eval()
     if vae is not None:
         vae.eval()
+    kwargs = wiring.adapter_kwargs(cfg)
+    if family.name == "flux2":  # klein base: classifier-free guidance, as Flux2VelocityModel.from_pipeline decides
+        kwargs["cfg"] = spec.pipeline == "Flux2KleinPipeline" and not spec.distilled
     try:
-        return FluxVelocityModel(transformer, vae=vae, height=cfg.model_height, width=cfg.model_width,
-                                 guidance=cfg.model_guidance, gradient_checkpointing=cfg.model_gradient_checkpointing)
+        return family.adapter_class()(transformer, vae=vae, **kwargs)
     except ValueError as exc:
         raise PlanError(f"{spec.name}: {exc}") from exc
 
 
-def _setup_trainable(cfg: Any, model: Any) -> list[nn.Parameter]:
-    """The trainer's freeze / LoRA / cast, and the VAE's freeze and checkpointing."""
-    dtype = _DTYPES[cfg.train_trainable_dtype]
-    net = model.transformer
-    if cfg.train_mode == "lora":
-        from peft import LoraConfig
-
-        net.requires_grad_(False)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-                          lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
-                          target_modules=list(cfg.lora_target_modules))
-        try:
-            net.add_adapter(lora)
-        except ValueError as exc:
-            raise PlanError(f"lora_target_modules={cfg.lora_target_modules} do not fit the model: {exc}") from exc
-    else:
-        net.requires_grad_(True)
-    params = [p for p in net.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.to(dtype)
-    if model.vae is not None:
-        model.vae.requires_grad_(False)
-        if cfg.model_vae_gradient_checkpointing:
-            model.vae.enable_gradient_checkpointing()
-    return params
-
-
-def _apply_fsdp(cfg: Any, net: nn.Module) -> None:
-    """The trainer's FSDP2: ``fully_shard`` every block, then the root, over all ranks.
-
-    The 1-D mesh over the process group (what ``fully_shard`` builds by default) is built on real
-    tensors first: its construction reads rank coordinates back, which fake tensors cannot answer.
-    """
+def _mesh() -> Any:
+    """The 1-D mesh over the process group that ``fully_shard`` builds by default, built on real
+    tensors: its construction reads rank coordinates back, which fake tensors cannot answer."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     with unset_fake_temporarily():
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-
-    dtypes = {p.dtype for p in net.parameters()}
-    param_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    if param_dtype is None and len(dtypes) > 1:
-        param_dtype = _DTYPES[cfg.model_dtype]
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(net, name, None) or []:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(net, mesh=mesh, mp_policy=mp)
+        return init_device_mesh("cpu", (torch.distributed.get_world_size(),))
 
 
 def _clip_reward(config: dict[str, Any], dtype: torch.dtype, checkpointing: bool, prompts: Sequence[str],
@@ -186,29 +147,25 @@ def _build_reward(cfg: Any, prompts: Sequence[str], notes: list[str]) -> tuple[A
     return CompositeReward(terms), modules
 
 
-def _objective(cfg: Any, reward: Any) -> Any:
-    """The trainer's objective: ``build_objective`` with the composite reward's hinge as lambda."""
-    from leapalign.objectives import build_objective
-
-    kwargs = dict(cfg.objective)
-    hinge = getattr(reward, "hinge", None)
-    if hinge is not None:
-        given = kwargs.get("hinge_lambda")
-        if given is not None and not math.isclose(float(given), hinge):
-            raise PlanError(f"objective.hinge_lambda={given} conflicts with the reward hinges (sum {hinge})")
-        kwargs["hinge_lambda"] = hinge
-    try:
-        return build_objective(cfg.objective_name, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"objective_name={cfg.objective_name!r} / objective={kwargs}: {exc}") from exc
-
-
-def _conditioning(model: Any, batch: int, text_len: int, dtype: torch.dtype) -> Any:
-    from leapalign.adapters.flux import FluxConditioning
-
+def _conditioning(model: Any, spec: ModelSpec, batch: int, dtype: torch.dtype) -> Any:
+    """Empty prompt embeddings of the shapes the family's text path produces (negatives when CFG is on)."""
     tcfg = model.transformer.config
-    return FluxConditioning(torch.empty(batch, text_len, tcfg.joint_attention_dim, dtype=dtype),
-                            torch.empty(batch, tcfg.pooled_projection_dim, dtype=dtype))
+    if spec.family == "flux":
+        from leapalign.adapters.flux import FluxConditioning
+
+        return FluxConditioning(torch.empty(batch, spec.text_len, tcfg.joint_attention_dim, dtype=dtype),
+                                torch.empty(batch, tcfg.pooled_projection_dim, dtype=dtype))
+    if spec.family == "flux2":
+        from leapalign.adapters.flux2 import Flux2Conditioning
+
+        embeds = torch.empty(batch, spec.text_len, tcfg.joint_attention_dim, dtype=dtype)
+        return Flux2Conditioning(embeds, torch.empty_like(embeds) if model.do_cfg else None)
+    from leapalign.adapters.sd3 import SD3Conditioning
+
+    # CLIP-L/G's 77 tokens, then T5's max_sequence_length (StableDiffusion3Pipeline.encode_prompt)
+    parts = [torch.empty(batch, 77 + spec.text_len, tcfg.joint_attention_dim, dtype=dtype),
+             torch.empty(batch, tcfg.pooled_projection_dim, dtype=dtype)]
+    return SD3Conditioning(*parts, *([torch.empty_like(p) for p in parts] if model.do_cfg else []))
 
 
 def _steady_state(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], keep_grads: bool) -> None:
@@ -248,7 +205,8 @@ def build_setup(cfg: Any, spec: ModelSpec, *, world_size: int = 1, leapkernels: 
     Call it inside a ``FakeTensorMode``: the models are built and wired on the meta device (peft
     and ``Module.to`` cannot swap fake parameters), then every weight becomes a fake CPU tensor.
     ``leapkernels`` overrides ``cfg.model_use_leapkernels`` (None: the config's choice, whose
-    ``null`` means "patch a Flux transformer"). With ``world_size > 1`` a process group must exist.
+    ``null`` means "patch where leapkernels has fused blocks"). With ``world_size > 1`` a process
+    group must exist.
     """
     from torch._guards import active_fake_mode
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -261,12 +219,8 @@ def build_setup(cfg: Any, spec: ModelSpec, *, world_size: int = 1, leapkernels: 
     with unset_fake_temporarily():
         model = _build_adapter(cfg, spec)
         net = model.transformer
-        _setup_trainable(cfg, model)
-        use_kernels = cfg.model_use_leapkernels if leapkernels is None else leapkernels
-        if use_kernels or (use_kernels is None and flux_is_patchable(net)):
-            from leapkernels.flux import apply_leapkernels_to_flux
-
-            apply_leapkernels_to_flux(net)
+        wiring.setup_trainable(cfg, model, net, pipeline=None)
+        wiring.apply_leapkernels(cfg, net, enabled=leapkernels)
         reward, reward_modules = _build_reward(cfg, prompts, notes)
     _to_fake([m for m in (net, model.vae, *reward_modules) if m is not None], mode, torch.device("cpu"))
     for module in reward_modules:
@@ -274,20 +228,15 @@ def build_setup(cfg: Any, spec: ModelSpec, *, world_size: int = 1, leapkernels: 
         module._text_cache = {p: torch.empty(dim, dtype=torch.float32) for p in prompts}
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if world_size > 1:
-        _apply_fsdp(cfg, net)
-    params = [p for p in net.parameters() if p.requires_grad]
-    objective = _objective(cfg, reward)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train_learning_rate, betas=(cfg.train_adam_beta1, cfg.train_adam_beta2),
-                                  eps=cfg.train_adam_epsilon, weight_decay=cfg.train_weight_decay)
+        wiring.apply_fsdp(cfg, net, mesh=_mesh())
+    _, params = wiring.trainable_parameters(net)
+    objective = wiring.build_objective(cfg, reward)
+    optimizer, _ = wiring.make_optimizer(cfg, params)
     accum = cfg.train_gradient_accumulation_steps
     _steady_state(optimizer, params, keep_grads=accum > 1)
-    ema = None
-    if cfg.train_ema_decay > 0:
-        from leapalign.training.ema import EMA
-
-        ema = EMA(params, cfg.train_ema_decay, _DTYPES[cfg.train_trainable_dtype])
+    ema = wiring.make_ema(cfg, params)
     frozen = [m for m in (model.vae, *reward_modules) if m is not None]
-    cond = _conditioning(model, cfg.train_batch_size, spec.text_len, _DTYPES[cfg.model_dtype])
+    cond = _conditioning(model, spec, cfg.train_batch_size, _DTYPES[cfg.model_dtype])
     return IterationSetup(
         model=model, network=net, objective=objective, reward=reward, cond=cond, prompts=prompts, optimizer=optimizer,
         params=params, ema=ema, frozen=frozen, grad_accumulation=accum, max_grad_norm=cfg.train_max_grad_norm,

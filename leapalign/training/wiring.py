@@ -2,15 +2,22 @@
 one part (gpt-fast style model surgery in small explicit functions).
 
 - the ``accelerate.Accelerator`` (device, process group, bf16 autocast, trackers);
-- the adapter (a ``FluxPipeline`` becomes a :class:`~leapalign.adapters.flux.FluxVelocityModel`),
-  the prompt source and the prompt encoder;
+- the adapter of the pipeline's family (:mod:`leapalign.adapters.families`: a ``FluxPipeline``
+  becomes a :class:`~leapalign.adapters.flux.FluxVelocityModel`, a ``Flux2Pipeline`` /
+  ``Flux2KleinPipeline`` a ``Flux2VelocityModel``, a ``StableDiffusion3Pipeline`` an
+  ``SD3VelocityModel``), the prompt source and the prompt encoder (FLUX.1's
+  :class:`~leapalign.prompts.FluxPromptEncoder`, the other families' own cached text path);
 - the reward (from ``reward_specs``) and the objective (built once, here, from the config's
   validated objective config and the reward's hinge);
-- what trains: peft LoRA on the adapter's network (diffusers' Flux target modules) or a full
-  fine-tune, trainable weights kept in ``train_trainable_dtype`` (fp32 master weights);
-- leapkernels' fused Flux blocks, FSDP2 ``fully_shard`` per block then the root, the DDP start
+- what trains: peft LoRA on the adapter's network (the family's target modules unless the config
+  names others) or a full fine-tune, trainable weights kept in ``train_trainable_dtype`` (fp32
+  master weights);
+- leapkernels' fused blocks, FSDP2 ``fully_shard`` per block then the root, the DDP start
   broadcast;
 - AdamW, the diffusers LR schedule and the EMA of the trainable weights.
+
+``leapalign plan`` (:mod:`leapalign.training.plan_setup`) wires its weightless models with these
+same functions, so the plan measures the trainer's own setup.
 """
 from __future__ import annotations
 
@@ -25,12 +32,15 @@ from torch import nn
 from leapalign.dtypes import torch_dtype
 from leapalign.prompts import FluxPromptEncoder, PromptSource, load_prompts
 from leapalign.rewards.base import RewardFn
-from leapalign.training.config import LeapAlignConfig, objective_class
+from leapalign.adapters.families import ModelFamily, UnsupportedModelError, family_of_network, family_of_pipeline
+from leapalign.adapters.families import lora_target_modules as family_lora_targets
+from leapalign.training.config import FLUX_LORA_TARGET_MODULES, LeapAlignConfig, objective_class
 from leapalign.training.ema import EMA
 from leapalign.training.errors import ConfigError
 
 __all__ = [
-    "make_accelerator", "is_pipeline", "adapter_from_pipeline", "network_of", "is_flux_transformer",
+    "make_accelerator", "is_pipeline", "adapter_kwargs", "adapter_from_pipeline", "network_of", "network_family",
+    "is_flux_transformer", "lora_targets",
     "make_prompt_source", "make_prompt_encoder", "build_reward", "build_objective", "setup_trainable",
     "apply_leapkernels", "resolve_distributed", "apply_fsdp", "trainable_parameters", "broadcast_parameters",
     "make_optimizer", "make_ema", "VelocityInInputDtype",
@@ -71,15 +81,31 @@ def is_pipeline(obj: Any) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
-def adapter_from_pipeline(pipe: Any, cfg: LeapAlignConfig, device: torch.device):
-    """The pipeline on ``device``, wrapped as a FluxVelocityModel at the config's size and guidance."""
-    from leapalign.adapters.flux import FluxVelocityModel
+def adapter_kwargs(cfg: LeapAlignConfig) -> dict[str, Any]:
+    """The adapter's size, guidance and checkpointing from the config (the planner builds with them too)."""
+    return dict(height=cfg.model_height, width=cfg.model_width, guidance=cfg.model_guidance,
+                gradient_checkpointing=cfg.model_gradient_checkpointing)
 
+
+def adapter_from_pipeline(pipe: Any, cfg: LeapAlignConfig, device: torch.device):
+    """The pipeline on ``device``, wrapped as its family's adapter at the config's size and guidance.
+
+    FLUX.2 and SD3 adapters take the pipeline's text path with ``model_max_sequence_length``
+    (FLUX.1's is the separate :class:`~leapalign.prompts.FluxPromptEncoder`). A pipeline of another
+    family, or a model the adapter cannot serve, is a one-line :class:`ConfigError`.
+    """
+    try:
+        family = family_of_pipeline(pipe)
+    except UnsupportedModelError as exc:
+        raise ConfigError(str(exc)) from None
+    kwargs = adapter_kwargs(cfg)
+    if family.name != "flux":
+        kwargs["max_sequence_length"] = cfg.model_max_sequence_length
     pipe.to(device)
-    return FluxVelocityModel.from_pipeline(
-        pipe, height=cfg.model_height, width=cfg.model_width, guidance=cfg.model_guidance,
-        gradient_checkpointing=cfg.model_gradient_checkpointing,
-    )
+    try:
+        return family.adapter_class().from_pipeline(pipe, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{type(pipe).__name__} ({family.label}): {' '.join(str(exc).split())}") from None
 
 
 def network_of(model: Any) -> nn.Module | None:
@@ -91,9 +117,18 @@ def network_of(model: Any) -> nn.Module | None:
     return model if isinstance(model, nn.Module) else None
 
 
+def network_family(net: Any) -> ModelFamily | None:
+    """The diffusers family of a denoiser network by its class; None for any other network."""
+    try:
+        return None if net is None else family_of_network(net)
+    except UnsupportedModelError:
+        return None
+
+
 def is_flux_transformer(net: Any) -> bool:
-    """Whether ``net`` has the diffusers Flux block layout that ``apply_leapkernels_to_flux`` patches."""
-    return net is not None and hasattr(net, "transformer_blocks") and hasattr(net, "single_transformer_blocks")
+    """Whether ``net`` is a diffusers ``FluxTransformer2DModel`` (FLUX.1), which ``apply_leapkernels_to_flux`` patches."""
+    family = network_family(net)
+    return family is not None and family.name == "flux"
 
 
 class VelocityInInputDtype:
@@ -142,13 +177,19 @@ class _MethodEncoder:
 
 
 def make_prompt_encoder(encoder: Any, pipeline: Any, model: Any, cfg: LeapAlignConfig, device: torch.device):
-    """``encoder`` if given; else the cached Flux encoder of a pipeline, else ``model.encode_prompts``."""
+    """``encoder`` if given; else FLUX.1's cached encoder of a ``FluxPipeline``, an adapter's own cached
+    text path (FLUX.2, SD3: :class:`~leapalign.adapters.prompt_cache.AdapterPromptEncoder`), else
+    ``model.encode_prompts``."""
     if encoder is not None:
         if not callable(getattr(encoder, "encode", None)):
             raise TypeError(f"prompt_encoder must have encode(prompts) -> cond, got {type(encoder).__name__}")
         return encoder
-    if pipeline is not None:
+    if pipeline is not None and family_of_pipeline(pipeline).name == "flux":
         return FluxPromptEncoder(pipeline, max_sequence_length=cfg.model_max_sequence_length, device=device)
+    if getattr(model, "prompt_cache", None) is not None:
+        from leapalign.adapters.prompt_cache import AdapterPromptEncoder
+
+        return AdapterPromptEncoder(model)
     if callable(getattr(model, "encode_prompts", None)):
         return _MethodEncoder(model.encode_prompts)
     raise TypeError(
@@ -193,6 +234,16 @@ class _ParameterHolder(nn.Module):
         self.params = nn.ParameterList(list(params))
 
 
+def lora_targets(cfg: LeapAlignConfig, net: nn.Module | None) -> list[str]:
+    """``lora_target_modules``; left at its default (FLUX.1's targets) on a FLUX.2 or SD3 network, that
+    family's own targets (:func:`leapalign.adapters.families.lora_target_modules`)."""
+    targets = list(cfg.lora_target_modules)
+    family = network_family(net)
+    if family is not None and family.name != "flux" and targets == list(FLUX_LORA_TARGET_MODULES):
+        return family_lora_targets(family, net)
+    return targets
+
+
 def _add_lora(cfg: LeapAlignConfig, model: Any, net: nn.Module | None, dtype: torch.dtype) -> None:
     if net is None:
         raise ConfigError(
@@ -206,7 +257,7 @@ def _add_lora(cfg: LeapAlignConfig, model: Any, net: nn.Module | None, dtype: to
         model.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-        lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian", target_modules=list(cfg.lora_target_modules),
+        lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian", target_modules=lora_targets(cfg, net),
     )
     try:
         if hasattr(net, "add_adapter"):
@@ -216,7 +267,8 @@ def _add_lora(cfg: LeapAlignConfig, model: Any, net: nn.Module | None, dtype: to
 
             inject_adapter_in_model(lora, net)
     except ValueError as exc:
-        raise ConfigError(f"lora_target_modules={cfg.lora_target_modules} do not fit the model: {exc}") from exc
+        raise ConfigError(f"lora_target_modules={lora_targets(cfg, net)} do not fit {type(net).__name__}: "
+                          f"{' '.join(str(exc).split())}") from None
     for p in net.parameters():
         if p.requires_grad:
             p.data = p.data.to(dtype)
@@ -261,18 +313,34 @@ def setup_trainable(cfg: LeapAlignConfig, model: Any, net: nn.Module | None, pip
     return state_module
 
 
-def apply_leapkernels(cfg: LeapAlignConfig, net: Any) -> None:
-    """Swap leapkernels' fused Flux ops into ``net`` when the config asks (or, on auto, when it is Flux)."""
-    if not (cfg.model_use_leapkernels or (cfg.model_use_leapkernels is None and is_flux_transformer(net))):
-        return
-    from leapkernels.flux import apply_leapkernels_to_flux
+def apply_leapkernels(cfg: LeapAlignConfig, net: Any, enabled: bool | None = None) -> bool:
+    """Swap leapkernels' fused ops into ``net`` when asked; returns whether it patched.
 
-    if not is_flux_transformer(net):
+    ``enabled`` overrides ``cfg.model_use_leapkernels`` (None: the config's choice, whose ``null``
+    means "patch when leapkernels has fused blocks for this network's class"). FLUX.1 has
+    ``apply_leapkernels_to_flux``; other families need ``leapkernels.apply_leapkernels`` (which
+    dispatches on the model class) -- asking for the patch where none exists is a ConfigError.
+    """
+    import leapkernels
+
+    use = cfg.model_use_leapkernels if enabled is None else enabled
+    family = network_family(net)
+    dispatch = getattr(leapkernels, "apply_leapkernels", None)
+    patchable = family is not None and (family.name == "flux" or dispatch is not None)
+    if use is False or (use is None and not patchable):
+        return False
+    if not patchable:
+        found = type(net).__name__ if family is None else f"{type(net).__name__} ({family.label})"
         raise ConfigError(
-            f"model_use_leapkernels=true needs a diffusers FluxTransformer2DModel as the adapter's .transformer, "
-            f"got {type(net).__name__}"
+            f"model_use_leapkernels=true but leapkernels has no fused blocks for {found}; it patches "
+            f"{'FluxTransformer2DModel (FLUX.1)' if dispatch is None else 'diffusers FLUX.1, FLUX.2 and SD3 transformers'}: "
+            "set model_use_leapkernels: false"
         )
-    apply_leapkernels_to_flux(net)
+    if dispatch is not None:
+        dispatch(net)
+    else:
+        leapkernels.apply_leapkernels_to_flux(net)
+    return True
 
 
 def trainable_parameters(state_module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
@@ -301,8 +369,9 @@ def resolve_distributed(cfg: LeapAlignConfig, accelerator: Any) -> str:
     return mode
 
 
-def apply_fsdp(cfg: LeapAlignConfig, net: nn.Module | None) -> None:
-    """FSDP2: ``fully_shard`` each transformer block, then the network root."""
+def apply_fsdp(cfg: LeapAlignConfig, net: nn.Module | None, mesh: Any = None) -> None:
+    """FSDP2: ``fully_shard`` each transformer block, then the network root (over ``mesh``; default:
+    the default process group's 1-D mesh, as ``fully_shard`` builds it)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if net is None:
@@ -315,11 +384,11 @@ def apply_fsdp(cfg: LeapAlignConfig, net: nn.Module | None) -> None:
     blocks = 0
     for name in ("transformer_blocks", "single_transformer_blocks", "blocks", "layers"):
         for block in getattr(net, name, None) or []:
-            fully_shard(block, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
             blocks += 1
     if blocks == 0:
         logger.warning("FSDP: no transformer_blocks/single_transformer_blocks found; sharding the network as one unit")
-    fully_shard(net, mp_policy=mp)
+    fully_shard(net, mesh=mesh, mp_policy=mp)
 
 
 def broadcast_parameters(params: Sequence[nn.Parameter]) -> None:
