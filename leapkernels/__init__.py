@@ -7,6 +7,7 @@ Backend choice: `leapkernels.backend` (``LEAPKERNELS_BACKEND=triton|reference|na
 from leapkernels.backend import BackendUnavailableError, force_backend, select_backend
 from leapkernels.flux import FluxPatchOptions, apply_leapkernels_to_flux
 from leapkernels.flux2 import Flux2PatchOptions, apply_leapkernels_to_flux2
+from leapkernels.sd3 import SD3PatchOptions, apply_leapkernels_to_sd3
 from leapkernels.ops.gated_linear import gated_linear, gated_linear_reference
 from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
 from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
@@ -85,4 +86,6 @@ __all__ = [
     "FluxPatchOptions",
     "apply_leapkernels_to_flux2",
     "Flux2PatchOptions",
+    "apply_leapkernels_to_sd3",
+    "SD3PatchOptions",
 ]

@@ -45,7 +45,7 @@ def norm_rope(norm: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     return apply_rotary_emb(x, (cos, sin), sequence_dim=1) if cos is not None else x
 
 
-def _project_norm_rope(proj: nn.Module, norm: nn.Module, x: torch.Tensor, head_dim: int,
+def project_norm_rope(proj: nn.Module, norm: nn.Module, x: torch.Tensor, head_dim: int,
                        rope: tuple[torch.Tensor, torch.Tensor] | None, rows: slice) -> torch.Tensor:
     """``apply_rotary_emb(norm(proj(x) as heads), rope[rows])``; plain Linear: the projection is
     recomputed in backward instead of saved (`linear_qk_norm_rope`)."""
@@ -66,12 +66,12 @@ def _fused_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_stat
     txt = encoder_hidden_states.shape[1] if joint else 0
     img_rows, txt_rows = slice(txt, None), slice(0, txt)
     value = attn.to_v(hidden_states).unflatten(-1, (-1, hd))
-    query = _project_norm_rope(attn.to_q, attn.norm_q, hidden_states, hd, rope, img_rows)
-    key = _project_norm_rope(attn.to_k, attn.norm_k, hidden_states, hd, rope, img_rows)
+    query = project_norm_rope(attn.to_q, attn.norm_q, hidden_states, hd, rope, img_rows)
+    key = project_norm_rope(attn.to_k, attn.norm_k, hidden_states, hd, rope, img_rows)
     if joint:
         e = encoder_hidden_states
-        query = torch.cat([_project_norm_rope(attn.add_q_proj, attn.norm_added_q, e, hd, rope, txt_rows), query], dim=1)
-        key = torch.cat([_project_norm_rope(attn.add_k_proj, attn.norm_added_k, e, hd, rope, txt_rows), key], dim=1)
+        query = torch.cat([project_norm_rope(attn.add_q_proj, attn.norm_added_q, e, hd, rope, txt_rows), query], dim=1)
+        key = torch.cat([project_norm_rope(attn.add_k_proj, attn.norm_added_k, e, hd, rope, txt_rows), key], dim=1)
         value = torch.cat([attn.add_v_proj(e).unflatten(-1, (-1, hd)), value], dim=1)
     return query, key, value
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from leapkernels import flux, flux2
+from leapkernels import flux, flux2, sd3
 from leapkernels.fusions import OPTIONS
 from leapkernels.fusions import is_patched as _any_patched
 
@@ -40,6 +40,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux", "FluxTransformer2DModel", flux.apply_leapkernels_to_flux, flux.revert_leapkernels, flux.FluxPatchOptions),
     Family("flux2", "Flux2Transformer2DModel", flux2.apply_leapkernels_to_flux2, flux2.revert_flux2,
            flux2.Flux2PatchOptions),
+    Family("sd3", "SD3Transformer2DModel", sd3.apply_leapkernels_to_sd3, sd3.revert_sd3, sd3.SD3PatchOptions),
 )
 
 

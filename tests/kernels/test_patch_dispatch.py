@@ -79,7 +79,8 @@ def test_a_subclass_is_its_family():
 def test_an_unsupported_model_is_refused_naming_its_class_and_the_supported_ones(model):
     name = type(model).__qualname__
     with pytest.raises(lk.UnsupportedModelError, match=rf"cannot patch a torch\.nn\.modules\.\w+\.{name}; supported "
-                                                       r"transformers: diffusers\.FluxTransformer2DModel"):
+                                                       r"transformers: diffusers\.FluxTransformer2DModel, "
+                                                       r"diffusers\.Flux2Transformer2DModel, diffusers\.SD3Transformer2DModel$"):
         lk.apply_leapkernels(model)
     with pytest.raises(lk.UnsupportedModelError):
         lk.revert_leapkernels(model)
