@@ -37,6 +37,20 @@ rather than left to Triton's default (which changes across releases): one roundi
 two, as the C++ kernels get from the compiler. Passed as ``enable_fp_fusion`` at every launch."""
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op call must go through its ``autograd.Function``: grad mode is on and an input
+    requires grad. Otherwise the public op runs its forward kernel directly -- no ``ctx``, nothing
+    saved, no ``Function.apply`` dispatch -- which is what every no-grad rollout step calls."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the call: the ops then lower to their plain-PyTorch
+    references (dynamo cannot trace the native/Triton launchers; inductor fuses the references
+    itself, and AOTAutograd decides what a compiled backward saves)."""
+    return torch.compiler.is_compiling()
+
+
 def launch_options(num_warps: int) -> dict:
     """Compile options every launch passes: its warps and the explicit contraction choice."""
     return {"num_warps": num_warps, "enable_fp_fusion": FP_CONTRACTION}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor
+from leapkernels.ops._common import compiling, needs_autograd
 from leapkernels.ops.gated_residual import OP as GATED_RESIDUAL
 from leapkernels.ops.gelu import OP as GELU
 
@@ -31,17 +32,22 @@ def gated_linear_reference(
     return residual + gate.unsqueeze(1) * F.linear(a, weight, bias)
 
 
+def _forward(residual, gate, x, weight, bias, prefix, gelu):
+    """The forward kernels (GELU, PyTorch's matmul, gated residual); ``x`` contiguous."""
+    a = backend.kernels_for(GELU, x.device).forward(x) if gelu else x
+    if prefix is not None:
+        a = torch.cat([prefix, a], dim=-1)
+    y = F.linear(a, weight, bias)
+    return backend.kernels_for(GATED_RESIDUAL, x.device).forward(residual.contiguous(), gate.contiguous(), y)
+
+
 class GatedLinearFunction(torch.autograd.Function):
     """Saves x, prefix, gate, weight, bias; never act(x), the concatenation, nor y."""
 
     @staticmethod
     def forward(ctx, residual, gate, x, weight, bias, prefix, gelu):
         x = x.contiguous()
-        a = backend.kernels_for(GELU, x.device).forward(x) if gelu else x
-        if prefix is not None:
-            a = torch.cat([prefix, a], dim=-1)
-        y = F.linear(a, weight, bias)
-        out = backend.kernels_for(GATED_RESIDUAL, x.device).forward(residual.contiguous(), gate.contiguous(), y)
+        out = _forward(residual, gate, x, weight, bias, prefix, gelu)
         ctx.save_for_backward(x, prefix, gate, weight, bias)
         ctx.gelu = gelu
         return out
@@ -109,4 +115,8 @@ def gated_linear(
     if bias is not None:
         check_tensor("bias", bias, like=residual, like_name="residual", ndim=1)
         check_shape("bias", bias, (n,), "residual features")
+    if compiling():
+        return gated_linear_reference(residual, gate, x, weight, bias, prefix, bool(gelu))
+    if not needs_autograd(residual, gate, x, weight, bias, prefix):
+        return _forward(residual, gate, x.contiguous(), weight, bias, prefix, bool(gelu))
     return GatedLinearFunction.apply(residual, gate, x, weight, bias, prefix, bool(gelu))

@@ -12,7 +12,9 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, launch_options, register_op, row_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, launch_options, needs_autograd, register_op, row_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gated_residual"
@@ -123,14 +125,19 @@ def _backward_triton(g, gate, y, need_dy, need_dgate):
 register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _backward_triton))
 
 
+def _forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The forward kernel on unit-last-stride operands (the Function and the no-grad path share it)."""
+    x, gate, y = unit_last_stride(x), unit_last_stride(gate), unit_last_stride(y)
+    return backend.kernels_for(OP, x.device).forward(x, gate, y)
+
 
 class GatedResidualFunction(torch.autograd.Function):
     """Saves gate and y; ``dx`` is the incoming gradient itself."""
 
     @staticmethod
     def forward(ctx, x, gate, y):
-        x, gate, y = unit_last_stride(x), unit_last_stride(gate), unit_last_stride(y)
-        out = backend.kernels_for(OP, x.device).forward(x, gate, y)
+        gate, y = unit_last_stride(gate), unit_last_stride(y)  # saved as the backward kernel reads them
+        out = _forward(x, gate, y)
         ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, y if ctx.needs_input_grad[1] else None)
         return out
 
@@ -154,4 +161,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     check_tensor("y", y, like=x, like_name="x", ndim=3)
     check_shape("y", y, x.shape, "the shape of x")
     check_shape("gate", gate, (x.shape[0], x.shape[2]), "(batch, features) of x")
+    if compiling():
+        return gated_residual_reference(x, gate, y)
+    if not needs_autograd(x, gate, y):
+        return _forward(x, gate, y)
     return GatedResidualFunction.apply(x, gate, y)

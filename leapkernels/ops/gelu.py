@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_tensor
-from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, device_fn, launch_options, needs_autograd, register_op, stream_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "gelu_tanh"
@@ -136,17 +138,21 @@ class GeluTanhFunction(torch.autograd.Function):
         return backend.kernels_for(OP, h.device).backward(da.contiguous(), h)
 
 
+def _gelu_linear_forward(h, weight, bias, prefix):
+    """The GELU kernel, then PyTorch's matmul over ``cat([prefix, gelu(h)])``; ``h`` contiguous."""
+    a = backend.kernels_for(OP, h.device).forward(h)
+    if prefix is not None:
+        a = torch.cat([prefix, a], dim=-1)
+    return F.linear(a, weight, bias)
+
+
 class GeluLinearFunction(torch.autograd.Function):
     """Saves h, weight and prefix (never gelu(h) nor the concatenation); backward recomputes gelu(h)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, prefix):
         h = h.contiguous()
-        kernels = backend.kernels_for(OP, h.device)
-        a = kernels.forward(h)
-        if prefix is not None:
-            a = torch.cat([prefix, a], dim=-1)
-        out = F.linear(a, weight, bias)
+        out = _gelu_linear_forward(h, weight, bias, prefix)
         ctx.save_for_backward(h, weight, prefix)
         ctx.has_bias = bias is not None
         return out
@@ -179,6 +185,10 @@ class GeluLinearFunction(torch.autograd.Function):
 def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
     """``F.gelu(h, approximate="tanh")`` computed in fp32, saving only ``h``."""
     check_tensor("h", h)
+    if compiling():
+        return gelu_tanh_reference(h)
+    if not needs_autograd(h):
+        return backend.kernels_for(OP, h.device).forward(h.contiguous())
     return GeluTanhFunction.apply(h)
 
 
@@ -204,4 +214,8 @@ def gelu_linear(
         check_tensor("bias", bias, like=h, like_name="h", ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if compiling():
+        return gelu_linear_reference(h, weight, bias, prefix)
+    if not needs_autograd(h, weight, bias, prefix):
+        return _gelu_linear_forward(h.contiguous(), weight, bias, prefix)
     return GeluLinearFunction.apply(h, weight, bias, prefix)

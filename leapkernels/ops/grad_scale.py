@@ -15,7 +15,9 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_tensor, per_sample
-from leapkernels.ops._common import acc_tl, launch_options, no_forward, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, launch_options, needs_autograd, no_forward, register_op, stream_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "grad_scale"
@@ -145,4 +147,9 @@ def grad_scale(x: torch.Tensor, alpha: float | torch.Tensor, max_norm: float | N
         raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
     if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive float or None, got {max_norm!r}")
-    return GradScaleFunction.apply(x, alpha, None if max_norm is None else float(max_norm))
+    max_norm = None if max_norm is None else float(max_norm)
+    if compiling():
+        return grad_scale_reference(x, alpha, max_norm)
+    if not needs_autograd(x):
+        return x.view_as(x)  # the identity forward; nothing to scale without a backward
+    return GradScaleFunction.apply(x, alpha, max_norm)

@@ -15,7 +15,9 @@ import torch
 
 from leapkernels import backend
 from leapkernels.checks import as_rows, check_shape, check_tensor, per_sample
-from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, stream_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, device_fn, launch_options, needs_autograd, register_op, stream_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "leap_connector"
@@ -159,23 +161,40 @@ register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _ba
 
 
 # ----------------------------------------------------------------------------- autograd
+def _forward(x_from, v, c, x_true):
+    """``(out [B, ...], distance [B] | None, coef [B])``: the forward kernel on row views."""
+    kernels = backend.kernels_for(OP, x_from.device)
+    coef = per_sample("c", c, x_from.shape[0], x_from.device, backend.accumulator_dtype(x_from.dtype))
+    rows_t = as_rows(x_true) if x_true is not None else None
+    out, distance = kernels.forward(as_rows(x_from), as_rows(v), coef, rows_t)
+    return out.view(x_from.shape), distance, coef
+
+
+def _apply(x_from, v, c, x_true):
+    """The Function when autograd must record the call; the bare kernel otherwise (nothing saved);
+    the plain-PyTorch reference under ``torch.compile``."""
+    if compiling():
+        return leap_connector_reference(x_from, v, c, x_true)
+    if not needs_autograd(x_from, v, c if isinstance(c, torch.Tensor) else None):
+        out, distance, _ = _forward(x_from, v, c, x_true)
+        return out, distance
+    c_shape = tuple(c.shape) if isinstance(c, torch.Tensor) else ()
+    return LeapConnectorFunction.apply(x_from, v, c, c_shape, x_true)
+
+
 class LeapConnectorFunction(torch.autograd.Function):
     """Saves ``v`` only if ``c`` needs a gradient, else nothing; ``x_true`` gets no gradient."""
 
     @staticmethod
     def forward(ctx, x_from, v, c_tensor, c_arg_shape, x_true):
-        kernels = backend.kernels_for(OP, x_from.device)
-        acc = backend.accumulator_dtype(x_from.dtype)
-        coef = per_sample("c", c_tensor, x_from.shape[0], x_from.device, acc)
-        rows_t = as_rows(x_true) if x_true is not None else None
-        out, distance = kernels.forward(as_rows(x_from), as_rows(v), coef, rows_t)
+        out, distance, coef = _forward(x_from, v, c_tensor, x_true)
         need_dc = isinstance(c_tensor, torch.Tensor) and ctx.needs_input_grad[2]
         ctx.save_for_backward(v if need_dc else None)
         ctx.coef, ctx.need_dc, ctx.c_arg_shape, ctx.shape = coef, need_dc, c_arg_shape, x_from.shape
         ctx.c_dtype = c_tensor.dtype if isinstance(c_tensor, torch.Tensor) else None
         if distance is not None:
             ctx.mark_non_differentiable(distance)
-        return out.view(x_from.shape), distance
+        return out, distance
 
     @staticmethod
     def backward(ctx, grad_out, grad_distance):
@@ -220,13 +239,11 @@ def leap_connector(
     _validate(x_from, v, c, x_true)
     if x_true is None:
         raise ValueError("x_true must be a tensor; use leap() for the leap without a connector")
-    c_shape = tuple(c.shape) if isinstance(c, torch.Tensor) else ()
-    return LeapConnectorFunction.apply(x_from, v, c, c_shape, x_true.detach())
+    return _apply(x_from, v, c, x_true.detach())
 
 
 def leap(x_from: torch.Tensor, v: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
     """The leap ``x_from + c v`` alone (fp32 arithmetic, stored in ``x_from``'s dtype), nothing saved."""
     _validate(x_from, v, c, None)
-    c_shape = tuple(c.shape) if isinstance(c, torch.Tensor) else ()
-    out, _ = LeapConnectorFunction.apply(x_from, v, c, c_shape, None)
+    out, _ = _apply(x_from, v, c, None)
     return out

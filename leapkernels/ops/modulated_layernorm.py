@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, row_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, device_fn, launch_options, needs_autograd, register_op, row_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "modulated_layernorm"
@@ -199,13 +201,19 @@ register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _ba
 
 # ----------------------------------------------------------------------------- autograd
 
+def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """The forward kernel on unit-last-stride operands (the Function and the no-grad path share it)."""
+    x, scale, shift = unit_last_stride(x), unit_last_stride(scale), unit_last_stride(shift)
+    return backend.kernels_for(OP, x.device).forward(x, scale, shift, eps)
+
+
 class ModulatedLayerNormFunction(torch.autograd.Function):
     """Saves x and scale; backward recomputes mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
-        x, scale, shift = unit_last_stride(x), unit_last_stride(scale), unit_last_stride(shift)
-        y = backend.kernels_for(OP, x.device).forward(x, scale, shift, eps)
+        x, scale = unit_last_stride(x), unit_last_stride(scale)
+        y = _forward(x, scale, shift, eps)
         ctx.save_for_backward(x, scale)
         ctx.eps = eps
         return y
@@ -234,6 +242,10 @@ def modulated_layernorm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     check_shape("shift", shift, (x.shape[0], x.shape[2]), "(batch, features) of x")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+    if compiling():
+        return modulated_layernorm_reference(x, scale, shift, eps)
+    if not needs_autograd(x, scale, shift):
+        return _forward(x, scale, shift, float(eps))
     return ModulatedLayerNormFunction.apply(x, scale, shift, float(eps))
 
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, row_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, device_fn, launch_options, needs_autograd, register_op, row_launch, tl, triton,
+)
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
 OP = "qk_norm_rope"
@@ -192,16 +194,23 @@ register_op(OP, (_forward_reference, _backward_reference), (_forward_triton, _ba
 
 
 
+def _forward(x, weight, cos, sin, eps):
+    """The forward kernel on unit-last-stride operands (the Functions and the no-grad path share it)."""
+    x, weight = unit_last_stride(x), weight.contiguous()
+    if cos is not None:
+        cos, sin = unit_last_stride(cos), unit_last_stride(sin)
+    return backend.kernels_for(OP, x.device).forward(x, weight, cos, sin, eps)
+
+
 class QKNormRopeFunction(torch.autograd.Function):
     """Saves x and weight (cos/sin are constants); backward recomputes rstd and the rotation."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
-        x = unit_last_stride(x)
-        weight = weight.contiguous()
+        x, weight = unit_last_stride(x), weight.contiguous()
         if cos is not None:
             cos, sin = unit_last_stride(cos), unit_last_stride(sin)
-        out = backend.kernels_for(OP, x.device).forward(x, weight, cos, sin, eps)
+        out = _forward(x, weight, cos, sin, eps)
         ctx.save_for_backward(x, weight, cos, sin)
         ctx.eps = eps
         return out
@@ -249,6 +258,10 @@ def qk_norm_rope(
     cos, sin = _checked_tables(cos, sin, x, (x.shape[1], x.shape[3]), "(sequence, head dim) of x")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+    if compiling():
+        return qk_norm_rope_reference(x, weight, cos, sin, eps)
+    if not needs_autograd(x, weight):
+        return _forward(x, weight, cos, sin, float(eps))
     return QKNormRopeFunction.apply(x, weight, cos, sin, float(eps))
 
 
@@ -272,7 +285,7 @@ class LinearQKNormRopeFunction(torch.autograd.Function):
         norm_weight = norm_weight.contiguous()
         if cos is not None:
             cos, sin = unit_last_stride(cos), unit_last_stride(sin)
-        out = backend.kernels_for(OP, x.device).forward(q, norm_weight, cos, sin, eps)
+        out = _forward(q, norm_weight, cos, sin, eps)
         ctx.save_for_backward(x, weight, bias, norm_weight, cos, sin)
         ctx.eps, ctx.head_dim = eps, head_dim
         return out
@@ -326,4 +339,9 @@ def linear_qk_norm_rope(
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for interleaved RoPE, got {head_dim}")
     cos, sin = _checked_tables(cos, sin, x, (x.shape[1], head_dim), "(sequence of x, head_dim)")
+    if compiling():
+        return linear_qk_norm_rope_reference(x, weight, bias, norm_weight, cos, sin, eps, head_dim)
+    if not needs_autograd(x, weight, bias, norm_weight):
+        q = F.linear(x, weight, bias).unflatten(-1, (-1, head_dim))
+        return _forward(q, norm_weight, cos, sin, float(eps))
     return LinearQKNormRopeFunction.apply(x, weight, bias, norm_weight, cos, sin, float(eps), int(head_dim))
