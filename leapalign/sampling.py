@@ -1,8 +1,9 @@
 """Sampling: the Euler ODE sampler over any VelocityModel, PNG grids, and ``leapalign sample``.
 
-``leapalign sample --model_path FLUX_DIR --checkpoint OUT/checkpoints/step-00000300 --prompt "..."``
-loads the pipeline, applies the checkpoint's LoRA (``load_lora_weights``) or full transformer
-weights, and writes one PNG grid.
+``leapalign sample --model_path MODEL_DIR --checkpoint OUT/checkpoints/step-00000300 --prompt "..."``
+loads the pipeline of the folder's family (FLUX.1, FLUX.2, SD3: its ``model_index.json``), applies
+the checkpoint's LoRA (``load_lora_weights``) or full transformer weights, and writes one PNG grid.
+Guidance and prompt length default to the family's pipeline defaults.
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def save_image_grid(images: torch.Tensor, path: str | Path, ncols: int | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leapalign sample", description="Sample images from a base Flux model or a leapalign checkpoint.")
-    p.add_argument("--model_path", required=True, help="local diffusers FluxPipeline directory")
+    p = argparse.ArgumentParser(prog="leapalign sample",
+                                description="Sample images from a base FLUX.1 / FLUX.2 / SD3 model or a leapalign checkpoint.")
+    p.add_argument("--model_path", required=True, help="local diffusers pipeline directory (FLUX.1, FLUX.2 or SD3)")
     p.add_argument("--checkpoint", default=None, help="a leapalign checkpoint directory (lora/ or transformer/ inside)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompt_file", default=None, help=".txt/.json/.jsonl prompt file")
@@ -70,17 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_steps", type=int, default=28)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the family's pipeline default: FLUX.1 3.5, FLUX.2 4, SD3 7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help="prompt tokens (default: the family's pipeline default: 512, SD3 256)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from leapalign.dtypes import torch_dtype
-    from leapalign.prompts import FluxPromptEncoder, load_prompts
+    from leapalign.prompts import load_prompts
 
     args = build_parser().parse_args(argv)
     prompts = list(args.prompt)
@@ -93,30 +97,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_steps < 1:
         raise ValueError(f"--num_steps must be >= 1, got {args.num_steps}")
     device = _resolve_device(args.device)
+    from leapalign.adapters.families import UnsupportedModelError, read_model_folder
+
     model_path = Path(args.model_path)
     if not (model_path / "model_index.json").is_file():
         raise FileNotFoundError(f"--model_path={args.model_path!r} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        folder = read_model_folder(model_path)
+    except UnsupportedModelError as exc:
+        raise ValueError(f"--model_path={args.model_path!r}: {exc}") from None
     ckpt = _checkpoint_weights(args.checkpoint) if args.checkpoint else None
-
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    from leapalign.adapters.flux import FluxVelocityModel
-
-    dtype = torch_dtype(args.dtype)
-    pipe = FluxPipeline.from_pretrained(str(model_path), torch_dtype=dtype)
-    if ckpt is not None and ckpt.parent.name == "lora":
-        pipe.load_lora_weights(str(ckpt.parent), weight_name=ckpt.name, use_safetensors=True)
-    elif ckpt is not None:
-        pipe.transformer = FluxTransformer2DModel.from_pretrained(str(ckpt.parent), torch_dtype=dtype, use_safetensors=True)
-    pipe.to(device)
-    encoder = FluxPromptEncoder(pipe, max_sequence_length=args.max_sequence_length, device=device)
-    cond = encoder.encode(prompts)
-    model = FluxVelocityModel.from_pipeline(pipe, height=args.height, width=args.width, guidance=args.guidance)
+    pipe = _load_pipeline(folder, ckpt, torch_dtype(args.dtype)).to(device)
+    family = folder.family
+    guidance = family.guidance if args.guidance is None else args.guidance
+    length = family.max_sequence_length if args.max_sequence_length is None else args.max_sequence_length
+    model, cond = _model_and_cond(pipe, family.name, prompts, args.height, args.width, guidance, length, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = euler_sample(model, cond, len(prompts), args.num_steps, gen)
     path = save_image_grid(images, args.output)
     print(f"wrote {path} ({len(prompts)} image(s))", file=sys.stderr)
     return 0
+
+
+def _load_pipeline(folder: Any, ckpt: Path | None, dtype: torch.dtype) -> Any:
+    """The folder's pipeline class, with the checkpoint's LoRA or full transformer weights applied."""
+    import diffusers
+
+    pipe = getattr(diffusers, folder.pipeline).from_pretrained(str(folder.path), torch_dtype=dtype)
+    if ckpt is not None and ckpt.parent.name == "lora":
+        pipe.load_lora_weights(str(ckpt.parent), weight_name=ckpt.name, use_safetensors=True)
+    elif ckpt is not None:
+        transformer_class = getattr(diffusers, folder.family.transformer)
+        pipe.transformer = transformer_class.from_pretrained(str(ckpt.parent), torch_dtype=dtype, use_safetensors=True)
+    return pipe
+
+
+def _model_and_cond(pipe: Any, family: str, prompts: list[str], height: int, width: int, guidance: float,
+                    max_sequence_length: int, device: torch.device) -> tuple[Any, Any]:
+    """The family's adapter and the prompts' conditioning through the pipeline's own text path."""
+    from leapalign.adapters import velocity_model_from_pipeline
+
+    if family == "flux":
+        from leapalign.prompts import FluxPromptEncoder
+
+        cond = FluxPromptEncoder(pipe, max_sequence_length=max_sequence_length, device=device).encode(prompts)
+        return velocity_model_from_pipeline(pipe, height=height, width=width, guidance=guidance), cond
+    model = velocity_model_from_pipeline(pipe, height=height, width=width, guidance=guidance,
+                                         max_sequence_length=max_sequence_length)
+    return model, model.encode_prompts(prompts)
 
 
 def _checkpoint_weights(checkpoint: str) -> Path:

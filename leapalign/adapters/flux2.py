@@ -34,10 +34,11 @@ from leapalign.adapters.base import BatchedConditioning, TransformerVelocityMode
 from leapalign.adapters.prompt_cache import PromptEmbeddingCache
 from leapalign.adapters.schedules import FlowMatchSchedule
 
-__all__ = ["Flux2Conditioning", "Flux2VelocityModel", "flux2_empirical_mu", "FLUX2_PIPELINES"]
+__all__ = ["Flux2Conditioning", "Flux2VelocityModel", "flux2_empirical_mu", "FLUX2_PIPELINES", "DEFAULT_TEXT_LAYERS",
+           "check_text_layout"]
 
 FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
-_DEFAULT_TEXT_LAYERS = {"Flux2Pipeline": (10, 20, 30), "Flux2KleinPipeline": (9, 18, 27)}
+DEFAULT_TEXT_LAYERS = {"Flux2Pipeline": (10, 20, 30), "Flux2KleinPipeline": (9, 18, 27)}
 # FLUX.2-dev's scheduler config (also the default when no scheduler is given)
 _FLUX2_SCHEDULE = FlowMatchSchedule(shift=3.0, use_dynamic_shifting=True)
 
@@ -155,7 +156,7 @@ class Flux2VelocityModel(TransformerVelocityModel):
         transformer is refused here, not at the first forward.
         """
         family = cls.pipeline_class(pipe, FLUX2_PIPELINES, "a FLUX.2")
-        layers = tuple(text_encoder_out_layers) if text_encoder_out_layers is not None else _DEFAULT_TEXT_LAYERS[family]
+        layers = tuple(text_encoder_out_layers) if text_encoder_out_layers is not None else DEFAULT_TEXT_LAYERS[family]
         klein = family == "Flux2KleinPipeline"
         distilled = bool(getattr(pipe.config, "is_distilled", False)) if klein else False
         kwargs.setdefault("schedule", FlowMatchSchedule.from_scheduler(pipe.scheduler))
@@ -163,7 +164,8 @@ class Flux2VelocityModel(TransformerVelocityModel):
                     cfg=klein and not distilled, **kwargs)
         encoder = getattr(pipe, "text_encoder", None)
         if encoder is not None:
-            _check_text_layout(encoder, layers, pipe.transformer.config.joint_attention_dim, family)
+            check_text_layout(encoder.config, layers, pipe.transformer.config.joint_attention_dim, family,
+                              type(encoder).__name__)
 
             def encode(prompts: list[str]) -> tuple[torch.Tensor, ...]:
                 embeds, _ = pipe.encode_prompt(
@@ -282,12 +284,16 @@ def _unpatchify(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c // 4, h * 2, w * 2)
 
 
-def _check_text_layout(encoder: Any, layers: tuple[int, ...], joint_dim: int, family: str) -> None:
-    """The stacked hidden states ``len(layers) x hidden_size`` must be the transformer's input width."""
-    cfg = getattr(encoder.config, "text_config", encoder.config)
+def check_text_layout(config: Any, layers: Sequence[int], joint_dim: int, family: str, name: str | None = None) -> None:
+    """The text encoder's stacked hidden states ``len(layers) x hidden_size`` must be the transformer's
+    input width (``config``: the encoder's transformers config; multimodal ones nest it as ``text_config``).
+    Raises ``ValueError`` naming the encoder (``name``, else the config's architecture), what it gives
+    and what the supported layouts are."""
+    layers = tuple(layers)
+    cfg = getattr(config, "text_config", None) or config
     hidden = getattr(cfg, "hidden_size", None)
     depth = getattr(cfg, "num_hidden_layers", None)
-    name = type(encoder).__name__
+    name = name or (getattr(config, "architectures", None) or [type(config).__name__])[0]
     supported = (
         "supported: joint_attention_dim = len(text_encoder_out_layers) x hidden_size, every layer index "
         "<= num_hidden_layers (FLUX.2-dev: Mistral-3, layers (10, 20, 30); klein: Qwen3, layers (9, 18, 27))"

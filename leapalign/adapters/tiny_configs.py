@@ -175,7 +175,7 @@ def byte_level_vocab(extra: tuple[str, ...] = ()) -> dict[str, int]:
     return vocab
 
 
-def _tiny_qwen3(seed: int):
+def _tiny_qwen3(seed: int, layers: int = 2):
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = Qwen2Tokenizer(vocab=byte_level_vocab(("<|endoftext|>",)), merges=[])
@@ -184,7 +184,7 @@ def _tiny_qwen3(seed: int):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     config = Qwen3Config(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        hidden_size=16, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
         head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
     )
     encoder = Qwen3ForCausalLM(config)
@@ -192,7 +192,7 @@ def _tiny_qwen3(seed: int):
     return encoder.eval(), tokenizer
 
 
-def _tiny_mistral3(seed: int):
+def _tiny_mistral3(seed: int, layers: int = 2):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig, PreTrainedTokenizerFast
 
@@ -208,7 +208,7 @@ def _tiny_mistral3(seed: int):
     )
     config = Mistral3Config(
         text_config=MistralConfig(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
         ),
         vision_config=PixtralVisionConfig(
@@ -229,19 +229,25 @@ def tiny_flux2_pipeline(
     seed: int = 0,
     with_text_encoder: bool = True,
     scheduler: Any = None,
+    pipeline_text_layers: bool = False,
 ):
     """A ``Flux2Pipeline`` (``"dev"``) or ``Flux2KleinPipeline`` (klein variants) of tiny random models.
 
     With ``with_text_encoder`` dev gets a tiny Mistral-3 and klein a tiny Qwen3 (2 layers x 16 dims:
-    call the pipeline and the adapter with ``text_encoder_out_layers=FLUX2_TEXT_LAYERS``).
+    call the pipeline and the adapter with ``text_encoder_out_layers=FLUX2_TEXT_LAYERS``). With
+    ``pipeline_text_layers`` the encoder is deep enough for the pipeline's own default layers (dev:
+    10, 20, 30; klein: 9, 18, 27) and the transformer takes their 3 x 16 = 48 stacked dims, so code
+    that cannot pass ``text_encoder_out_layers`` (the trainer, the CLI) runs the pipeline's defaults.
     """
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
-    transformer = tiny_flux2_transformer(variant, dtype=dtype, seed=seed)
+    overrides = dict(joint_attention_dim=48) if pipeline_text_layers else {}
+    layers = (30 if variant == "dev" else 27) if pipeline_text_layers else 2
+    transformer = tiny_flux2_transformer(variant, dtype=dtype, seed=seed, **overrides)
     vae = tiny_flux2_vae(dtype=dtype, seed=seed + 1)
     scheduler = scheduler if scheduler is not None else flux2_scheduler()
     build = _tiny_mistral3 if variant == "dev" else _tiny_qwen3
-    encoder, tokenizer = build(seed + 2) if with_text_encoder else (None, None)
+    encoder, tokenizer = build(seed + 2, layers) if with_text_encoder else (None, None)
     if encoder is not None:
         encoder = _cast(encoder, dtype)
     if variant == "dev":
