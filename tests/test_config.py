@@ -99,14 +99,33 @@ def test_round_trip_through_yaml(tmp_path):
 def test_example_configs_validate():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("flux_*.yaml"))
-    assert configs
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted([*folder.glob("flux_*.yaml"), *folder.glob("flux2_*.yaml"), *folder.glob("sd35_*.yaml")])
+    assert {"flux2_klein_lora_pickscore.yaml", "sd35_medium_lora_pickscore.yaml"} <= {p.name for p in configs}
     for path in configs:
         c = LeapAlignConfig.from_file(path)
         assert c.model_path and c.reward_specs and c.prompt_file
         from leapalign.objectives import build_objective
 
         build_objective(c.objective_name, **c.objective)
+
+
+def test_family_configs_name_their_public_checkpoints_and_pipeline_settings():
+    """FLUX.2-klein base and SD3.5-medium LoRA configs: the hub names (the planner's built-ins), CFG
+    guidance and prompt lengths of their pipelines, LoRA targets left to the family's default."""
+    from pathlib import Path
+
+    from leapalign.training.config import FLUX_LORA_TARGET_MODULES
+    from leapalign.training.plan_models import model_spec
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    expected = {"flux2_klein_lora_pickscore.yaml": ("FLUX.2-klein-base-4B", "flux2", 4.0, 512),
+                "sd35_medium_lora_pickscore.yaml": ("SD3.5-medium", "sd3", 4.5, 256)}
+    for name, (model, family, guidance, length) in expected.items():
+        c = LeapAlignConfig.from_file(folder / name)
+        spec = model_spec(c.model_path, c.model_max_sequence_length)
+        assert (spec.name, spec.family, c.model_guidance, c.model_max_sequence_length) == (model, family, guidance, length)
+        assert c.train_mode == "lora" and c.lora_target_modules == FLUX_LORA_TARGET_MODULES  # left unset: the family's
 
 
 def test_optional_field_error_says_null_is_allowed():
