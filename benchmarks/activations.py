@@ -1,27 +1,31 @@
-"""``python -m benchmarks activations``: bytes saved for backward by one Flux forward, patched vs eager.
+"""``python -m benchmarks activations``: bytes saved for backward by one transformer forward, patched vs eager.
 
-One forward of a diffusers ``FluxTransformer2DModel`` (random weights, same weights for both
-variants) with autograd on; every tensor autograd saves is counted through
+One forward of a diffusers transformer (random weights, same weights for both variants) with
+autograd on; every tensor autograd saves is counted through
 ``torch.autograd.graph.saved_tensors_hooks`` (unique storages once, parameters and views of them
 excluded: they are resident anyway). ``eager`` is diffusers as shipped; ``patched`` is the same
-model after ``leapkernels.apply_leapkernels_to_flux`` (all fusions on). DESIGN §3's target:
-patched <= 0.5x eager.
+model after ``leapkernels.apply_leapkernels`` (all fusions on). DESIGN §3's target: patched <= 0.5x eager.
+
+``--model-family``: ``flux`` (FLUX.1, ``FluxTransformer2DModel``; results ``activations_DEVICE``),
+``flux2`` (``Flux2Transformer2DModel``) or ``sd3`` (SD3.5-style ``SD3Transformer2DModel``: dual
+attention, RMS QK-norm); results ``activations_DEVICE_FAMILY`` for the last two.
 
 ``max_rel_err``: the largest ``max|x - truth| / max|truth|`` over the output and every parameter
 gradient (one fixed random cotangent), against the fp64 model with the same weights; eager's own
 figure is beside it, so the patched one can be read against the flash-attention rule (<= 2x).
 
-Default model (``--model cpu``): 4 heads x 64 (width 256), 2 double + 4 single blocks,
-1,024 image + 64 text = 1,088 tokens, batch 1. On CPU the fused ops run their PyTorch reference
-backend (the bytes saved do not depend on the backend: the autograd.Functions save the same
-tensors); on CUDA the compiled Triton kernels.
+Default models (``--model cpu``), batch 1, 4 heads x 64 (width 256), 1,024 image + 64 text tokens:
+FLUX.1 2 double + 4 single blocks; FLUX.2 2 double + 4 single blocks (mlp ratio 3, no guidance:
+klein-like); SD3 4 joint blocks (the first 2 with SD3.5's dual attention), RMS QK-norm. On CPU the
+fused ops run their PyTorch reference backend (the bytes saved do not depend on the backend: the
+autograd.Functions save the same tensors); on CUDA the compiled Triton kernels.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,39 +35,83 @@ from benchmarks.report import Column, ResultDoc, format_bytes, write_results
 from leapalign.models.tiny_flux import tiny_flux_spec
 from leapalign.profiling import SavedTensorCounter
 
-__all__ = ["main", "MODELS", "saved_bytes_of_forward"]
+__all__ = ["main", "MODELS", "FAMILIES", "saved_bytes_of_forward"]
 
-def _model(spec_name: str, latent_side: int, text_tokens: int) -> dict[str, Any]:
+FAMILIES = {"flux": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3.5"}
+
+
+def _flux(spec_name: str, latent_side: int, text_tokens: int) -> dict[str, Any]:
     """A ``leapalign.models.tiny_flux`` config without guidance embeddings, at the given token counts."""
     config = dict(tiny_flux_spec(spec_name).transformer, guidance_embeds=False)
     return dict(config=config, latent_side=latent_side, text_tokens=text_tokens)
 
 
-MODELS: dict[str, dict[str, Any]] = {"cpu": _model("cpu-wide", 32, 64), "tiny": _model("test", 4, 8)}
+def _flux2(width_heads: tuple[int, int], blocks: tuple[int, int], latent_side: int, text_tokens: int) -> dict[str, Any]:
+    heads, head_dim = width_heads
+    config = dict(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
+                  attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=128,
+                  timestep_guidance_channels=64, axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
+    return dict(config=config, latent_side=latent_side, text_tokens=text_tokens)
 
 
-def _build(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def _sd3(width_heads: tuple[int, int], layers: int, dual: int, latent_side: int, text_tokens: int) -> dict[str, Any]:
+    heads, head_dim = width_heads
+    config = dict(sample_size=2 * latent_side, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=head_dim,
+                  num_attention_heads=heads, joint_attention_dim=128, caption_projection_dim=heads * head_dim,
+                  pooled_projection_dim=64, out_channels=16, pos_embed_max_size=latent_side,
+                  dual_attention_layers=tuple(range(dual)), qk_norm="rms_norm")
+    return dict(config=config, latent_side=latent_side, text_tokens=text_tokens)
+
+
+MODELS: dict[str, dict[str, dict[str, Any]]] = {
+    "flux": {"cpu": _flux("cpu-wide", 32, 64), "tiny": _flux("test", 4, 8)},
+    "flux2": {"cpu": _flux2((4, 64), (2, 4), 32, 64), "tiny": _flux2((2, 16), (1, 1), 4, 8)},
+    "sd3": {"cpu": _sd3((4, 64), 4, 2, 32, 64), "tiny": _sd3((2, 16), 2, 1, 4, 8)},
+}
+"""family -> model name -> transformer config and token counts (``latent_side``^2 image tokens)."""
+
+
+def _positions(side: int, axes: int) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    ids = [torch.zeros_like(rows), rows, cols] + [torch.zeros_like(rows)] * (axes - 3)
+    return torch.stack(ids, dim=-1).reshape(-1, axes).float()
+
+
+def _inputs(family: str, spec: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Batch-1 inputs of ``family``'s transformer, drawn latents, text, pooled text (timesteps exact
+    in bf16: the fp64 truth sees the same)."""
+    cfg, side, n_txt = spec["config"], spec["latent_side"], spec["text_tokens"]
+    if family == "sd3":
+        latents = torch.randn(1, cfg["in_channels"], 2 * side, 2 * side, generator=g)
+    else:
+        latents = torch.randn(1, side * side, cfg["in_channels"], generator=g)
+    inputs = dict(hidden_states=latents, encoder_hidden_states=torch.randn(1, n_txt, cfg["joint_attention_dim"], generator=g))
+    if family == "sd3":
+        return dict(inputs, pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
+                    timestep=torch.tensor([500.0]))
+    if family == "flux":
+        return dict(inputs, pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
+                    timestep=torch.tensor([0.5]), img_ids=_positions(side, 3), txt_ids=torch.zeros(n_txt, 3))
+    txt_ids = torch.cat([torch.zeros(n_txt, 3), torch.arange(n_txt, dtype=torch.float32)[:, None]], dim=1)
+    return dict(inputs, timestep=torch.tensor([0.5]), img_ids=_positions(side, 4), txt_ids=txt_ids)
+
+
+def _model_class(family: str) -> Callable[..., torch.nn.Module]:
+    import diffusers
+
+    return getattr(diffusers, {"flux": "FluxTransformer2DModel", "flux2": "Flux2Transformer2DModel",
+                               "sd3": "SD3Transformer2DModel"}[family])
+
+
+def _build(family: str, name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """The model (weights ~ N(0, 0.05), seeded) and its inputs (batch 1)."""
-    from diffusers import FluxTransformer2DModel
-
-    spec = MODELS[name]
+    spec = MODELS[family][name]
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**spec["config"])
+    model = _model_class(family)(**spec["config"])
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
-    side, n_txt, cfg = spec["latent_side"], spec["text_tokens"], spec["config"]
-    g = torch.Generator().manual_seed(seed + 1)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
-    inputs = dict(
-        hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(1, n_txt, cfg["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
-        timestep=torch.tensor([0.5]),  # 500 after the x1000: exact in bf16, so the fp64 truth sees the same input
-        img_ids=img_ids,
-        txt_ids=torch.zeros(n_txt, 3),
-    )
+    inputs = _inputs(family, spec, torch.Generator().manual_seed(seed + 1))
     model = model.to(device=device, dtype=dtype)
     inputs = {k: v.to(device=device, dtype=dtype if k not in ("img_ids", "txt_ids") else v.dtype) for k, v in inputs.items()}
     return model, inputs
@@ -93,15 +141,19 @@ def _rel(x: torch.Tensor, truth: torch.Tensor) -> float:
 _FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2.0**-10, torch.float16: 2.0**-13, torch.float64: 1e-12}
 
 
-def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) -> list[dict[str, Any]]:
+def _tokens(family: str, model_name: str) -> int:
+    spec = MODELS[family][model_name]
+    return spec["latent_side"] ** 2 + spec["text_tokens"]
+
+
+def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device, family: str = "flux") -> list[dict[str, Any]]:
     """One eager and one patched record per dtype."""
-    from leapkernels.flux import apply_leapkernels_to_flux
+    from leapkernels import apply_leapkernels
 
     records = []
     for dtype in dtypes:
-        eager, inputs = _build(model_name, dtype, device)
-        patched = copy.deepcopy(eager)
-        apply_leapkernels_to_flux(patched)
+        eager, inputs = _build(family, model_name, dtype, device)
+        patched = apply_leapkernels(copy.deepcopy(eager))
         truth = copy.deepcopy(eager).to(torch.float64)
         truth_inputs = {k: (v.double() if v.is_floating_point() and "ids" not in k else v) for k, v in inputs.items()}
         out_t = truth(**truth_inputs, return_dict=False)[0]
@@ -117,8 +169,8 @@ def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device) ->
             floor = _FLOOR[dtype]
             within = sum(errs[k] <= 2 * eager_errs[k] + floor for k in errs)
             records.append(dict(
-                variant=variant, dtype=str(dtype).replace("torch.", ""), model=model_name,
-                tokens=inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1],
+                variant=variant, dtype=str(dtype).replace("torch.", ""), model=model_name, family=family,
+                tokens=_tokens(family, model_name),
                 saved_bytes=nbytes, ratio_vs_eager=nbytes / eager_bytes, output_rel_err=errs["output"],
                 max_rel_err=max(errs.values()), within_2x_eager=f"{within}/{len(errs)}", status="ok",
             ))
@@ -148,7 +200,9 @@ NOTES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = suite_parser("activations", __doc__)
-    parser.add_argument("--model", default="cpu", choices=sorted(MODELS))
+    parser.add_argument("--model-family", default="flux", choices=sorted(FAMILIES),
+                        help="flux (FLUX.1), flux2 (FLUX.2) or sd3 (SD3.5): the diffusers transformer measured")
+    parser.add_argument("--model", default="cpu", choices=sorted(MODELS["flux"]))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     add_output_args(parser, "activations_DEVICE.json")
@@ -159,14 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     device = torch.device(args.device)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    records = run(args.model, dtypes, device)
-    spec = MODELS[args.model]
-    config = dict(model=args.model, **spec["config"], image_tokens=spec["latent_side"] ** 2,
+    family = args.model_family
+    records = run(args.model, dtypes, device, family)
+    spec = MODELS[family][args.model]
+    config = dict(model_family=family, model=args.model, **spec["config"], image_tokens=spec["latent_side"] ** 2,
                   text_tokens=spec["text_tokens"], batch=1, device=args.device)
     summary = {f"patched_over_eager_{r['dtype']}": r["ratio_vs_eager"] for r in records if r["variant"] == "patched"}
     doc = ResultDoc("activations", machine_info(["activations", *argv]), config, records, summary)
-    write_results(*output_paths(args, f"activations_{args.device}.json"), doc, COLUMNS,
-                  f"Saved activations: leapkernels-patched vs eager Flux ({args.device})", NOTES)
+    name = f"activations_{args.device}.json" if family == "flux" else f"activations_{args.device}_{family}.json"
+    write_results(*output_paths(args, name), doc, COLUMNS,
+                  f"Saved activations: leapkernels-patched vs eager {FAMILIES[family]} ({args.device})", NOTES)
     return 0
 
 

@@ -13,7 +13,7 @@ from leapkernels import backend
 from leapkernels.flux2 import LeapFlux2ParallelProcessor, apply_leapkernels_to_flux2, revert_flux2
 from leapkernels.flux_attention import LeapFluxAttnProcessor
 
-from .patch_harness import assert_close, assert_same, compare_patched, run_model
+from .patch_harness import assert_close, assert_same, compare_patched, run_model, saved_bytes_ratio
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Flux2Transformer2DModel  # noqa: E402
@@ -166,3 +166,11 @@ def test_a_flux2_with_another_feed_forward_is_refused_by_name():
     with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.ff_context is not a SwiGLU Flux2FeedForward"):
         lk.apply_leapkernels(model)
     assert not lk.is_patched(model)
+
+
+@backend.force_backend("reference")  # what is saved does not depend on the backend
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_patched_flux2_saves_at_most_half_the_eager_bytes_in_bf16(name):
+    """DESIGN §3's target, on the test models (benchmarks/results/activations_cpu_flux2.md: 1,088 tokens)."""
+    model, inputs = _model(name)
+    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.5

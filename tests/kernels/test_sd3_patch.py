@@ -12,7 +12,7 @@ import leapkernels as lk
 from leapkernels import backend
 from leapkernels.sd3 import LeapJointAttnProcessor, apply_leapkernels_to_sd3, revert_sd3
 
-from .patch_harness import assert_close, assert_same, compare_patched, run_model
+from .patch_harness import assert_close, assert_same, compare_patched, run_model, saved_bytes_ratio
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
@@ -140,3 +140,10 @@ def test_an_sd3_with_another_qk_norm_is_refused_by_name():
                                                   r"SD3's qk_norm 'rms_norm'"):
         lk.apply_leapkernels(model)
     assert not lk.is_patched(model)
+
+
+@backend.force_backend("reference")  # what is saved does not depend on the backend
+def test_patched_sd35_saves_at_most_half_the_eager_bytes_in_bf16():
+    """DESIGN §3's target, on the SD3.5 test model (benchmarks/results/activations_cpu_sd3.md: 1,088 tokens)."""
+    model, inputs = _model("sd35")
+    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.5
