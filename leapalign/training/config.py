@@ -19,7 +19,10 @@ from typing import Any, Sequence
 
 import yaml
 
+import torch
+
 from leapalign.dtypes import torch_dtype
+from leapalign.rollout_engine import COMPILE_MODES, CUDA_GRAPH_MODES, GRAD_STEP_PATHS, RolloutEngineConfig
 from leapalign.training.errors import ConfigError
 from leapalign.training.fields import close_matches, validate_fields
 
@@ -44,6 +47,11 @@ FLUX_LORA_TARGET_MODULES: list[str] = [
     "proj_mlp",
     "proj_out",
 ]
+
+#: ``rollout_compile=auto`` compiles runs of at least this many optimiser steps (cpu-bench, one
+#: thread: ~30 s to compile against ~0.1 s saved per LeapAlign iteration at T = 25; see
+#: ``python -m benchmarks throughput``, which reports the pay-back).
+AUTO_COMPILE_MIN_STEPS = 100
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: Command-line spellings that mean a field.
@@ -91,6 +99,11 @@ class LeapAlignConfig:
     model_gradient_checkpointing: bool = field(default=False, **_help("Checkpoint the transformer blocks (diffusers' enable_gradient_checkpointing)."))
     model_use_leapkernels: bool | None = field(default=None, **_help("Patch the Flux transformer with leapkernels' fused ops (apply_leapkernels_to_flux): true, false, or null = auto (patch when the network is a diffusers Flux transformer); the objective's own fused ops are objective.use_kernels."))
     model_vae_gradient_checkpointing: bool = field(default=True, **_help("Checkpoint the VAE decoder in the reward path."))
+
+    # ---- rollout engine --------------------------------------------------------------------------------
+    rollout_compile: str = field(default="auto", **_help("auto | off | default | max-autotune: run the no-grad rollout steps through torch.compile (inductor). auto = default when it pays: a transformer adapter, no FSDP, and train_num_steps >= 100 (compiling costs tens of seconds once); off runs everything eagerly."))
+    rollout_cuda_graphs: str = field(default="auto", **_help("auto | on | off: CUDA graphs for the compiled rollout (auto: on for CUDA, off on CPU)."))
+    rollout_grad_steps: str = field(default="eager", **_help("eager | compiled: the path of the grad-enabled steps (eager keeps leapkernels' memory savings)."))
 
     # ---- prompts ---------------------------------------------------------------------------------
     prompt_file: str | None = field(default=None, **_help("Prompts: .txt (one per line), .json (list of strings) or .jsonl ({'prompt': ...})."))
@@ -169,6 +182,9 @@ class LeapAlignConfig:
         need(self.sample_every >= 0, "sample_every", ">= 0")
         need(self.sample_num_images >= 1, "sample_num_images", ">= 1")
         need(self.sample_num_steps >= 1, "sample_num_steps", ">= 1")
+        need(self.rollout_compile in ("auto",) + COMPILE_MODES, "rollout_compile", f"one of {('auto',) + COMPILE_MODES}")
+        need(self.rollout_cuda_graphs in CUDA_GRAPH_MODES, "rollout_cuda_graphs", f"one of {CUDA_GRAPH_MODES}")
+        need(self.rollout_grad_steps in GRAD_STEP_PATHS, "rollout_grad_steps", f"one of {GRAD_STEP_PATHS}")
         need(self.ckpt_every >= 0, "ckpt_every", ">= 0")
         need(self.ckpt_keep_last >= 0, "ckpt_keep_last", ">= 0")
         need(bool(self.output_dir), "output_dir", "a directory path")
@@ -221,6 +237,17 @@ class LeapAlignConfig:
             return config_class(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"objective (objective_name={self.objective_name!r}): {exc}") from None
+
+    def rollout_engine(self, model: Any, distributed: str = "none") -> RolloutEngineConfig:
+        """The rollout engine for ``model`` trained under ``distributed``: ``rollout_compile`` resolved
+        (``auto``: compile a transformer adapter's rollout, without FSDP, on runs of at least
+        `AUTO_COMPILE_MIN_STEPS` steps, where the compile time is paid back)."""
+        mode = self.rollout_compile
+        if mode == "auto":
+            pays = self.train_num_steps >= AUTO_COMPILE_MIN_STEPS and distributed != "fsdp"
+            compilable = isinstance(getattr(model, "transformer", None), torch.nn.Module)
+            mode = "default" if pays and compilable else "off"
+        return RolloutEngineConfig(mode, self.rollout_cuda_graphs, self.rollout_grad_steps)
 
     # ------------------------------------------------------------------------------------------
     @classmethod

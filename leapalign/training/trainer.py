@@ -37,6 +37,7 @@ import yaml
 from torch import nn
 
 from leapalign.prompts import PromptSource
+from leapalign.rollout_engine import wrap_rollout
 from leapalign.rewards.base import RewardFn, RewardNotDifferentiableError
 from leapalign.training import checkpointing, wiring
 from leapalign.training.checkpoint_dir import checkpoint_root, resolve_resume
@@ -105,7 +106,6 @@ class LeapAlignTrainer:
         elif hasattr(model, "to") and callable(model.to):
             model.to(self.device)
         self.model = model
-        self._rollout_model = wiring.VelocityInInputDtype(model) if cfg.mixed_precision != "no" else model
         self.prompt_encoder = wiring.make_prompt_encoder(prompt_encoder, self.pipeline, model, cfg, self.device)
         self._precompute_prompts()  # before LoRA/upcasting/sharding: the text encoders leave memory first
         self.reward = reward if reward is not None else wiring.build_reward(cfg, self.device)
@@ -117,6 +117,9 @@ class LeapAlignTrainer:
         self.distributed = wiring.resolve_distributed(cfg, self.accelerator)
         if self.distributed == "fsdp":
             wiring.apply_fsdp(cfg, self.network)
+        # the rollout engine (rollout_compile): compiled lazily, so it compiles the LoRA'd, patched, sharded network
+        self.rollout = wrap_rollout(model, cfg.rollout_engine(model, self.distributed))
+        self._rollout_model = wiring.VelocityInInputDtype(self.rollout) if cfg.mixed_precision != "no" else self.rollout
         self.param_names, self.params = wiring.trainable_parameters(self.state_module)
         if self.distributed == "ddp":
             wiring.broadcast_parameters(self.params)
