@@ -11,6 +11,10 @@ iteration (objective forward + ``loss.backward()``, no optimiser step) and recor
 
 On CPU every point runs in a fresh subprocess by default (``--isolate``): glibc keeps freed memory
 in its arenas, so a later point in the same process would reuse it and under-report its peak.
+
+``--model-family flux2|sd3`` runs the same sweep on that family's tiny model
+(:mod:`benchmarks.families`; ``--model`` is FLUX.1's); results go to ``memory_DEVICE_FAMILY.json``.
+Methods with leapkernels are left out, and the run says so, until leapkernels patches that family.
 """
 from __future__ import annotations
 
@@ -52,22 +56,31 @@ NOTES = (
 )
 
 
+def _build(config: WorkloadConfig, family: str, kernels: bool) -> Workload:
+    if family == "flux":
+        return build_workload(config, kernels=kernels)
+    from benchmarks.families import build_family_workload
+
+    return build_family_workload(config, family, kernels=kernels)
+
+
 def measure_point(method: Method, steps: int, config: WorkloadConfig,
-                  shared: list[Workload] | None = None) -> dict[str, Any]:
+                  shared: list[Workload] | None = None, family: str = "flux") -> dict[str, Any]:
     """One (method, T) point in this process; never raises for OOM/errors, records them instead.
 
     ``shared`` is one workload reused across points in in-process mode (the FLUX.1-dev build takes
-    a while), patched or reverted to suit the method; without it the point builds its own.
+    a while), patched or reverted to suit the method; without it the point builds its own (always,
+    for a ``family`` other than FLUX.1's).
     """
     record: dict[str, Any] = {"method": method.name, "label": method.label, "steps": steps, "status": "ok",
                               "saved_bytes": None, "peak_bytes": None, "seconds": None}
     try:
-        if shared:
+        if shared and family == "flux":
             workload = shared[0]
             workload.use_kernels(method.kernels)
         else:
-            workload = build_workload(config, kernels=method.kernels)
-            if shared is not None:
+            workload = _build(config, family, method.kernels)
+            if shared is not None and family == "flux":
                 shared.append(workload)
         objective = build_method_objective(method, steps)
         record.update(workload.info)
@@ -113,7 +126,7 @@ def _nvml_probe(device: torch.device, stack: contextlib.ExitStack) -> NvmlPeak |
 def _point_argv(args: argparse.Namespace, method: Method, steps: int) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks", "memory", "--point", method.name, str(steps),
             "--device", args.device, "--model", args.model, "--dtype", args.dtype,
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--model-family", args.model_family]
     if args.lora_rank is not None:
         argv += ["--lora-rank", str(args.lora_rank)]
     if args.threads is not None:
@@ -140,23 +153,45 @@ def _measure_isolated(args: argparse.Namespace, method: Method, steps: int) -> d
 
 def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     config = workload_config(args)
-    methods = resolve_methods(args.methods)
+    methods, skipped = _family_methods(resolve_methods(args.methods), args.model_family)
     isolate = args.isolate if args.isolate is not None else config.device == "cpu"
     records = []
     shared: list[Workload] = []
     for steps in args.steps:
         for method in methods:
             t0 = time.perf_counter()
-            rec = _measure_isolated(args, method, steps) if isolate else measure_point(method, steps, config, shared)
+            rec = (_measure_isolated(args, method, steps) if isolate
+                   else measure_point(method, steps, config, shared, args.model_family))
             rec["isolated"] = isolate
             records.append(rec)
             print(f"  memory {method.name:>18} T={steps:<3} saved={format_bytes(rec.get('saved_bytes')):>9} MiB "
                   f"peak={format_bytes(rec.get('peak_bytes')):>9} MiB  {rec['status']} ({time.perf_counter() - t0:.1f}s)",
                   flush=True)
-    run_config = {**config.as_dict(), "steps": list(args.steps), "methods": [m.name for m in methods],
+    run_config = {**config.as_dict(), "model_family": args.model_family, "steps": list(args.steps),
+                  "methods": [m.name for m in methods], "methods_left_out": skipped,
                   "isolated_per_point": isolate, "measurement": "one iteration = objective forward + backward, no optimiser step"}
     summary = headline.memory_headline(records, args.steps)
     return ResultDoc("memory", machine_info(["memory", *argv]), run_config, records, summary)
+
+
+def _family_methods(methods: list[Method], family: str) -> tuple[list[Method], dict[str, str]]:
+    """``methods`` less the leapkernels ones where leapkernels cannot patch ``family`` (and why)."""
+    if family == "flux":
+        return methods, {}
+    from benchmarks.families import kernels_available
+
+    if kernels_available(family):
+        return methods, {}
+    why = f"leapkernels has no fused blocks for the {family} transformer yet (leapkernels.apply_leapkernels missing)"
+    return [m for m in methods if not m.kernels], {m.name: why for m in methods if m.kernels}
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, str]:
+    if args.model_family == "flux":
+        return default_paths("memory", args)
+    from benchmarks.options import output_paths
+
+    return output_paths(args, f"memory_{args.device}_{args.model_family}.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,18 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", dest="isolate", action="store_false",
                         help="all points in this process (default on CUDA; CPU peaks become lower bounds)")
     parser.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per isolated point")
+    parser.add_argument("--model-family", default="flux", choices=("flux", "flux2", "sd3"),
+                        help="flux: --model's FLUX.1 config; flux2 / sd3: that family's tiny model (benchmarks.families)")
     parser.add_argument("--point", nargs=2, metavar=("METHOD", "STEPS"), default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
+    if args.model_family != "flux" and args.model != "cpu-bench":
+        raise SystemExit(f"memory: --model={args.model!r} names a FLUX.1 config; --model-family {args.model_family} "
+                         "runs that family's tiny model (leave --model out)")
     if args.point is not None:
         method = resolve_methods([args.point[0]])[0]
-        record = measure_point(method, int(args.point[1]), workload_config(args))
+        record = measure_point(method, int(args.point[1]), workload_config(args), family=args.model_family)
         print(_RECORD_MARK + json.dumps(record), flush=True)
         return 0
     doc = run_suite(args, argv)
     print("headline:", json.dumps(doc.summary))
-    write_results(*default_paths("memory", args), doc, COLUMNS, f"Memory per iteration ({args.device}, {args.model})", NOTES)
+    model = args.model if args.model_family == "flux" else args.model_family
+    write_results(*_paths(args), doc, COLUMNS, f"Memory per iteration ({args.device}, {model})", NOTES)
     return 0 if all(r["status"] in ("ok", "oom") for r in doc.records) else 1

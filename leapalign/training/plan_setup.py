@@ -220,7 +220,9 @@ def build_setup(cfg: Any, spec: ModelSpec, *, world_size: int = 1, leapkernels: 
         model = _build_adapter(cfg, spec)
         net = model.transformer
         wiring.setup_trainable(cfg, model, net, pipeline=None)
-        wiring.apply_leapkernels(cfg, net, enabled=leapkernels)
+        patched = wiring.apply_leapkernels(cfg, net, enabled=leapkernels)
+        if not patched and (cfg.model_use_leapkernels if leapkernels is None else leapkernels) is None:
+            notes.append(f"leapkernels: no fused blocks for {type(net).__name__} yet; planned eager")
         reward, reward_modules = _build_reward(cfg, prompts, notes)
     _to_fake([m for m in (net, model.vae, *reward_modules) if m is not None], mode, torch.device("cpu"))
     for module in reward_modules:
