@@ -31,7 +31,9 @@ def kernels_available(family: str) -> bool:
     """Whether leapkernels can patch this family's transformer (``apply_leapkernels`` dispatches on the class)."""
     import leapkernels
 
-    return family == "flux" or hasattr(leapkernels, "apply_leapkernels")
+    from leapalign.adapters.families import family_named
+
+    return family_named(family).transformer in leapkernels.supported_models()
 
 
 def _model(family: str, dtype: torch.dtype, seed: int) -> Any:

@@ -136,21 +136,20 @@ def test_an_unsupported_pipeline_is_one_config_error_line():
         adapter_from_pipeline(StableDiffusionXLPipeline(), _config("/tmp/unused"), torch.device("cpu"))
 
 
-def test_leapkernels_on_a_family_it_cannot_patch_is_a_clear_error():
+def test_leapkernels_auto_patches_every_family_and_refuses_other_networks():
     import leapkernels
 
-    from leapalign.adapters.tiny_configs import tiny_sd3_transformer
+    from leapalign.adapters.tiny_configs import tiny_flux2_transformer, tiny_sd3_transformer
     from leapalign.training.errors import ConfigError
     from leapalign.training.wiring import apply_leapkernels
 
-    net = tiny_sd3_transformer()
-    if hasattr(leapkernels, "apply_leapkernels"):  # the dispatching patch exists: SD3 is patched
-        assert apply_leapkernels(_config("/tmp/unused", model_use_leapkernels=True), net)
-        return
-    assert not apply_leapkernels(_config("/tmp/unused"), net)  # auto: leave it eager
-    with pytest.raises(ConfigError, match=r"no fused blocks for SD3Transformer2DModel \(SD3 / SD3.5\).*"
-                                          r"model_use_leapkernels: false"):
-        apply_leapkernels(_config("/tmp/unused", model_use_leapkernels=True), net)
+    for net in (tiny_flux2_transformer("klein"), tiny_sd3_transformer()):
+        assert apply_leapkernels(_config("/tmp/unused"), net) and leapkernels.is_patched(net)  # null = auto
+        assert not apply_leapkernels(_config("/tmp/unused", model_use_leapkernels=False), torch.nn.Linear(2, 2))
+    assert not apply_leapkernels(_config("/tmp/unused"), torch.nn.Linear(2, 2))  # auto leaves it eager
+    with pytest.raises(ConfigError, match=r"no fused blocks for Linear; it patches FluxTransformer2DModel, "
+                                          r"Flux2Transformer2DModel, SD3Transformer2DModel: set model_use_leapkernels: false"):
+        apply_leapkernels(_config("/tmp/unused", model_use_leapkernels=True), torch.nn.Linear(2, 2))
 
 
 # -- the command line -----------------------------------------------------------------------------

@@ -317,29 +317,22 @@ def apply_leapkernels(cfg: LeapAlignConfig, net: Any, enabled: bool | None = Non
     """Swap leapkernels' fused ops into ``net`` when asked; returns whether it patched.
 
     ``enabled`` overrides ``cfg.model_use_leapkernels`` (None: the config's choice, whose ``null``
-    means "patch when leapkernels has fused blocks for this network's class"). FLUX.1 has
-    ``apply_leapkernels_to_flux``; other families need ``leapkernels.apply_leapkernels`` (which
-    dispatches on the model class) -- asking for the patch where none exists is a ConfigError.
+    means "patch when leapkernels has fused blocks for this network's class"). ``leapkernels.apply_leapkernels``
+    dispatches on the class (FLUX.1, FLUX.2, SD3); asking for the patch on any other network is a ConfigError.
     """
     import leapkernels
 
     use = cfg.model_use_leapkernels if enabled is None else enabled
-    family = network_family(net)
-    dispatch = getattr(leapkernels, "apply_leapkernels", None)
-    patchable = family is not None and (family.name == "flux" or dispatch is not None)
+    supported = tuple(leapkernels.supported_models())
+    patchable = net is not None and any(name in supported for name in (c.__name__ for c in type(net).__mro__))
     if use is False or (use is None and not patchable):
         return False
     if not patchable:
-        found = type(net).__name__ if family is None else f"{type(net).__name__} ({family.label})"
-        raise ConfigError(
-            f"model_use_leapkernels=true but leapkernels has no fused blocks for {found}; it patches "
-            f"{'FluxTransformer2DModel (FLUX.1)' if dispatch is None else 'diffusers FLUX.1, FLUX.2 and SD3 transformers'}: "
-            "set model_use_leapkernels: false"
-        )
-    if dispatch is not None:
-        dispatch(net)
-    else:
-        leapkernels.apply_leapkernels_to_flux(net)
+        family = network_family(net)
+        found = type(net).__name__ + ("" if family is None else f" ({family.label})")
+        raise ConfigError(f"model_use_leapkernels=true but leapkernels has no fused blocks for {found}; it patches "
+                          f"{', '.join(supported)}: set model_use_leapkernels: false")
+    leapkernels.apply_leapkernels(net)
     return True
 
 
