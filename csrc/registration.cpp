@@ -27,4 +27,7 @@ TORCH_LIBRARY(leapkernels_native, m) {
   // tanh-GELU (csrc/gelu.cpp)
   m.def("gelu_fwd(Tensor h, Tensor(a!) out) -> ()");
   m.def("gelu_bwd(Tensor grad, Tensor h, Tensor(a!) dh) -> ()");
+  // SwiGLU (csrc/swiglu.cpp)
+  m.def("swiglu_fwd(Tensor h, Tensor(a!) out) -> ()");
+  m.def("swiglu_bwd(Tensor grad, Tensor h, Tensor(a!) dh) -> ()");
 }

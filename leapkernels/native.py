@@ -204,6 +204,18 @@ def _gelu_tanh_backward(da, h):
     return dh
 
 
+def _swiglu_forward(h):
+    out = backend.empty((h.shape[0], h.shape[1] // 2), dtype=h.dtype, device=h.device)
+    _ops().swiglu_fwd(h, out)
+    return out
+
+
+def _swiglu_backward(da, h):
+    dh = backend.empty(h.shape, dtype=h.dtype, device=h.device)
+    _ops().swiglu_bwd(da, h, dh)
+    return dh
+
+
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "leap_connector": (_leap_connector_forward, _leap_connector_backward),
     "grad_scale": (no_forward("grad_scale"), _grad_scale_backward),
@@ -211,22 +223,39 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
     "gated_residual": (_gated_residual_forward, _gated_residual_backward),
     "qk_norm_rope": (_qk_norm_rope_forward, _qk_norm_rope_backward),
     "gelu_tanh": (_gelu_tanh_forward, _gelu_tanh_backward),
+    "swiglu": (_swiglu_forward, _swiglu_backward),
 }
 """op name (as in ``leapkernels/ops/<op>.py``'s ``OP``) -> (forward, backward) kernel adapters."""
+
+LIBRARY_OPS: dict[str, tuple[str, ...]] = {"swiglu": ("swiglu_fwd", "swiglu_bwd")}
+"""Ops added after the first native release -> the library functions they call: a library built
+before them (a stale build) lacks these, and the op is then left to the other backends."""
+
+
+def _in_library(op: str) -> bool:
+    return all(hasattr(_ops(), name) for name in LIBRARY_OPS.get(op, ()))
+
+
+def missing_ops() -> tuple[str, ...]:
+    """Ops whose kernels the loaded library lacks (built from older sources; rebuild to get them)."""
+    return tuple(op for op in KERNELS if _STATUS.available and not _in_library(op))
 
 
 def register_all() -> tuple[str, ...]:
     """Register every native kernel pair with `leapkernels.backend`; returns the ops registered.
 
-    Idempotent; a no-op (returns ``()``) when the library is unavailable. Importing this module
+    Idempotent; a no-op (returns ``()``) when the library is unavailable; an op the loaded library
+    lacks (`missing_ops`: built from older sources) is skipped. Importing this module
     does not register anything: the package (or a test, a benchmark) decides when native joins
     the registry.
     """
     if not _STATUS.available:
         return ()
-    for op, (forward, backward) in KERNELS.items():
+    ops = tuple(op for op in KERNELS if _in_library(op))
+    for op in ops:
+        forward, backward = KERNELS[op]
         backend.register(op, NAME, backend.KernelSet(forward, backward))
-    return tuple(KERNELS)
+    return ops
 
 
 def unregister_all() -> None:
