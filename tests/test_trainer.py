@@ -235,3 +235,33 @@ def test_resume_logs_each_step_once_and_latest_without_a_checkpoint_says_so(tmp_
     resumed = LeapAlignTrainer(tiny_config(tmp_path / "run", train_num_steps=4, ckpt_resume_from="latest", **common), tiny_flux_pipeline())
     resumed.train()
     assert [m["step"] for m in _steps(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_rollout_compile_auto_is_on_for_long_runs_only_and_off_is_off(tmp_path):
+    from leapalign.rollout_engine import CompiledRollout
+
+    short = LeapAlignTrainer(tiny_config(tmp_path / "short"), tiny_flux_pipeline())  # 4 steps: compiling would not pay
+    assert short.rollout is short.model
+    long = LeapAlignTrainer(tiny_config(tmp_path / "long", train_num_steps=300), tiny_flux_pipeline())
+    assert isinstance(long.rollout, CompiledRollout) and long.rollout.wrapped is long.model
+    off = LeapAlignTrainer(tiny_config(tmp_path / "off", train_num_steps=300, rollout_compile="off"), tiny_flux_pipeline())
+    assert off.rollout is off.model
+    from leapalign.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout_compile='fast' is invalid"):
+        tiny_config(tmp_path / "bad", rollout_compile="fast")
+
+
+@pytest.mark.slow
+def test_compiled_rollout_run_resumes_bit_identically(tmp_path):
+    """4 steps straight == 2 steps, checkpoint, a new trainer resumes for 2 more; the rollout compiled."""
+    common = dict(rollout_compile="default", ckpt_save_final=True, train_lr_warmup_steps=3)
+    straight = LeapAlignTrainer(tiny_config(tmp_path / "a", **common), tiny_flux_pipeline())
+    straight.train()
+    assert straight.rollout.compiled_calls > 0
+    LeapAlignTrainer(tiny_config(tmp_path / "b", train_num_steps=2, **common), tiny_flux_pipeline()).train()
+    resumed = LeapAlignTrainer(tiny_config(tmp_path / "b", ckpt_resume_from="latest", **common), tiny_flux_pipeline())
+    resumed.train()
+    for name, p, q in zip(straight.param_names, straight.params, resumed.params):
+        assert torch.equal(p, q), name
+    assert straight.last_metrics["loss"] == resumed.last_metrics["loss"]
