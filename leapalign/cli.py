@@ -1,7 +1,7 @@
 """The ``leapalign`` command: ``train``, ``sample``, ``plan``, ``demo``, ``pretrain-toy``, ``--version``.
 
 Every user error (bad paths, empty or malformed prompt files, unknown reward or objective names,
-wrong types, unsupported devices, an output folder that is a file, not writable or held by another
+wrong types, unsupported devices, a model of an unsupported family or one its adapter cannot serve, an output folder that is a file, not writable or held by another
 run, a reward without a gradient) is reported on stderr as one line and exits with code 2; all but
 the last are found *before anything is written or a model is loaded* (see
 :mod:`leapalign.training.preflight`). A run that fails later exits with 1.
@@ -24,7 +24,8 @@ EXIT_FAILURE = 1
 _USAGE = """usage: leapalign COMMAND [ARGS]
 
 commands:
-  train CONFIG.yaml [--key value ...]   post-train with LeapAlign (leapalign train --help lists the keys)
+  train CONFIG.yaml [--key value ...]   post-train FLUX.1, FLUX.2 or SD3 with LeapAlign (the family is read from
+                                         model_path's model_index.json; leapalign train --help lists the keys)
   sample --model_path DIR [--checkpoint CKPT] --prompt TEXT --output OUT.png
   plan CONFIG.yaml [--key value ...] [--gpu NAME] [--world-size N] [--json PATH]
                                          memory per GPU, FLOPs and roofline time of a config on the
