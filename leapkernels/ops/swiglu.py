@@ -15,7 +15,9 @@ saving neither the activation nor the projection (as `gated_linear`): backward r
 ``h`` may be a strided view (the single blocks' MLP half of ``to_qkv_mlp_proj``'s output): the
 kernels read rows with any row stride and unit column stride, so nothing is copied or saved twice.
 The matmuls are PyTorch's (the calls eager makes), so forward results match eager's bitwise
-wherever eager computes in the same precision.
+wherever eager computes in the same precision. When no input needs a gradient (the no-grad
+rollout) the forward kernels run directly, without the Function; under ``torch.compile`` the ops
+lower to their references (as every leapkernels op).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import torch.nn.functional as F
 
 from leapkernels import backend
 from leapkernels.checks import check_shape, check_tensor, unit_last_stride
-from leapkernels.ops._common import acc_tl, device_fn, launch_options, register_op, row_launch, tl, triton
+from leapkernels.ops._common import (
+    acc_tl, compiling, device_fn, launch_options, needs_autograd, register_op, row_launch, tl, triton,
+)
 from leapkernels.ops.gated_residual import OP as GATED_RESIDUAL
 from leapkernels.ops.rounding import emulate_bf16_rtne, rounded
 
@@ -170,6 +174,15 @@ def _with_prefix(a: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
     return a if prefix is None else torch.cat([prefix, a], dim=-1)
 
 
+def _linear_forward(h, weight, bias, prefix):
+    return F.linear(_with_prefix(_act(h), prefix), weight, bias)
+
+
+def _gated_forward(residual, gate, h, weight, bias, prefix):
+    y = _linear_forward(h, weight, bias, prefix)
+    return backend.kernels_for(GATED_RESIDUAL, h.device).forward(unit_last_stride(residual), unit_last_stride(gate), y)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Saves h; backward recomputes the sigmoid."""
 
@@ -199,7 +212,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, prefix):
-        out = F.linear(_with_prefix(_act(h), prefix), weight, bias)
+        out = _linear_forward(h, weight, bias, prefix)
         ctx.save_for_backward(h, weight, prefix)
         ctx.has_bias = bias is not None
         return out
@@ -225,9 +238,7 @@ class GatedSwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, gate, h, weight, bias, prefix):
-        y = F.linear(_with_prefix(_act(h), prefix), weight, bias)
-        out = backend.kernels_for(GATED_RESIDUAL, h.device).forward(
-            unit_last_stride(residual), unit_last_stride(gate), y)
+        out = _gated_forward(residual, gate, h, weight, bias, prefix)
         ctx.save_for_backward(h, prefix, gate, weight, bias)
         return out
 
@@ -277,7 +288,12 @@ def _check_projection(h, weight, bias, prefix, like, like_name) -> None:
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """``silu(h[..., :K]) * h[..., K:]`` computed in fp32, saving only ``h`` (``[..., 2K]`` -> ``[..., K]``)."""
-    return SwiGLUFunction.apply(_check_h(h))
+    _check_h(h)
+    if compiling():
+        return swiglu_reference(h)
+    if not needs_autograd(h):
+        return _act(h)
+    return SwiGLUFunction.apply(h)
 
 
 def swiglu_linear(
@@ -291,6 +307,10 @@ def swiglu_linear(
     """
     _check_h(h)
     _check_projection(h, weight, bias, prefix, h, "h")
+    if compiling():
+        return swiglu_linear_reference(h, weight, bias, prefix)
+    if not needs_autograd(h, weight, bias, prefix):
+        return _linear_forward(h, weight, bias, prefix)
     return SwiGLULinearFunction.apply(h, weight, bias, prefix)
 
 
@@ -314,4 +334,8 @@ def gated_swiglu_linear(
     _check_projection(h, weight, bias, prefix, residual, "residual")
     if weight.shape[0] != n:
         raise ValueError(f"weight must have {n} output features (those of residual), got shape {tuple(weight.shape)}")
+    if compiling():
+        return gated_swiglu_linear_reference(residual, gate, h, weight, bias, prefix)
+    if not needs_autograd(residual, gate, h, weight, bias, prefix):
+        return _gated_forward(residual, gate, h, weight, bias, prefix)
     return GatedSwiGLULinearFunction.apply(residual, gate, h, weight, bias, prefix)

@@ -92,3 +92,23 @@ def test_every_family_names_a_diffusers_class_and_its_switches():
         assert getattr(diffusers, family.model_class) is not None
         assert family.model_class in lk.supported_models()
         assert all(isinstance(v, bool) for v in family.options().__dict__.values())
+
+
+@pytest.mark.parametrize("family", ["flux2", "sd3"])
+def test_compiled_patched_model_is_one_graph_with_the_eager_value(family):
+    """The rollout engine compiles the no-grad forward of the patched transformer: the patched
+    FLUX.2 / SD3 blocks trace (the fused ops lower to their references) in one graph, no break."""
+    from torch._dynamo.utils import counters
+
+    from . import test_flux2_patch, test_sd3_patch
+
+    module, name = {"flux2": (test_flux2_patch, "tiny-dev"), "sd3": (test_sd3_patch, "sd35")}[family]
+    model, inputs = module._model(name)
+    lk.apply_leapkernels(model)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        want = model(**inputs, return_dict=False)[0]
+        got = torch.compile(model, backend="aot_eager")(**inputs, return_dict=False)[0]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -162,3 +162,56 @@ def test_swiglu_walks_rows_wider_than_one_column_chunk(monkeypatch, dtype):
     _, block_d, _, _ = _common.row_launch(1, 6, 77, torch.device("cpu"))
     assert block_d < 77
     check_swiglu((2, 3, 2 * 77), "rows", "cpu", "triton", dtype)
+
+
+# ----------------------------------------------------------------------------- no-grad rollout, torch.compile
+def _no_grad_cases():
+    from leapkernels.ops import swiglu as sw
+
+    g = torch.Generator().manual_seed(0)
+    r, h, w = torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, 12, generator=g), torch.randn(5, 6, generator=g)
+    gate, pre = torch.randn(2, 5, generator=g), torch.randn(2, 7, 2, generator=g)
+    return {
+        "swiglu": (sw.SwiGLUFunction, lambda p: lk.swiglu(p), h),
+        "swiglu_linear": (sw.SwiGLULinearFunction, lambda p: lk.swiglu_linear(h, p, None, pre), torch.randn(5, 8)),
+        "gated_swiglu_linear": (sw.GatedSwiGLULinearFunction, lambda p: lk.gated_swiglu_linear(r, gate, h, p), w),
+    }
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("op", list(_no_grad_cases()))
+def test_no_grad_call_skips_the_function_and_matches_it_bit_for_bit(op, backend_name, monkeypatch):
+    """The no-grad rollout (a trainable weight under torch.no_grad()): the forward kernels run
+    directly (no ctx, nothing saved), bit for bit the Function's output."""
+    function, call, param = _no_grad_cases()[op]
+    param = param.clone().requires_grad_(True)
+    with backend.force_backend(backend_name):
+        with torch.enable_grad():
+            want = call(param).detach()
+        calls = []
+        original = function.apply
+        monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
+        with torch.no_grad():
+            got = call(param)
+        assert not calls and torch.equal(got, want)
+        with torch.enable_grad():
+            call(param)
+        assert calls
+
+
+def test_compiled_swiglu_ops_trace_their_references_in_one_graph():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(1)
+    r, gate, h, w = (torch.randn(*s, generator=g) for s in ((2, 7, 5), (2, 5), (2, 7, 12), (5, 6)))
+
+    def ff(r, gate, h, w):
+        return lk.gated_swiglu_linear(r, gate, h, w) + lk.swiglu_linear(h, w) + lk.swiglu(h).sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        want = ff(r, gate, h, w)
+        got = torch.compile(ff, backend="aot_eager", fullgraph=True)(r, gate, h, w)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
