@@ -7,7 +7,9 @@ Runs, each stage in its own process with its own time limit inside one global bu
 2. memory and throughput on the real FLUX.1-dev architecture with random weights
    (``--model flux-dev``: 19 double + 38 single blocks, 24 x 128 heads, 512x512 -> 1024 image
    tokens + 512 text tokens, bf16, LoRA rank 16, T = 25); naive BPTT is expected to run out of
-   memory there and is recorded as ``status: oom``;
+   memory there and is recorded as ``status: oom``; throughput puts LeapAlign with the compiled
+   rollout (CUDA graphs on and off) and plain sampling (eager, compiled both ways) next to eager
+   LeapAlign and BPTT (`FLUX_DEV_THROUGHPUT_METHODS`: the issue-15 ratios);
 3. the fused-op kernels at FLUX.1-dev shapes (``triton.testing.do_bench``, GB/s);
 4. memory and throughput on the ``cpu-bench`` model on CUDA (T = 4..50), comparable to the CPU run;
 5. the activations suite (patched vs eager Flux forward);
@@ -40,6 +42,12 @@ from benchmarks.options import REPO_ROOT, RESULTS_DIR, parse_suite_args, suite_p
 
 __all__ = ["main", "stages", "DEFAULT_BUDGET_S"]
 
+# The issue-15 ratios on FLUX.1-dev: the compiled rollout with CUDA graphs on and off next to the eager
+# one, plain sampling the same three ways, naive BPTT (out of memory there) and BPTT + checkpointing.
+FLUX_DEV_THROUGHPUT_METHODS = (
+    "leapalign", "leapalign+kernels", "leapalign+kernels+compiled", "leapalign+kernels+compiled-nographs",
+    "bptt", "bptt_ckpt", "sampling", "sampling+compiled", "sampling+compiled-nographs",
+)
 DEFAULT_BUDGET_S = 570.0  # the issue: one call under 10 minutes; 30 s left for start-up and copy-back
 
 
@@ -61,8 +69,8 @@ def stages(out: str, python: str = sys.executable) -> list[Stage]:
         Stage("cuda_tests", [python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                              f"--junitxml={j('cuda_tests.xml')}", "tests"], 150, {"TRITON_INTERPRET": "0"}),
         Stage("memory_flux_dev", [*bench, "memory", *flux, "--in-process", "--json", j("memory_cuda_flux-dev.json")], 120),
-        Stage("throughput_flux_dev", [*bench, "throughput", *flux, "--repeats", "2", "--warmup", "1",
-                                      "--json", j("throughput_cuda_flux-dev.json")], 150),
+        Stage("throughput_flux_dev", [*bench, "throughput", *flux, "--methods", *FLUX_DEV_THROUGHPUT_METHODS,
+                                      "--repeats", "2", "--warmup", "1", "--json", j("throughput_cuda_flux-dev.json")], 270),
         Stage("kernels_flux_dev_shapes", [*bench, "kernels", "--device", "cuda", "--shape", "flux-dev", "--dtype", "bfloat16",
                                           "--json", j("kernels_cuda.json")], 75),
         Stage("memory_cpu_bench", [*bench, "memory", *tiny, "--in-process", "--json", j("memory_cuda.json")], 45),

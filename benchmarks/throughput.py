@@ -9,6 +9,13 @@ The split comes from a timing proxy around the model's ``velocity``: calls with 
 the rollout, calls with autograd on are the forward-with-grad; ``backward_s`` is ``loss.backward()``;
 ``gradient_s = grad_forward_s + backward_s``; ``other_s`` is what is left (decode, reward, leaps).
 On CUDA every timed call synchronises, which costs a little throughput but makes the split exact.
+
+Methods ending in ``+compiled`` run the rollout engine (``leapalign.rollout_engine``: the no-grad
+steps through ``torch.compile``); each compiles in one untimed iteration before the repeats, and
+its ``compile_s`` (the first no-grad call: tracing + inductor) is reported apart, with the
+iterations it takes to pay for itself against the same method run eagerly (the headline).
+``sampling`` is plain no-grad 25-step Euler sampling + decode of the same model: the inference a
+LeapAlign iteration is compared with.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from benchmarks.machine import machine_info
 from benchmarks.measure import VelocityTimer, is_oom, synchronizer
 from benchmarks.options import add_workload_args, default_paths, parse_suite_args, suite_parser, workload_config
 from benchmarks.report import Column, ResultDoc, format_float, write_results
-from benchmarks.workload import Method, Workload, build_method_objective, build_workload, resolve_methods, run_iteration
+from benchmarks.workload import (
+    THROUGHPUT_METHODS, Method, Workload, build_method_objective, build_workload, resolve_methods, run_iteration,
+)
 
 __all__ = ["main", "COLUMNS"]
 
@@ -35,7 +44,8 @@ COLUMNS = (
     # the iteration's split (see NOTES)
     Column("rollout_s", "rollout s (no grad)", format_float), Column("gradient_s", "gradient s (fwd+bwd)", format_float),
     Column("other_s", "other s", format_float),
-    Column("rollout_calls", "no-grad calls"), Column("grad_calls", "grad calls"), Column("status", "status"),
+    Column("rollout_calls", "no-grad calls"), Column("grad_calls", "grad calls"),
+    Column("compile", "rollout compile"), Column("compile_s", "compile s", format_float), Column("status", "status"),
 )
 
 NOTES = (
@@ -43,12 +53,14 @@ NOTES = (
     "rollout_s: velocity calls with autograd off; gradient_s: velocity calls with autograd on + loss.backward(); "
     "other_s: the rest (decode, reward, leap/connector arithmetic).",
     "images_per_s = batch_size / median seconds.",
+    "compile: the rollout engine's mode (off = eager); compile_s: wall time of the first compiled no-grad call "
+    "(dynamo + inductor), paid once per process, outside the timed repeats.",
 )
 
 
-def _time_once(objective: Any, workload: Workload) -> dict[str, float]:
+def _time_once(objective: Any, workload: Workload, method: Method) -> dict[str, float]:
     sync = synchronizer(workload.device)
-    timer = VelocityTimer(workload.model, sync)
+    timer = VelocityTimer(workload.rollout_model(method), sync)
 
     def around_backward(entering: bool) -> None:
         timer.active = not entering
@@ -66,6 +78,26 @@ def _time_once(objective: Any, workload: Workload) -> dict[str, float]:
     }
 
 
+def _compile_first(methods: list[Method], objectives: dict[str, Any], workload: Workload,
+                   failed: dict[str, dict[str, Any]]) -> None:
+    """One untimed iteration of every compiled method, so the repeats time compiled graphs only."""
+    for m in methods:
+        if m.compile == "off" or m.name in failed or m.name not in objectives:
+            continue
+        try:
+            workload.use_kernels(m.kernels)
+            _time_once(objectives[m.name], workload, m)
+        except Exception as exc:  # noqa: BLE001 - recorded per method (a missing C++ compiler, say)
+            failed[m.name] = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def _dynamo_frames() -> int:
+    """Frames dynamo has compiled so far in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
 def _median_record(method: Method, steps: int, samples: list[dict[str, float]], batch: int) -> dict[str, Any]:
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     seconds = [s["seconds"] for s in samples]
@@ -76,6 +108,7 @@ def _median_record(method: Method, steps: int, samples: list[dict[str, float]], 
         "rollout_s": med["rollout_s"], "grad_forward_s": med["grad_forward_s"], "backward_s": med["backward_s"],
         "gradient_s": med["grad_forward_s"] + med["backward_s"], "other_s": med["other_s"],
         "rollout_calls": int(med["rollout_calls"]), "grad_calls": int(med["grad_calls"]), "repeats": len(samples),
+        "compile": method.compile, "cuda_graphs": method.cuda_graphs,
     }
 
 
@@ -95,6 +128,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
             except Exception as exc:  # noqa: BLE001 - recorded per method
                 failed[m.name] = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         samples: dict[str, list[dict[str, float]]] = {m.name: [] for m in methods}
+        _compile_first(methods, objectives, workload, failed)
+        frames_before = _dynamo_frames()
         for r in range(args.warmup + args.repeats):
             order = methods[r % len(methods):] + methods[: r % len(methods)]
             for m in order:
@@ -102,7 +137,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                     continue
                 try:
                     workload.use_kernels(m.kernels)
-                    sample = _time_once(objectives[m.name], workload)
+                    sample = _time_once(objectives[m.name], workload, m)
                 except Exception as exc:  # noqa: BLE001 - OOM is a finding; keep the other methods running
                     failed[m.name] = {"status": "oom" if is_oom(exc) else "error",
                                       "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
@@ -111,11 +146,15 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                     continue
                 if r >= args.warmup:
                     samples[m.name].append(sample)
+        recompiles = _dynamo_frames() - frames_before  # must stay 0: the repeats reuse the compiled graphs
         for m in methods:
             if m.name in failed:
                 rec = {"method": m.name, "label": m.label, "steps": steps, "seconds": None, **failed[m.name]}
             else:
                 rec = _median_record(m, steps, samples[m.name], config.batch_size)
+                engine = workload.engines.get(m.name)
+                rec["compile_s"] = engine.compile_seconds if engine is not None else None
+                rec["recompiles_during_repeats"] = recompiles if engine is not None else None
             records.append(rec)
             print(f"  throughput {m.name:>18} T={steps:<3} median={format_float(rec.get('seconds')):>8}s "
                   f"rollout={format_float(rec.get('rollout_s')):>8}s gradient={format_float(rec.get('gradient_s')):>8}s "
@@ -130,6 +169,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
 def build_parser() -> argparse.ArgumentParser:
     parser = suite_parser("throughput", __doc__)
     add_workload_args(parser)
+    parser.set_defaults(methods=list(THROUGHPUT_METHODS))
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per (method, T); the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per (method, T) first")
     return parser

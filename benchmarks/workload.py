@@ -18,6 +18,9 @@ __all__ = [
     "Method",
     "METHODS",
     "DEFAULT_METHODS",
+    "THROUGHPUT_METHODS",
+    "ENGINE_METHODS",
+    "SamplingIteration",
     "Workload",
     "WorkloadConfig",
     "build_workload",
@@ -35,7 +38,9 @@ class Method:
     """A benchmarked method: an objective from ``leapalign.objectives.build_objective`` + options.
 
     ``kernels`` runs it on a transformer patched with ``leapkernels.apply_leapkernels_to_flux``.
-    ``options`` are passed to ``build_objective`` next to the step count.
+    ``options`` are passed to ``build_objective`` next to the step count. ``compile`` and
+    ``cuda_graphs`` choose the rollout engine (``leapalign.rollout_engine``; ``off``: eager).
+    The objective ``sampling`` is plain no-grad Euler sampling + decode (no loss, no backward).
     """
 
     name: str
@@ -43,6 +48,8 @@ class Method:
     label: str
     options: Mapping[str, Any] = field(default_factory=dict)
     kernels: bool = False
+    compile: str = "off"
+    cuda_graphs: str = "auto"
 
 
 # Every method uses the same loss, ``-mean(r)`` (``hinge_lambda=None``), so that a hinge that is
@@ -64,18 +71,40 @@ METHODS: dict[str, Method] = {
         Method("alignprop", "alignprop", "AlignProp (random truncation, checkpointed)", {**_SAME_LOSS}),
     )
 }
+# The rollout engine (issue 15): compiled no-grad rollouts next to the eager ones, and plain sampling.
+# Named on request only (``all`` is METHODS: these compile, and sampling has no backward).
+ENGINE_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("leapalign+compiled", "leapalign", "LeapAlign, compiled rollout", {**_SAME_LOSS, "use_kernels": False},
+               compile="default"),
+        Method("leapalign+kernels+compiled", "leapalign", "LeapAlign + leapkernels, compiled rollout (trainer default)",
+               {**_SAME_LOSS, "use_kernels": True}, kernels=True, compile="default"),
+        Method("leapalign+kernels+compiled-nographs", "leapalign", "LeapAlign + leapkernels, compiled rollout, no CUDA graphs",
+               {**_SAME_LOSS, "use_kernels": True}, kernels=True, compile="default", cuda_graphs="off"),
+        Method("drtune+compiled", "drtune", "DRTune (K=2), compiled rollout", {**_SAME_LOSS, "k": 2}, compile="default"),
+        Method("refl+compiled", "refl", "ReFL, compiled rollout", {**_SAME_LOSS}, compile="default"),
+        Method("sampling", "sampling", "no-grad Euler sampling + decode (eager)"),
+        Method("sampling+compiled", "sampling", "no-grad Euler sampling + decode (compiled)", compile="default"),
+        Method("sampling+compiled-nographs", "sampling", "no-grad Euler sampling + decode (compiled, no CUDA graphs)",
+               compile="default", cuda_graphs="off"),
+    )
+}
 # The issue's list; DRaFT-LV and AlignProp run on request (``--methods ... draft_lv alignprop``).
 DEFAULT_METHODS: tuple[str, ...] = ("leapalign", "leapalign+kernels", "bptt", "bptt_ckpt", "draft_k", "drtune", "refl")
+# The throughput suite's default: the seven, the trainer's default rollout (compiled) and plain sampling both ways.
+THROUGHPUT_METHODS: tuple[str, ...] = DEFAULT_METHODS + ("leapalign+kernels+compiled", "sampling", "sampling+compiled")
 
 
 def resolve_methods(names: Sequence[str]) -> list[Method]:
-    """Method names -> :class:`Method`; ``all`` expands to every known method."""
+    """Method names -> :class:`Method` (METHODS and ENGINE_METHODS); ``all`` expands to METHODS."""
     if list(names) == ["all"]:
         return list(METHODS.values())
-    unknown = [n for n in names if n not in METHODS]
+    known = {**METHODS, **ENGINE_METHODS}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in --methods; expected names from {sorted(METHODS)} or 'all'")
-    return [METHODS[n] for n in names]
+        raise ValueError(f"unknown method(s) {unknown} in --methods; expected names from {sorted(known)} or 'all'")
+    return [known[n] for n in names]
 
 
 @dataclass(frozen=True)
@@ -116,6 +145,7 @@ class Workload:
     config: WorkloadConfig
     kernels: bool
     info: dict[str, Any]
+    engines: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +170,20 @@ class Workload:
         else:
             revert_leapkernels(self.model.transformer)
         self.kernels = on
+
+    def rollout_model(self, method: Method) -> Any:
+        """The model ``method`` runs: ``self.model``, or the method's rollout engine, kept for the whole
+        run (its compiled graphs are reused by every repeat; dynamo shares a graph between engines
+        whose network is in the same state, so a later method may find its graph compiled)."""
+        if method.compile == "off":
+            return self.model
+        key = method.name
+        if key not in self.engines:
+            from leapalign.rollout_engine import CompiledRollout, RolloutEngineConfig
+
+            self.engines[key] = CompiledRollout(self.model, RolloutEngineConfig(compile=method.compile,
+                                                                                cuda_graphs=method.cuda_graphs))
+        return self.engines[key]
 
     def zero_grad(self) -> None:
         for p in self.model.trainable_parameters():
@@ -220,10 +264,31 @@ def _image_tokens(model: Any) -> int | None:
 
 
 def build_method_objective(method: Method, steps: int) -> Any:
-    """``build_objective(method.objective, num_steps=steps, **method.options)``."""
+    """``build_objective(method.objective, num_steps=steps, **method.options)``; `SamplingIteration` for ``sampling``."""
+    if method.objective == "sampling":
+        return SamplingIteration(steps)
     from leapalign.objectives import build_objective
 
     return build_objective(method.objective, num_steps=steps, **method.options)
+
+
+class SamplingIteration:
+    """Plain no-grad Euler sampling of ``num_steps`` steps + decode, shaped as an objective call (its
+    loss is a constant leaf, so ``backward()`` costs nothing): the inference a LeapAlign iteration is
+    compared with."""
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+
+    def __call__(self, model: Any, cond: Any, prompts: Sequence[str], reward: Any, generator: Any = None) -> Any:
+        from leapalign.flow import rollout
+        from leapalign.objectives.base import ObjectiveOutput
+
+        sigmas, noise = model.sigmas(self.num_steps), model.noise(len(prompts), generator)
+        with torch.no_grad():
+            images = model.decode(rollout(model, cond, noise, sigmas).x0)
+        loss = torch.zeros((), requires_grad=True)
+        return ObjectiveOutput(loss=loss, rewards=torch.zeros(len(prompts)), images=images)
 
 
 @dataclass
