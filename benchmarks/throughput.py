@@ -108,7 +108,7 @@ def _median_record(method: Method, steps: int, samples: list[dict[str, float]], 
         "rollout_s": med["rollout_s"], "grad_forward_s": med["grad_forward_s"], "backward_s": med["backward_s"],
         "gradient_s": med["grad_forward_s"] + med["backward_s"], "other_s": med["other_s"],
         "rollout_calls": int(med["rollout_calls"]), "grad_calls": int(med["grad_calls"]), "repeats": len(samples),
-        "compile": method.compile, "cuda_graphs": method.cuda_graphs,
+        "compile": method.compile, "cuda_graphs": method.cuda_graphs, "grad_steps": method.grad_steps,
     }
 
 

@@ -38,8 +38,8 @@ class Method:
     """A benchmarked method: an objective from ``leapalign.objectives.build_objective`` + options.
 
     ``kernels`` runs it on a transformer patched with ``leapkernels.apply_leapkernels_to_flux``.
-    ``options`` are passed to ``build_objective`` next to the step count. ``compile`` and
-    ``cuda_graphs`` choose the rollout engine (``leapalign.rollout_engine``; ``off``: eager).
+    ``options`` are passed to ``build_objective`` next to the step count. ``compile``,
+    ``cuda_graphs`` and ``grad_steps`` choose the rollout engine (``leapalign.rollout_engine``; ``off``: eager).
     The objective ``sampling`` is plain no-grad Euler sampling + decode (no loss, no backward).
     """
 
@@ -50,6 +50,7 @@ class Method:
     kernels: bool = False
     compile: str = "off"
     cuda_graphs: str = "auto"
+    grad_steps: str = "eager"
 
 
 # Every method uses the same loss, ``-mean(r)`` (``hinge_lambda=None``), so that a hinge that is
@@ -82,6 +83,8 @@ ENGINE_METHODS: dict[str, Method] = {
                {**_SAME_LOSS, "use_kernels": True}, kernels=True, compile="default"),
         Method("leapalign+kernels+compiled-nographs", "leapalign", "LeapAlign + leapkernels, compiled rollout, no CUDA graphs",
                {**_SAME_LOSS, "use_kernels": True}, kernels=True, compile="default", cuda_graphs="off"),
+        Method("leapalign+compiled-grad", "leapalign", "LeapAlign, compiled rollout and compiled grad steps",
+               {**_SAME_LOSS, "use_kernels": False}, compile="default", grad_steps="compiled"),
         Method("drtune+compiled", "drtune", "DRTune (K=2), compiled rollout", {**_SAME_LOSS, "k": 2}, compile="default"),
         Method("refl+compiled", "refl", "ReFL, compiled rollout", {**_SAME_LOSS}, compile="default"),
         Method("sampling", "sampling", "no-grad Euler sampling + decode (eager)"),
@@ -181,8 +184,8 @@ class Workload:
         if key not in self.engines:
             from leapalign.rollout_engine import CompiledRollout, RolloutEngineConfig
 
-            self.engines[key] = CompiledRollout(self.model, RolloutEngineConfig(compile=method.compile,
-                                                                                cuda_graphs=method.cuda_graphs))
+            self.engines[key] = CompiledRollout(self.model, RolloutEngineConfig(
+                compile=method.compile, cuda_graphs=method.cuda_graphs, grad_steps=method.grad_steps))
         return self.engines[key]
 
     def zero_grad(self) -> None:
