@@ -273,3 +273,24 @@ def test_background_penalty_prices_faint_texture_not_objects():
     r.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert experiment.training_reward(scorer, "score", penalty=0.0) is scorer
+
+
+def test_max_leap_step_keeps_leapalign_leaps_in_the_first_steps(tmp_path):
+    """``max_leap_step`` reaches the trainer's LeapAlign objective as ``max_idx`` (capped at T); its leap steps
+    are then drawn only from the first N steps, while the default draws from all T."""
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    with pytest.raises(ValueError, match="max_leap_step"):
+        experiment.DemoSettings(max_leap_step=1)  # fewer steps than the two leaps need
+    assert experiment.objective_kwargs(experiment.DemoSettings(num_steps=3, max_leap_step=8))["max_idx"] == 3
+    assert "max_idx" not in experiment.objective_kwargs(experiment.DemoSettings(max_leap_step=8), "drtune")
+    model, scorer = load_shapes_model(), load_shapes_scorer()
+    drawn = {}
+    for n in (None, 5):
+        settings = replace(experiment.quick_settings(), num_steps=12, max_leap_step=n)
+        trainer = experiment.make_trainer(model, scorer, settings, tmp_path / str(n))
+        g = torch.Generator().manual_seed(0)
+        drawn[n] = {i for _ in range(200) for i in trainer.objective.sample_steps(g)}
+    assert drawn[None] == set(range(12)) and drawn[5] == set(range(5))
+    assert demo._settings_from_args(demo.build_parser().parse_args(["--max-leap-step", "6"])).max_leap_step == 6
