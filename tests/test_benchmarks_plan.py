@@ -66,3 +66,15 @@ def test_resume_only_reuses_points_planned_with_the_same_settings():
     assert _same_settings(rec, point_settings("test", 25, 64, True))
     assert not _same_settings(rec, point_settings("test", 25, 8, True))
     assert not _same_settings(rec, point_settings("test", 25, 64, True, reward="pickscore"))
+
+
+def test_plan_check_smoke(tmp_path):
+    """``python -m benchmarks plan_check`` on the tiny model: every field of the extrapolated plan equal."""
+    import json
+
+    from benchmarks.plan_check import main
+
+    out = tmp_path / "check.json"
+    assert main(["--model", "test", "--point", "bptt_ckpt/16/lora", "--steps", "5", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["all_equal"] and {r["field"] for r in doc["records"]} >= {"peak_bytes", "flops"}
