@@ -4,17 +4,20 @@
     * each ``Flux2TransformerBlock.forward`` by a copy of diffusers' 0.42 code calling the fused
       ops where its switches say so: modulated LayerNorm for the four modulations (``norm1``,
       ``norm1_context``, ``norm2``, ``norm2_context``); `gated_linear` for the attention
-      ``to_out`` / ``to_add_out`` closings; `gated_swiglu_linear` for the SwiGLU feed-forwards
-      (``linear_out(swiglu(linear_in(x)))`` + gate + residual, saving only ``linear_in``'s output);
-    * each ``Flux2SingleTransformerBlock.forward`` likewise (the parallel block: one modulation,
-      ``to_out(cat([attention, swiglu(mlp)]))`` closed by `gated_swiglu_linear` with the attention
-      as its prefix);
+      ``to_out`` / ``to_add_out`` closings; `gated_mlp` for the SwiGLU feed-forwards (the whole
+      ``residual + gate * linear_out(swiglu(linear_in(x)))`` saving only ``x``;
+      `gated_swiglu_linear` from ``linear_in``'s output when a projection is LoRA-wrapped);
+    * each ``Flux2SingleTransformerBlock.forward`` likewise (the parallel block: one modulation;
+      with a plain ``to_qkv_mlp_proj`` its q/k/v rows feed the attention and its MLP rows a
+      `gated_mlp` closed by ``to_out`` with the attention as prefix, so none of the fused
+      projection's 9 widths a token is saved; otherwise `gated_swiglu_linear` on its MLP half);
     * the processors: ``Flux2AttnProcessor`` by `LeapFluxAttnProcessor` (q/k projection + RMSNorm
       + RoPE in one Function, recomputing the projection), ``Flux2ParallelSelfAttnProcessor`` by
-      `LeapFlux2ParallelProcessor` (RMSNorm + RoPE fused on views of the fused projection; the
-      MLP half returned un-activated to the block); attention itself still goes through
-      diffusers' ``dispatch_attention_fn`` with the processor's backend;
+      `LeapFlux2ParallelProcessor`; attention itself still goes through diffusers'
+      ``dispatch_attention_fn`` with the processor's backend;
     * ``norm_out.forward`` (AdaLayerNormContinuous) by `ada_layernorm_continuous`.
+Cost of the memory saved: backward recomputes the q/k projections, the MLP up projections and
+the gated projections' outputs (one forward-size matmul each) and the activations.
 `revert_flux2` deletes the instance attributes and restores the processors: bit-identical model.
 
 Per-token modulations (KV-cache "extract" mode blends reference-token modulations in) and the
@@ -28,9 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from leapkernels.flux_attention import LeapFluxAttnProcessor, norm_rope
+from leapkernels.flux_attention import LeapFluxAttnProcessor, norm_rope, plain_linear, same_dtype_device
+from leapkernels.ops.gated_mlp import gated_mlp
+from leapkernels.ops.qk_norm_rope import linear_qk_norm_rope
 from leapkernels.fusions import (
     OPTIONS,
     activation,
@@ -41,6 +47,7 @@ from leapkernels.fusions import (
     check_diffusers_version,
     gate,
     is_patched,
+    mlp_residual,
     modulate,
     per_sample,
     restore,
@@ -71,8 +78,49 @@ def _mods(temb_mod: torch.Tensor, sets: int) -> tuple[tuple[torch.Tensor, ...], 
 
 def _ff_residual(opts: Flux2PatchOptions, ff: nn.Module, residual: torch.Tensor, g: torch.Tensor,
                  x: torch.Tensor) -> torch.Tensor:
-    """``residual + g * Flux2FeedForward(x)``: linear_in, then SwiGLU + linear_out + gate fused."""
-    return branch_out(opts.gated_residual, opts.swiglu, residual, g, ff.linear_in(x), ff.linear_out, act="swiglu")
+    """``residual + g * Flux2FeedForward(x)``: the whole branch in one `gated_mlp` (saves ``x``) where
+    the projections are plain, else linear_in, then SwiGLU + linear_out + gate fused."""
+    return mlp_residual(opts.gated_residual, opts.swiglu, residual, g, x, ff.linear_in, ff.linear_out, "swiglu")
+
+
+def _rows(linear: nn.Module, start: int, stop: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``start:stop`` of a fused projection's weight and bias (views of the parameters)."""
+    return linear.weight[start:stop], (linear.bias[start:stop] if linear.bias is not None else None)
+
+
+def _sliced_qkv(attn: nn.Module, x: torch.Tensor, rope: Rope, fuse_qk: bool) -> tuple[torch.Tensor, ...]:
+    """q, k (RMSNorm + RoPE) and v from the q/k/v rows of a plain ``to_qkv_mlp_proj``: with ``fuse_qk``
+    each q/k projection is recomputed in backward (`linear_qk_norm_rope`), so nothing of the fused
+    projection's 3 + 6 widths a token is saved but ``x``."""
+    inner, hd = attn.inner_dim, attn.head_dim
+    heads = []
+    for i, norm in ((0, attn.norm_q), (1, attn.norm_k)):
+        w, b = _rows(attn.to_qkv_mlp_proj, i * inner, (i + 1) * inner)
+        if fuse_qk and norm.weight is not None and same_dtype_device(x, w, norm.weight) and \
+                (rope is None or rope[0].shape[0] == x.shape[1]):
+            cos, sin = rope if rope is not None else (None, None)
+            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+            heads.append(linear_qk_norm_rope(x, w, b, norm.weight, cos, sin, eps, hd))
+        elif fuse_qk:
+            heads.append(norm_rope(norm, F.linear(x, w, b).unflatten(-1, (-1, hd)), rope, slice(None)))
+        else:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            t = norm(F.linear(x, w, b).unflatten(-1, (-1, hd)))
+            heads.append(apply_rotary_emb(t, rope, sequence_dim=1) if rope is not None else t)
+    return heads[0], heads[1], F.linear(x, *_rows(attn.to_qkv_mlp_proj, 2 * inner, 3 * inner)).unflatten(-1, (-1, hd))
+
+
+def _single_mlp(opts: Flux2PatchOptions, attn: nn.Module, residual: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                attention: torch.Tensor) -> torch.Tensor:
+    """``residual + g * to_out(cat([attention, swiglu(mlp rows of to_qkv_mlp_proj (x))]))``: one
+    `gated_mlp` (saves ``x``) where ``to_out`` is plain, else the pre-activation and `branch_out`."""
+    w_in, b_in = _rows(attn.to_qkv_mlp_proj, 3 * attn.inner_dim, None)
+    out = attn.to_out
+    if plain_linear(out) and g.dim() == 2 and same_dtype_device(residual, g, x, w_in, out.weight, attention):
+        return gated_mlp(residual, g, x, w_in, b_in, out.weight, out.bias, attention, "swiglu")
+    return branch_out(opts.gated_residual, opts.swiglu, residual, g, F.linear(x, w_in, b_in), out, act="swiglu",
+                      prefix=attention)
 
 
 # ----------------------------------------------------------------------------- processors
@@ -80,19 +128,31 @@ class LeapFlux2ParallelProcessor:
     """diffusers' ``Flux2ParallelSelfAttnProcessor`` (0.42) with RMSNorm + RoPE fused (``fuse_qk``)
     on q/k views of the fused projection, and the SwiGLU fused (``fuse_act``).
     ``leap_defer_out_projection=True`` returns ``(attention, mlp pre-activation)`` instead of
-    ``to_out(cat([attention, swiglu(mlp)]))``, for the block to close with `gated_swiglu_linear`."""
+    ``to_out(cat([attention, swiglu(mlp)]))``, for the block to close with `gated_swiglu_linear`;
+    with ``fuse_mlp`` and a plain ``to_qkv_mlp_proj`` it computes q/k/v from its rows alone and
+    returns ``(attention, None)``: the block runs the MLP from its input (`gated_mlp`)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, fuse_qk: bool = True, fuse_act: bool = True) -> None:
-        self.fuse_qk, self.fuse_act = fuse_qk, fuse_act
+    def __init__(self, fuse_qk: bool = True, fuse_act: bool = True, fuse_mlp: bool = True) -> None:
+        self.fuse_qk, self.fuse_act, self.fuse_mlp = fuse_qk, fuse_act, fuse_mlp
+
+    def _slices(self, attn: nn.Module, x: torch.Tensor, defer: bool) -> bool:
+        proj = attn.to_qkv_mlp_proj
+        return (defer and self.fuse_mlp and plain_linear(proj) and same_dtype_device(x, proj.weight)
+                and proj.weight.shape[0] == 3 * attn.inner_dim + attn.mlp_hidden_dim * attn.mlp_mult_factor)
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: Rope = None, leap_defer_out_projection: bool = False):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 
+        if self._slices(attn, hidden_states, leap_defer_out_projection):
+            query, key, value = _sliced_qkv(attn, hidden_states, image_rotary_emb, self.fuse_qk)
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+            return out.flatten(2, 3).to(query.dtype), None
         proj = attn.to_qkv_mlp_proj(hidden_states)
         qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
         local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)  # as diffusers: TP-sharded or not
@@ -172,8 +232,11 @@ def _single_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_
     attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **joint_attention_kwargs)
     if defer:
         attention, mlp = attn_output
-        hidden_states = branch_out(opts.gated_residual, opts.swiglu, hidden_states, mod_gate, mlp, self.attn.to_out,
-                                   act="swiglu", prefix=attention)
+        if mlp is None:  # the processor left the MLP half to the block: run it from the block's input
+            hidden_states = _single_mlp(opts, self.attn, hidden_states, mod_gate, norm_hidden_states, attention)
+        else:
+            hidden_states = branch_out(opts.gated_residual, opts.swiglu, hidden_states, mod_gate, mlp, self.attn.to_out,
+                                       act="swiglu", prefix=attention)
     else:
         hidden_states = gate(opts.gated_residual, hidden_states, mod_gate, attn_output)
     if hidden_states.dtype == torch.float16:
@@ -234,7 +297,7 @@ def apply_leapkernels_to_flux2(
     for block in transformer.single_transformer_blocks:
         swap_forward(block, _single_block_forward, opts)
         if type(block.attn.processor) is Flux2ParallelSelfAttnProcessor and (qk_norm_rope or gated_residual or swiglu):
-            swap_processor(block.attn, LeapFlux2ParallelProcessor(fuse_qk=qk_norm_rope, fuse_act=swiglu))
+            swap_processor(block.attn, LeapFlux2ParallelProcessor(qk_norm_rope, swiglu, gated_residual and swiglu))
     if norm_out:
         swap_forward(transformer.norm_out, ada_continuous_forward, opts)
     return opts

@@ -20,6 +20,7 @@ from torch import nn
 
 from leapkernels.flux_attention import plain_linear, same_dtype_device
 from leapkernels.ops.gated_linear import gated_linear
+from leapkernels.ops.gated_mlp import gated_mlp
 from leapkernels.ops.gated_residual import gated_residual
 from leapkernels.ops.gelu import gelu_linear, gelu_tanh
 from leapkernels.ops.modulated_layernorm import ada_layernorm_continuous, modulated_layernorm
@@ -168,11 +169,27 @@ def branch_out(
     return gate(fuse_gate, residual, g, y)
 
 
+def mlp_residual(fuse_gate: bool, fuse_act: bool, residual: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                 linear_in: nn.Module, linear_out: nn.Module, act: str, *, dropout: nn.Module | None = None,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + g * linear_out(cat([prefix, dropout(act(linear_in(x)))]))``. Both projections plain
+    and both switches on: one `gated_mlp` saving only ``x``; otherwise ``linear_in`` is called and
+    the rest closed by `branch_out` (which saves the pre-activation)."""
+    operands = (residual, g, x, linear_in.weight, linear_out.weight) + ((prefix,) if prefix is not None else ())
+    if (fuse_gate and fuse_act and plain_linear(linear_in) and plain_linear(linear_out) and _inactive(dropout)
+            and g.dim() == 2 and same_dtype_device(*operands) and residual.shape[:2] == x.shape[:2]):
+        return gated_mlp(residual, g, x, linear_in.weight, linear_in.bias, linear_out.weight, linear_out.bias, prefix, act)
+    return branch_out(fuse_gate, fuse_act, residual, g, linear_in(x), linear_out, act=act, prefix=prefix, dropout=dropout)
+
+
 def gelu_feed_forward_residual(fuse_gate: bool, fuse_act: bool, ff: nn.Module, residual: torch.Tensor, g: torch.Tensor,
-                               x: torch.Tensor) -> torch.Tensor:
+                               x: torch.Tensor, whole: bool = False) -> torch.Tensor:
     """``residual + g * FeedForward(x)`` for diffusers' tanh-GELU FeedForward (FLUX.1, SD3)
-    (net = [GELU(proj), Dropout, Linear] + optional extras, which are then called as modules)."""
+    (net = [GELU(proj), Dropout, Linear] + optional extras, which are then called as modules).
+    ``whole``: the up projection joins the fusion too (`mlp_residual`: only ``x`` is saved)."""
     net = ff.net
+    if len(net) == 3 and whole:
+        return mlp_residual(fuse_gate, fuse_act, residual, g, x, net[0].proj, net[2], "gelu", dropout=net[1])
     h = net[0].proj(x)
     if len(net) == 3:
         return branch_out(fuse_gate, fuse_act, residual, g, h, net[2], act="gelu", dropout=net[1])

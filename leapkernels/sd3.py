@@ -5,8 +5,9 @@
       ops where its switches say so: modulated LayerNorm for AdaLN-Zero (``norm1``, SD3.5's
       ``SD35AdaLayerNormZeroX`` with its second modulation, ``norm1_context``) and ``norm2`` /
       ``norm2_context``; `gated_linear` for the attention closings (``to_out``, ``to_add_out``,
-      SD3.5's ``attn2.to_out``) and the tanh-GELU feed-forwards (GELU + down projection + gate,
-      saving only the pre-activation); the last block's ``norm1_context``
+      SD3.5's ``attn2.to_out``); `gated_mlp` for the tanh-GELU feed-forwards (up projection +
+      GELU + down projection + gate, saving only the input; `gated_linear` from the
+      pre-activation when a projection is LoRA-wrapped); the last block's ``norm1_context``
       (AdaLayerNormContinuous) by `ada_layernorm_continuous`;
     * every ``JointAttnProcessor2_0`` by `LeapJointAttnProcessor`: with SD3.5's RMS QK-norm, q/k
       projection + RMSNorm in one Function recomputing the projection in backward; the
@@ -119,7 +120,7 @@ def _feed_forward(opts: SD3PatchOptions, block: nn.Module, ff: nn.Module, residu
         from diffusers.models.attention import _chunked_feed_forward
 
         return gate(opts.gated_residual, residual, g, _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size))
-    return gelu_feed_forward_residual(opts.gated_residual, opts.gelu, ff, residual, g, x)
+    return gelu_feed_forward_residual(opts.gated_residual, opts.gelu, ff, residual, g, x, whole=True)
 
 
 def _joint_block_forward(self: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -159,13 +159,14 @@ def _rows(h: torch.Tensor) -> torch.Tensor:
     return unit_last_stride(h).reshape(-1, h.shape[-1])
 
 
-def _act(h: torch.Tensor) -> torch.Tensor:
-    """swiglu(h) by the selected backend, shaped ``[..., K]``."""
+def act_forward(h: torch.Tensor) -> torch.Tensor:
+    """swiglu(h) by the selected backend's kernel (no autograd), shaped ``[..., K]``."""
     a = backend.kernels_for(OP, h.device).forward(_rows(h))
     return a.view(*h.shape[:-1], h.shape[-1] // 2)
 
 
-def _act_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def act_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``h`` given swiglu(h)'s, by the selected backend's kernel."""
     dh = backend.kernels_for(OP, h.device).backward(da.contiguous().view(-1, h.shape[-1] // 2), _rows(h))
     return dh.view(h.shape)
 
@@ -175,7 +176,7 @@ def _with_prefix(a: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
 
 
 def _linear_forward(h, weight, bias, prefix):
-    return F.linear(_with_prefix(_act(h), prefix), weight, bias)
+    return F.linear(_with_prefix(act_forward(h), prefix), weight, bias)
 
 
 def _gated_forward(residual, gate, h, weight, bias, prefix):
@@ -189,12 +190,12 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         ctx.save_for_backward(h)
-        return _act(h)
+        return act_forward(h)
 
     @staticmethod
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
-        return _act_backward(da, h)
+        return act_backward(da, h)
 
 
 def _linear_input_grads(dy2, weight, prefix, h, need_h, need_p, shape):
@@ -204,7 +205,7 @@ def _linear_input_grads(dy2, weight, prefix, h, need_h, need_p, shape):
     if prefix is not None:
         grad_p = da[..., : prefix.shape[-1]] if need_p else None
         da = da[..., prefix.shape[-1]:]
-    return (_act_backward(da, h) if need_h else None), grad_p
+    return (act_backward(da, h) if need_h else None), grad_p
 
 
 class SwiGLULinearFunction(torch.autograd.Function):
@@ -226,7 +227,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
         if need_h or need_p:
             grad_h, grad_p = _linear_input_grads(g2, weight, prefix, h, need_h, need_p, g.shape)
         if need_w:
-            a = _with_prefix(_act(h), prefix)
+            a = _with_prefix(act_forward(h), prefix)
             grad_w = (g2.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0).to(weight.dtype)
@@ -246,7 +247,7 @@ class GatedSwiGLULinearFunction(torch.autograd.Function):
     def backward(ctx, g):
         h, prefix, gate, weight, bias = ctx.saved_tensors
         need_res, need_gate, need_h, need_w, need_b, need_p = ctx.needs_input_grad
-        a = _with_prefix(_act(h), prefix) if (need_gate or need_w) else None
+        a = _with_prefix(act_forward(h), prefix) if (need_gate or need_w) else None
         y = F.linear(a, weight, bias) if need_gate else None
         g = g.contiguous()
         dy, dgate = backend.kernels_for(GATED_RESIDUAL, g.device).backward(
@@ -292,7 +293,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     if compiling():
         return swiglu_reference(h)
     if not needs_autograd(h):
-        return _act(h)
+        return act_forward(h)
     return SwiGLUFunction.apply(h)
 
 

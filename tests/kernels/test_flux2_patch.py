@@ -117,20 +117,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert_close(checkpointed, plain, grad_tol=1e-6)
 
 
+LORA_TARGETS = {
+    "everywhere": r".*(single_transformer_blocks\.\d+\.attn\.to_out|to_q|add_k_proj|to_out\.0|to_add_out|linear_in|linear_out|to_qkv_mlp_proj)",
+    # the fused projections stay plain: the whole-MLP paths meet a wrapped down projection
+    "down-projections": r".*(single_transformer_blocks\.\d+\.attn\.to_out|linear_out)",
+}
+
+
 @backend.force_backend("reference")
-def test_lora_wrapped_flux2_matches_unpatched():
+@pytest.mark.parametrize("targets", list(LORA_TARGETS))
+def test_lora_wrapped_flux2_matches_unpatched(targets):
     """peft LoRA on projections the patch reads directly otherwise: it must call the wrapped modules."""
     peft = pytest.importorskip("peft")
     model, inputs = _model("tiny-dev")
-    targets = r".*(single_transformer_blocks\.\d+\.attn\.to_out|to_q|add_k_proj|to_out\.0|to_add_out|linear_in|linear_out|to_qkv_mlp_proj)"
-    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=LORA_TARGETS[targets]))
     patched = copy.deepcopy(model)
     cot = _cot("tiny-dev", 6)
     base = run_model(model, inputs, torch.float32, cot)
     lk.apply_leapkernels(patched)
     out = run_model(patched, inputs, torch.float32, cot)
     lora = [n for n in base[1] if "lora_" in n]
-    assert len(lora) >= 16 and set(out[1]) == set(base[1])
+    assert len(lora) >= (16 if targets == "everywhere" else 6) and set(out[1]) == set(base[1])
     assert_close(out, base)
 
 
@@ -170,7 +177,9 @@ def test_a_flux2_with_another_feed_forward_is_refused_by_name():
 
 @backend.force_backend("reference")  # what is saved does not depend on the backend
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_patched_flux2_saves_at_most_half_the_eager_bytes_in_bf16(name):
-    """DESIGN §3's target, on the test models (benchmarks/results/activations_cpu_flux2.md: 1,088 tokens)."""
+def test_patched_flux2_saves_under_a_third_of_the_eager_bytes_in_bf16(name):
+    """DESIGN §3's target is 0.5x; the whole-MLP fusion (`gated_mlp`: double-block FFs and the single
+    blocks' MLP half save only their input) goes to ~0.25-0.28x here (0.225x at 1,088 tokens:
+    benchmarks/results/activations_cpu_flux2.md). Without it this is ~0.46-0.48x."""
     model, inputs = _model(name)
-    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.5
+    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.3

@@ -61,7 +61,29 @@ def fuzz_swiglu_linear(backend_name: str = "triton"):
     run()
 
 
-FUZZ = {"swiglu": fuzz_swiglu, "swiglu_linear": fuzz_swiglu_linear, "gated_swiglu_linear": fuzz_gated_swiglu_linear}
+def fuzz_gated_mlp(backend_name: str = "triton"):
+    from leapkernels.ops.gated_mlp import gated_mlp, gated_mlp_reference
+
+    @_fuzz(20)
+    @given(b=BATCH, s=st.integers(1, 6), k=st.integers(1, 12), hidden=st.integers(1, 12), n=st.integers(1, 10),
+           p=st.integers(0, 4), act=st.sampled_from(["swiglu", "gelu"]), bias=st.booleans(), dtype=DTYPES,
+           seed=st.integers(0, 999))
+    def run(b, s, k, hidden, n, p, act, bias, dtype, seed):
+        width = hidden if act == "gelu" else 2 * hidden
+        inputs = {"residual": _randn((b, s, n), seed), "gate": _randn((b, n), seed + 1), "x": _randn((b, s, k), seed + 2),
+                  "w_in": _randn((width, k), seed + 3, 0.5), "b_in": _randn((width,), seed + 4) if bias else None,
+                  "w_out": _randn((n, p + hidden), seed + 5, 0.3), "b_out": _randn((n,), seed + 6) if bias else None}
+        if p:
+            inputs["prefix"] = _randn((b, s, p), seed + 7)
+        grads = [name for name, v in inputs.items() if v is not None]
+        run_and_compare(gated_mlp, gated_mlp_reference, inputs, grad_inputs=grads, dtype=dtype, device="cpu",
+                        backend_name=backend_name, layout="rows", extra={"act": act})
+
+    run()
+
+
+FUZZ = {"swiglu": fuzz_swiglu, "swiglu_linear": fuzz_swiglu_linear, "gated_swiglu_linear": fuzz_gated_swiglu_linear,
+        "gated_mlp": fuzz_gated_mlp}
 
 
 @pytest.mark.parametrize("name", list(FUZZ))

@@ -86,3 +86,12 @@ def test_a_stale_library_leaves_its_missing_ops_to_the_other_backends(monkeypatc
     h = torch.randn(2, 3, 8, requires_grad=True)
     with backend.force_backend("auto"):
         assert torch.equal(lk.swiglu(h), lk.swiglu(h))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act,prefix", [("swiglu", 0), ("swiglu", 6), ("gelu", 0)], ids=["flux2-ff", "flux2-single", "sd3-ff"])
+def test_native_gated_mlp_matches_fp64_reference(dtype, act, prefix):
+    """The whole-MLP op on the native activation and gated-residual kernels."""
+    from . import test_gated_mlp_ops
+
+    test_gated_mlp_ops.check_gated_mlp("cpu", "native", dtype, act, prefix)

@@ -143,7 +143,9 @@ def test_an_sd3_with_another_qk_norm_is_refused_by_name():
 
 
 @backend.force_backend("reference")  # what is saved does not depend on the backend
-def test_patched_sd35_saves_at_most_half_the_eager_bytes_in_bf16():
-    """DESIGN §3's target, on the SD3.5 test model (benchmarks/results/activations_cpu_sd3.md: 1,088 tokens)."""
+def test_patched_sd35_saves_at_most_0_4x_the_eager_bytes_in_bf16():
+    """DESIGN §3's target is 0.5x; with the feed-forwards as whole `gated_mlp` branches (only their
+    input saved) the SD3.5 test model is at ~0.36x (0.301x at 1,088 tokens:
+    benchmarks/results/activations_cpu_sd3.md); ~0.46x without."""
     model, inputs = _model("sd35")
-    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.5
+    assert saved_bytes_ratio(model, inputs, lk.apply_leapkernels) <= 0.4
