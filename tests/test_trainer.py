@@ -237,14 +237,20 @@ def test_resume_logs_each_step_once_and_latest_without_a_checkpoint_says_so(tmp_
     assert [m["step"] for m in _steps(tmp_path / "run")] == [1, 2, 3, 4]
 
 
-def test_rollout_compile_auto_is_on_for_long_runs_only_and_off_is_off(tmp_path):
+def test_rollout_compile_auto_is_on_where_it_pays_only_and_off_is_off(tmp_path):
     from leapalign.rollout_engine import CompiledRollout
 
-    short = LeapAlignTrainer(tiny_config(tmp_path / "short"), tiny_flux_pipeline())  # 4 steps: compiling would not pay
+    # on CPU a compile pays back after ~600 cpu-bench iterations: 300 steps x 2 micro-batches do not reach 1000
+    short = LeapAlignTrainer(tiny_config(tmp_path / "short", train_num_steps=300, train_gradient_accumulation_steps=2),
+                             tiny_flux_pipeline())
     assert short.rollout is short.model
-    long = LeapAlignTrainer(tiny_config(tmp_path / "long", train_num_steps=300), tiny_flux_pipeline())
+    long = LeapAlignTrainer(tiny_config(tmp_path / "long", train_num_steps=500, train_gradient_accumulation_steps=2),
+                            tiny_flux_pipeline())
     assert isinstance(long.rollout, CompiledRollout) and long.rollout.wrapped is long.model
-    off = LeapAlignTrainer(tiny_config(tmp_path / "off", train_num_steps=300, rollout_compile="off"), tiny_flux_pipeline())
+    assert tiny_config(tmp_path / "gpu").rollout_engine(long.model, "none", "cuda").compile == "off"  # 4 steps
+    assert tiny_config(tmp_path / "gpu", train_num_steps=100).rollout_engine(long.model, "none", "cuda").compile == "default"
+    assert tiny_config(tmp_path / "gpu", train_num_steps=100).rollout_engine(long.model, "fsdp", "cuda").compile == "off"
+    off = LeapAlignTrainer(tiny_config(tmp_path / "off", train_num_steps=1000, rollout_compile="off"), tiny_flux_pipeline())
     assert off.rollout is off.model
     from leapalign.training.config import ConfigError
 

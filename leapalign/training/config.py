@@ -48,10 +48,12 @@ FLUX_LORA_TARGET_MODULES: list[str] = [
     "proj_out",
 ]
 
-#: ``rollout_compile=auto`` compiles runs of at least this many optimiser steps (cpu-bench, one
-#: thread: ~30 s to compile against ~0.1 s saved per LeapAlign iteration at T = 25; see
-#: ``python -m benchmarks throughput``, which reports the pay-back).
-AUTO_COMPILE_MIN_STEPS = 100
+#: ``rollout_compile=auto`` compiles runs of at least this many iterations (optimiser steps x
+#: micro-batches) per device type. CPU: measured on cpu-bench, one thread, T = 25 (``python -m
+#: benchmarks throughput``): a cold compile of 45 s against 0.073 s saved per LeapAlign iteration
+#: pays back after ~620 iterations (a warm inductor cache: ~13 s, ~180). CUDA: not measured yet
+#: (no GPU lent); CUDA graphs remove the launch overhead that dominates small batches there.
+AUTO_COMPILE_MIN_ITERATIONS = {"cpu": 1000, "cuda": 100}
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: Command-line spellings that mean a field.
@@ -101,7 +103,7 @@ class LeapAlignConfig:
     model_vae_gradient_checkpointing: bool = field(default=True, **_help("Checkpoint the VAE decoder in the reward path."))
 
     # ---- rollout engine --------------------------------------------------------------------------------
-    rollout_compile: str = field(default="auto", **_help("auto | off | default | max-autotune: run the no-grad rollout steps through torch.compile (inductor). auto = default when it pays: a transformer adapter, no FSDP, and train_num_steps >= 100 (compiling costs tens of seconds once); off runs everything eagerly."))
+    rollout_compile: str = field(default="auto", **_help("auto | off | default | max-autotune: run the no-grad rollout steps through torch.compile (inductor). auto = default where the compile time (tens of seconds, once) pays back: a transformer adapter, no FSDP, and at least 100 iterations (steps x accumulation) on CUDA or 1000 on CPU; off runs everything eagerly."))
     rollout_cuda_graphs: str = field(default="auto", **_help("auto | on | off: CUDA graphs for the compiled rollout (auto: on for CUDA, off on CPU)."))
     rollout_grad_steps: str = field(default="eager", **_help("eager | compiled: the path of the grad-enabled steps (eager keeps leapkernels' memory savings)."))
 
@@ -238,13 +240,15 @@ class LeapAlignConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"objective (objective_name={self.objective_name!r}): {exc}") from None
 
-    def rollout_engine(self, model: Any, distributed: str = "none") -> RolloutEngineConfig:
-        """The rollout engine for ``model`` trained under ``distributed``: ``rollout_compile`` resolved
-        (``auto``: compile a transformer adapter's rollout, without FSDP, on runs of at least
-        `AUTO_COMPILE_MIN_STEPS` steps, where the compile time is paid back)."""
+    def rollout_engine(self, model: Any, distributed: str = "none", device: Any = "cpu") -> RolloutEngineConfig:
+        """The rollout engine for ``model`` trained under ``distributed`` on ``device``: ``rollout_compile``
+        resolved (``auto``: compile a transformer adapter's rollout, without FSDP, on runs of at least
+        `AUTO_COMPILE_MIN_ITERATIONS` iterations for the device type, where the compile time pays back)."""
         mode = self.rollout_compile
         if mode == "auto":
-            pays = self.train_num_steps >= AUTO_COMPILE_MIN_STEPS and distributed != "fsdp"
+            iterations = self.train_num_steps * self.train_gradient_accumulation_steps
+            needed = AUTO_COMPILE_MIN_ITERATIONS.get(torch.device(device).type)
+            pays = needed is not None and iterations >= needed and distributed != "fsdp"
             compilable = isinstance(getattr(model, "transformer", None), torch.nn.Module)
             mode = "default" if pays and compilable else "off"
         return RolloutEngineConfig(mode, self.rollout_cuda_graphs, self.rollout_grad_steps)

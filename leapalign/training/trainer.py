@@ -118,7 +118,7 @@ class LeapAlignTrainer:
         if self.distributed == "fsdp":
             wiring.apply_fsdp(cfg, self.network)
         # the rollout engine (rollout_compile): compiled lazily, so it compiles the LoRA'd, patched, sharded network
-        self.rollout = wrap_rollout(model, cfg.rollout_engine(model, self.distributed))
+        self.rollout = wrap_rollout(model, cfg.rollout_engine(model, self.distributed, self.device))
         self._rollout_model = wiring.VelocityInInputDtype(self.rollout) if cfg.mixed_precision != "no" else self.rollout
         self.param_names, self.params = wiring.trainable_parameters(self.state_module)
         if self.distributed == "ddp":
