@@ -167,7 +167,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
             print(f"  memory {method.name:>18} T={steps:<3} saved={format_bytes(rec.get('saved_bytes')):>9} MiB "
                   f"peak={format_bytes(rec.get('peak_bytes')):>9} MiB  {rec['status']} ({time.perf_counter() - t0:.1f}s)",
                   flush=True)
-    run_config = {**config.as_dict(), "model_family": args.model_family, "steps": list(args.steps),
+    model = config.model if args.model_family == "flux" else _family_model(args.model_family)
+    run_config = {**config.as_dict(), "model": model, "model_family": args.model_family, "steps": list(args.steps),
                   "methods": [m.name for m in methods], "methods_left_out": skipped,
                   "isolated_per_point": isolate, "measurement": "one iteration = objective forward + backward, no optimiser step"}
     summary = headline.memory_headline(records, args.steps)
@@ -184,6 +185,12 @@ def _family_methods(methods: list[Method], family: str) -> tuple[list[Method], d
         return methods, {}
     why = f"leapkernels has no fused blocks for the {family} transformer yet (leapkernels.apply_leapkernels missing)"
     return [m for m in methods if not m.kernels], {m.name: why for m in methods if m.kernels}
+
+
+def _family_model(family: str) -> str:
+    from benchmarks.families import FAMILY_MODELS
+
+    return FAMILY_MODELS[family]
 
 
 def _paths(args: argparse.Namespace) -> tuple[str, str]:

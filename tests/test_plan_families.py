@@ -48,10 +48,9 @@ class _Encoder:
     def encode(self, prompts):
         cond = self.conditioning(self.model, self.spec, len(prompts), torch.float32)
         gen = torch.Generator().manual_seed(0)
-        for name, value in vars(cond).items():
+        for value in vars(cond).values():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value.copy_(torch.randn(value.shape, generator=gen))
-            del name
         return cond
 
 
