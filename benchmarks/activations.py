@@ -146,14 +146,15 @@ def _tokens(family: str, model_name: str) -> int:
     return spec["latent_side"] ** 2 + spec["text_tokens"]
 
 
-def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device, family: str = "flux") -> list[dict[str, Any]]:
-    """One eager and one patched record per dtype."""
+def run(model_name: str, dtypes: Sequence[torch.dtype], device: torch.device, family: str = "flux",
+        switches: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+    """One eager and one patched record per dtype (``switches``: leapkernels options by name)."""
     from leapkernels import apply_leapkernels
 
     records = []
     for dtype in dtypes:
         eager, inputs = _build(family, model_name, dtype, device)
-        patched = apply_leapkernels(copy.deepcopy(eager))
+        patched = apply_leapkernels(copy.deepcopy(eager), switches)
         truth = copy.deepcopy(eager).to(torch.float64)
         truth_inputs = {k: (v.double() if v.is_floating_point() and "ids" not in k else v) for k, v in inputs.items()}
         out_t = truth(**truth_inputs, return_dict=False)[0]
@@ -198,11 +199,23 @@ NOTES = (
 )
 
 
+def _parse_switches(items: Sequence[str]) -> dict[str, bool]:
+    switches = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or value not in ("0", "1"):
+            raise ValueError(f"--switch takes NAME=0 or NAME=1, got {item!r}")
+        switches[name] = value == "1"
+    return switches
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = suite_parser("activations", __doc__)
     parser.add_argument("--model-family", default="flux", choices=sorted(FAMILIES),
                         help="flux (FLUX.1), flux2 (FLUX.2) or sd3 (SD3.5): the diffusers transformer measured")
     parser.add_argument("--model", default="cpu", choices=sorted(MODELS["flux"]))
+    parser.add_argument("--switch", nargs="*", default=[], metavar="NAME=0|1",
+                        help="leapkernels switches of the family (e.g. whole_mlp=1 for FLUX.1); the others stay default")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     add_output_args(parser, "activations_DEVICE.json")
@@ -214,9 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     dtypes = [getattr(torch, d) for d in args.dtypes]
     family = args.model_family
-    records = run(args.model, dtypes, device, family)
+    switches = _parse_switches(args.switch)
+    records = run(args.model, dtypes, device, family, switches)
     spec = MODELS[family][args.model]
-    config = dict(model_family=family, model=args.model, **spec["config"], image_tokens=spec["latent_side"] ** 2,
+    config = dict(model_family=family, model=args.model, switches=switches, **spec["config"], image_tokens=spec["latent_side"] ** 2,
                   text_tokens=spec["text_tokens"], batch=1, device=args.device)
     summary = {f"patched_over_eager_{r['dtype']}": r["ratio_vs_eager"] for r in records if r["variant"] == "patched"}
     doc = ResultDoc("activations", machine_info(["activations", *argv]), config, records, summary)

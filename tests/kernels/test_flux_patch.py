@@ -61,13 +61,13 @@ def _run(model: torch.nn.Module, inputs: dict, dtype: torch.dtype, cotangent: to
     return out.detach().double().cpu(), grads
 
 
-def _compare(name: str, dtype: torch.dtype, device: str = "cpu"):
+def _compare(name: str, dtype: torch.dtype, device: str = "cpu", **switches):
     """Patched vs unpatched model of ``dtype``, both judged against the fp64 model (same weights)."""
     master, inputs = _model(name)
     eager = copy.deepcopy(master).to(device=device, dtype=dtype)
     truth = copy.deepcopy(eager).to(torch.float64)
     patched = copy.deepcopy(eager)
-    apply_leapkernels_to_flux(patched)
+    apply_leapkernels_to_flux(patched, **switches)
     out_shape = (inputs["hidden_states"].shape[0], inputs["hidden_states"].shape[1], CONFIGS[name][0]["in_channels"])
     cot = torch.randn(out_shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     with backend.poison_outputs():
@@ -95,6 +95,32 @@ def test_patched_flux_matches_unpatched(name, dtype, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _compare(name, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_patched_flux_with_whole_mlp_matches_unpatched(dtype):
+    """whole_mlp: the up projections join the GELU fusions (`gated_mlp`); same parity rule."""
+    _compare("wide-odd", dtype, whole_mlp=True)
+
+
+@backend.force_backend("reference")
+def test_whole_mlp_saves_under_0_35x_the_eager_bytes_in_bf16_and_reverts():
+    from leapalign.profiling import SavedTensorCounter
+
+    model, inputs = _model("wide-odd")
+    model = model.to(torch.bfloat16)
+    cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" and "ids" not in k else v)
+            for k, v in inputs.items()}
+    counted = []
+    for switches in (None, {}, {"whole_mlp": True}):
+        if switches is not None:
+            apply_leapkernels_to_flux(model, **switches)
+        with SavedTensorCounter() as counter:
+            model(**cast, return_dict=False)
+        counted.append(counter.bytes)
+    assert counted[2] < counted[1] < counted[0] and counted[2] <= 0.35 * counted[0], counted  # ~0.31x vs ~0.44x
+    revert_leapkernels(model)
+    assert not is_patched(model)
 
 
 @backend.force_backend("reference")  # the patch's wiring; the kernels are judged above
