@@ -119,7 +119,10 @@ class LeapAlignTrainer:
             wiring.apply_fsdp(cfg, self.network)
         # the rollout engine (rollout_compile): compiled lazily, so it compiles the LoRA'd, patched, sharded network
         self.rollout = wrap_rollout(model, cfg.rollout_engine(model, self.distributed, self.device))
-        self._rollout_model = wiring.VelocityInInputDtype(self.rollout) if cfg.mixed_precision != "no" else self.rollout
+        mixed = cfg.mixed_precision != "no"
+        self._rollout_model = wiring.VelocityInInputDtype(self.rollout) if mixed else self.rollout
+        # sample grids run eagerly: their batch is another shape, whose compile a few grids never repay
+        self._sample_model = wiring.VelocityInInputDtype(model) if mixed else model
         self.param_names, self.params = wiring.trainable_parameters(self.state_module)
         if self.distributed == "ddp":
             wiring.broadcast_parameters(self.params)
@@ -364,7 +367,7 @@ class LeapAlignTrainer:
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         swap = self.ema.swapped_in() if (self.ema is not None and cfg.sample_use_ema) else contextlib.nullcontext()
         with swap, self.accelerator.autocast():
-            images = euler_sample(self._rollout_model, cond, len(prompts), cfg.sample_num_steps, gen)
+            images = euler_sample(self._sample_model, cond, len(prompts), cfg.sample_num_steps, gen)
         if not self.is_main:
             return None
         return save_image_grid(images, Path(cfg.output_dir) / "samples" / f"step-{self.step:08d}.png")
