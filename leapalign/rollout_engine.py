@@ -153,6 +153,8 @@ class CompiledRollout:
         return out.clone() if self._graphs and not grad else out
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_model":  # not set yet (copy/pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self._model, name)
 
     def __repr__(self) -> str:
