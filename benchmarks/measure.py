@@ -74,12 +74,14 @@ class VelocityTimer:
     Calls under ``no_grad``/``inference_mode`` are the rollout; calls with grad enabled are the
     forward-with-grad of the gradient part. Set ``active = False`` around ``backward()`` so that
     recomputation inside backward (checkpointing) is not counted as forward time.
-    Everything else is delegated to the wrapped model.
+    Everything else is delegated to the wrapped model. ``clock`` reads the time (wall by default;
+    ``time.process_time`` for the CPU time of a one-thread run on a shared machine).
     """
 
-    def __init__(self, model: Any, sync: Callable[[], None]) -> None:
+    def __init__(self, model: Any, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> None:
         self._model = model
         self._sync = sync
+        self._clock = clock
         self.active = True
         self.reset()
 
@@ -94,10 +96,10 @@ class VelocityTimer:
             return self._model.velocity(x, sigma, cond)
         grad = torch.is_grad_enabled()
         self._sync()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         out = self._model.velocity(x, sigma, cond)
         self._sync()
-        dt = time.perf_counter() - t0
+        dt = self._clock() - t0
         if grad:
             self.grad_forward_s += dt
             self.grad_calls += 1

@@ -58,14 +58,18 @@ NOTES = (
 )
 
 
-def _time_once(objective: Any, workload: Workload, method: Method) -> dict[str, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_once(objective: Any, workload: Workload, method: Method, clock: str = "wall") -> dict[str, float]:
     sync = synchronizer(workload.device)
-    timer = VelocityTimer(workload.rollout_model(method), sync)
+    timer = VelocityTimer(workload.rollout_model(method), sync, CLOCKS[clock])
 
     def around_backward(entering: bool) -> None:
         timer.active = not entering
 
-    result = run_iteration(objective, workload, model=timer, sync=sync, around_backward=around_backward)
+    result = run_iteration(objective, workload, model=timer, sync=sync, around_backward=around_backward,
+                           clock=CLOCKS[clock])
     total = result.seconds
     return {
         "seconds": total,
@@ -117,6 +121,8 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
     methods = resolve_methods(args.methods)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.clock == "cpu" and (args.device != "cpu" or getattr(args, "threads", None) != 1):
+        raise ValueError("--clock cpu needs --device cpu --threads 1 (CPU time sums every thread; GPUs work asynchronously)")
     workload = build_workload(config)  # one model; kernel methods patch it and eager ones revert it
     records: list[dict[str, Any]] = []
     for steps in args.steps:
@@ -137,7 +143,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
                     continue
                 try:
                     workload.use_kernels(m.kernels)
-                    sample = _time_once(objectives[m.name], workload, m)
+                    sample = _time_once(objectives[m.name], workload, m, args.clock)
                 except Exception as exc:  # noqa: BLE001 - OOM is a finding; keep the other methods running
                     failed[m.name] = {"status": "oom" if is_oom(exc) else "error",
                                       "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
@@ -159,7 +165,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> ResultDoc:
             print(f"  throughput {m.name:>18} T={steps:<3} median={format_float(rec.get('seconds')):>8}s "
                   f"rollout={format_float(rec.get('rollout_s')):>8}s gradient={format_float(rec.get('gradient_s')):>8}s "
                   f"{rec['status']}", flush=True)
-    run_config = {**config.as_dict(), "steps": list(args.steps), "methods": [m.name for m in methods],
+    run_config = {**config.as_dict(), "steps": list(args.steps), "methods": [m.name for m in methods], "clock": args.clock,
                   "warmup": args.warmup, "repeats": args.repeats, "order": "interleaved, rotated per repeat",
                   "model_info": workload.info}
     summary = headline.throughput_headline(records, args.steps)
@@ -170,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = suite_parser("throughput", __doc__)
     add_workload_args(parser)
     parser.set_defaults(methods=list(THROUGHPUT_METHODS))
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall (default) or cpu: this process's CPU time, for a one-thread run on a loaded shared "
+                             "machine, where other processes inflate wall time but not the iteration's own work")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per (method, T); the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per (method, T) first")
     return parser

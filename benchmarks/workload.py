@@ -316,29 +316,30 @@ def run_iteration(
     saved_counter: Callable[[], Any] | None = None,
     sync: Callable[[], None] | None = None,
     around_backward: Callable[[bool], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> IterationResult:
     """One training iteration without the optimiser step: objective forward, then ``loss.backward()``.
 
     ``saved_counter`` (a context-manager factory, e.g. ``leapalign.profiling.SavedTensorCounter``)
     wraps the forward only: it counts what autograd saves for the backward that follows.
     ``model`` overrides ``workload.model`` (a timing proxy); ``around_backward(True/False)`` is called
-    just before and after ``backward()``.
+    just before and after ``backward()``; ``clock`` reads the time (wall by default).
     """
     sync = sync or (lambda: None)
     workload.zero_grad()
     counter_cm = saved_counter() if saved_counter is not None else contextlib.nullcontext()
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     with counter_cm as counter:
         out = objective(model if model is not None else workload.model, workload.cond, workload.prompts,
                         workload.reward, workload.generator())
     sync()
-    t1 = time.perf_counter()
+    t1 = clock()
     if around_backward is not None:
         around_backward(True)
     out.loss.backward()
     sync()
-    t2 = time.perf_counter()
+    t2 = clock()
     if around_backward is not None:
         around_backward(False)
     loss = float(out.loss.detach())
