@@ -43,3 +43,10 @@ def test_engine_methods_resolve_by_name_but_not_under_all():
     assert set(THROUGHPUT_METHODS) <= set(METHODS) | set(ENGINE_METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods(["leapalign+jit"])
+
+
+def test_cpu_clock_needs_one_thread_on_cpu():
+    from benchmarks.throughput import main
+
+    with pytest.raises(ValueError, match="--clock cpu needs --device cpu --threads 1"):
+        main(["--clock", "cpu", "--model", "test", "--steps", "3", "--methods", "leapalign"])
