@@ -94,13 +94,14 @@ def test_revert_restores_bit_identical_outputs_and_gradients():
 
 @backend.force_backend("reference")
 def test_each_switch_alone_matches_unpatched():
-    """Every switch on its own (this checks the wiring, not the kernels)."""
+    """Every switch on its own, and every one off (this checks the wiring, not the kernels)."""
     model, inputs = _model("tiny-dev")
     cot = _cot("tiny-dev", 4)
     base = run_model(model, inputs, torch.float32, cot)
-    for name in SWITCHES:
-        apply_leapkernels_to_flux2(model, **{n: n == name for n in SWITCHES})
-        assert_close(run_model(model, inputs, torch.float32, cot), base)
+    for name in SWITCHES:  # each alone, and all but it
+        for switches in ({n: n == name for n in SWITCHES}, {n: n != name for n in SWITCHES}):
+            apply_leapkernels_to_flux2(model, **switches)
+            assert_close(run_model(model, inputs, torch.float32, cot), base)
     revert_flux2(model)
     assert_same(run_model(model, inputs, torch.float32, cot), base)
 
