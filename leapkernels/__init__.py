@@ -1,4 +1,7 @@
-"""leapkernels: fused Triton kernels (with PyTorch references) for LeapAlign and Flux blocks.
+"""leapkernels: fused Triton kernels (with PyTorch references) for LeapAlign and diffusion-transformer blocks.
+
+`apply_leapkernels(transformer)` patches a diffusers FLUX.1, FLUX.2 or SD3 transformer (chosen by
+its class; `supported_models()`), `revert_leapkernels` undoes it bit for bit.
 
 Every op has forward and backward kernels per backend, an autograd.Function that saves inputs
 and recomputes intermediates, and a plain-PyTorch ``*_reference`` that tests use as the truth.
@@ -9,6 +12,7 @@ from leapkernels.flux import FluxPatchOptions, apply_leapkernels_to_flux
 from leapkernels.flux2 import Flux2PatchOptions, apply_leapkernels_to_flux2
 from leapkernels.sd3 import SD3PatchOptions, apply_leapkernels_to_sd3
 from leapkernels.ops.gated_linear import gated_linear, gated_linear_reference
+from leapkernels.ops.gated_mlp import gated_mlp, gated_mlp_reference
 from leapkernels.ops.gated_residual import gated_residual, gated_residual_reference
 from leapkernels.ops.gelu import gelu_linear, gelu_linear_reference, gelu_tanh, gelu_tanh_reference
 from leapkernels.ops.grad_scale import grad_scale, grad_scale_reference
@@ -68,6 +72,8 @@ __all__ = [
     "gelu_linear_reference",
     "gated_linear",
     "gated_linear_reference",
+    "gated_mlp",
+    "gated_mlp_reference",
     "linear_qk_norm_rope",
     "linear_qk_norm_rope_reference",
     "swiglu",
