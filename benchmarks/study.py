@@ -17,6 +17,8 @@ calibrated seconds (step x seconds per step), evaluated at ``--checkpoints`` poi
 
 Groups of runs (each over ``--seeds``): ``methods`` (leapalign alpha 0.3 2 leaps, full_backprop,
 draft_lv, refl, drtune), ``alpha`` (0, 0.1, 0.3, 1) and ``leaps`` (1, 2, 3); shared points run once.
+Every other setting is the demo's (:class:`~leapalign.shapes.experiment.DemoSettings`), LeapAlign's leap
+range (``max_leap_step``) and EMA included; the runs are judged by the weights the demo judges.
 
 **Resumable and parallel.** Each run is written to ``STEM_runs/`` as soon as it finishes; a rerun
 skips every run whose file matches its settings (a changed setting reruns it). Runs go to a pool of
@@ -28,6 +30,7 @@ mean and min-max band over seeds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,12 +92,13 @@ def study_runs(groups: Sequence[str]) -> list[RunSpec]:
 
 
 def _spec_settings(spec: RunSpec, settings: Any, seed: int, steps: int) -> Any:
-    s = replace(settings, seed=seed, train_steps=max(1, steps), eval_every=10**9)
-    if "alpha" in spec["overrides"]:
-        s = replace(s, alpha=spec["overrides"]["alpha"])
-    if "num_leaps" in spec["overrides"]:
-        s = replace(s, num_leaps=spec["overrides"]["num_leaps"])
-    return s
+    return replace(settings, seed=seed, train_steps=max(1, steps), eval_every=10**9, **spec["overrides"])  # alpha, num_leaps
+
+
+def _evaluated_weights(trainer: Any) -> Any:
+    """The weights a run is judged by, as the demo does: the EMA swapped in when the trainer keeps one."""
+    ema = getattr(trainer, "ema", None)
+    return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
 
 def run_one(spec: RunSpec, seed: int, settings: Any, steps: int, scorer: Any, base_model: Any, checkpoints: int = 4,
@@ -120,9 +124,11 @@ def run_one(spec: RunSpec, seed: int, settings: Any, steps: int, scorer: Any, ba
             train_seconds += time.perf_counter() - t0
             metrics.append(float(m.get("reward_mean", float("nan"))))
             if step in marks and step != steps:
-                res = evaluate_alignment(model, scorer, sets["eval"], s.num_steps, s.eval_seed)
+                with _evaluated_weights(trainer):
+                    res = evaluate_alignment(model, scorer, sets["eval"], s.num_steps, s.eval_seed)
                 curve.append({"step": step, "accuracy": res.accuracy["overall"], "reward": res.reward})
-    final = {name: evaluate_alignment(model, scorer, specs, s.num_steps, noise[name]) for name, specs in sets.items()}
+    with _evaluated_weights(trainer):
+        final = {name: evaluate_alignment(model, scorer, specs, s.num_steps, noise[name]) for name, specs in sets.items()}
     curve.append({"step": steps, "accuracy": final["eval"].accuracy["overall"], "reward": final["eval"].reward})
     for point in curve:
         point["calibrated_seconds"] = point["step"] * seconds_per_step

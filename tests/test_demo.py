@@ -294,3 +294,22 @@ def test_max_leap_step_keeps_leapalign_leaps_in_the_first_steps(tmp_path):
         drawn[n] = {i for _ in range(200) for i in trainer.objective.sample_steps(g)}
     assert drawn[None] == set(range(12)) and drawn[5] == set(range(5))
     assert demo._settings_from_args(demo.build_parser().parse_args(["--max-leap-step", "6"])).max_leap_step == 6
+
+
+def test_study_judges_the_ema_weights_when_the_settings_keep_an_ema(tmp_path):
+    """The study evaluates what the demo evaluates: the EMA swapped in (and the raw weights back after)."""
+    from benchmarks import study
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    model, scorer = load_shapes_model(), load_shapes_scorer()
+    settings = replace(experiment.quick_settings(), train_steps=1, learning_rate=1e-2, ema_decay=0.5)
+    trainer = experiment.make_trainer(model, scorer, settings, tmp_path)
+    trainer.training_step()
+    raw = [p.detach().clone() for p in trainer.ema.params]
+    with study._evaluated_weights(trainer):
+        assert all(torch.equal(p, s) for p, s in zip(trainer.ema.params, trainer.ema.shadow))
+        assert not all(torch.equal(p, r) for p, r in zip(trainer.ema.params, raw))
+    assert all(torch.equal(p, r) for p, r in zip(trainer.ema.params, raw))
+    with study._evaluated_weights(object()):  # no EMA: the weights as they are
+        pass
