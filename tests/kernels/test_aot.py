@@ -24,7 +24,8 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_mln_fwd_kernel", "_mln_bwd_kernel", "_gr_fwd_kernel", "_gr_bwd_kernel", "_qkr_fwd_kernel", "_qkr_bwd_kernel",
-           "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_sumsq_kernel", "_scale_kernel", "_leap_fwd_kernel", "_leap_bwd_kernel"}
+           "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_sumsq_kernel", "_scale_kernel", "_leap_fwd_kernel", "_leap_bwd_kernel",
+           "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"}
 STREAMING = {"_gelu_fwd_kernel", "_gelu_bwd_kernel", "_sumsq_kernel", "_scale_kernel", "_leap_fwd_kernel", "_leap_bwd_kernel"}
 SCALAR_LOADS = {"_leap_fwd_kernel": 1, "_leap_bwd_kernel": 1, "_scale_kernel": 2}
 """Loads that are scalar by nature: the per-sample coefficient (c, alpha), and the capped scale's
