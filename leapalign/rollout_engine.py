@@ -12,7 +12,10 @@ without autograd. :class:`CompiledRollout` wraps any adapter whose network is ``
   inductor fuses itself.
 - autograd on (LeapAlign's two leap steps, every baseline's grad window): ``grad_steps="eager"``
   runs the model itself (the patched eager module: leapkernels' saved-bytes savings stay);
-  ``"compiled"`` runs a second compiled module with AOTAutograd (its own recompute choices).
+  ``"compiled"`` runs the compiled module with AOTAutograd (its own recompute choices). Measured on
+  cpu-bench (T = 25, one thread): compiled grad steps make a LeapAlign iteration ~7 % faster but
+  save 35.2 MiB for backward against the patched eager path's 22.4 MiB (eager unpatched: 40.8), so
+  ``eager`` is the default.
 
 Nothing else changes: the objectives, the reward and the leap/connector ops see the same
 protocol, so the reward sees the final image of the rollout that actually ran, bit for bit.
