@@ -27,6 +27,9 @@ _EXPORTS = {
     "velocity_model_from_pipeline": "leapalign.adapters",
     "Flux2VelocityModel": "leapalign.adapters.flux2",
     "SD3VelocityModel": "leapalign.adapters.sd3",
+    "CompiledRollout": "leapalign.rollout_engine",
+    "RolloutEngineConfig": "leapalign.rollout_engine",
+    "wrap_rollout": "leapalign.rollout_engine",
 }
 
 __all__ = ["__version__", *_EXPORTS]
