@@ -296,6 +296,17 @@ def test_max_leap_step_keeps_leapalign_leaps_in_the_first_steps(tmp_path):
     assert demo._settings_from_args(demo.build_parser().parse_args(["--max-leap-step", "6"])).max_leap_step == 6
 
 
+def test_alignment_runs_roll_out_eagerly_however_long(tmp_path):
+    """A compiled rollout rounds differently: the trainer's auto-compile (runs of >= 1000 CPU steps) must
+    not change a demo or study run's numbers, so the experiment pins the eager path."""
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    model = load_shapes_model()
+    trainer = experiment.make_trainer(model, load_shapes_scorer(), replace(experiment.quick_settings(), train_steps=5000), tmp_path)
+    assert trainer.rollout is model
+
+
 def test_study_judges_the_ema_weights_when_the_settings_keep_an_ema(tmp_path):
     """The study evaluates what the demo evaluates: the EMA swapped in (and the raw weights back after)."""
     from benchmarks import study

@@ -243,6 +243,9 @@ def make_trainer(
         train_max_grad_norm=settings.max_grad_norm,
         train_trainable_dtype="float32",
         model_dtype="float32",
+        # Eager, always: a compiled rollout rounds differently, and a run's numbers must not move with another
+        # layer's auto-compile threshold (one seed moved 3 points when it did: benchmarks/results/demo_shapes/README.md).
+        rollout_compile="off",
         sample_every=0,
         ckpt_every=0,
         ckpt_save_final=False,
