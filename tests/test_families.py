@@ -180,15 +180,16 @@ def _write(tmp_path, model_dir, **overrides):
     return path
 
 
-@pytest.mark.parametrize("family", ["flux2", "sd3"])
-def test_cli_trains_and_samples_each_family(tmp_path, model_dirs, family):
+@pytest.mark.parametrize("family, mode", [("flux2", "lora"), ("sd3", "lora"), ("sd3", "full")])
+def test_cli_trains_and_samples_each_family(tmp_path, model_dirs, family, mode):
     from PIL import Image
 
     from leapalign import cli
 
-    assert cli.main(["train", str(_write(tmp_path, model_dirs[family]))]) == 0
+    assert cli.main(["train", str(_write(tmp_path, model_dirs[family], train_mode=mode))]) == 0
     ckpt = tmp_path / "out" / "checkpoints" / "step-00000001"
-    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    weights = "lora/pytorch_lora_weights.safetensors" if mode == "lora" else "transformer/diffusion_pytorch_model.safetensors"
+    assert (ckpt / weights).is_file()
     assert cli.main(["sample", "--model_path", str(model_dirs[family]), "--checkpoint", str(ckpt), "--prompt", "a red cube",
                      "--output", str(tmp_path / "grid.png"), "--num_steps", "2", "--height", str(SIZE), "--width", str(SIZE),
                      "--dtype", "float32", "--max_sequence_length", "12", "--device", "cpu"]) == 0
