@@ -229,3 +229,16 @@ def test_plan_is_a_command_and_bad_input_is_one_line(tmp_path, capsys):
         assert cli.main(["plan", str(config), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_sample_compile_wraps_the_model_in_the_rollout_engine(tmp_path, model_dir, monkeypatch):
+    """``leapalign sample --compile default`` samples through ``wrap_rollout`` (off: the model itself)."""
+    import leapalign.rollout_engine as engine
+
+    seen = []
+    monkeypatch.setattr(engine, "wrap_rollout", lambda model, config: seen.append(config.compile) or model)
+    base = ["--model_path", str(model_dir), "--prompt", "a", "--num_steps", "2", "--height", "16", "--width", "16",
+            "--dtype", "float32", "--device", "cpu"]
+    assert cli.main(["sample", *base, "--output", str(tmp_path / "off.png")]) == 0 and seen == []
+    assert cli.main(["sample", *base, "--compile", "default", "--output", str(tmp_path / "on.png")]) == 0
+    assert seen == ["default"] and (tmp_path / "on.png").is_file()
