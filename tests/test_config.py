@@ -133,3 +133,14 @@ def test_optional_field_error_says_null_is_allowed():
     assert LeapAlignConfig(prompts=["a"]).model_use_leapkernels is None
     with pytest.raises(ConfigError, match=r"model_use_leapkernels='auto' is invalid: expected true or false \(or null\)"):
         LeapAlignConfig(prompts=["a"], model_use_leapkernels="auto")
+
+
+@pytest.mark.parametrize("family, guidance", [(None, 3.5), ("flux", 3.5), ("flux2", 4.0), ("sd3", 7.0)])
+def test_guidance_left_null_is_the_family_pipeline_default(family, guidance):
+    from leapalign.adapters.families import family_named
+    from leapalign.training.wiring import adapter_kwargs
+
+    fam = family_named(family) if family else None
+    assert LeapAlignConfig().model_guidance is None
+    assert adapter_kwargs(LeapAlignConfig(), fam)["guidance"] == guidance
+    assert adapter_kwargs(LeapAlignConfig(model_guidance=2.0), fam)["guidance"] == 2.0

@@ -96,7 +96,9 @@ class LeapAlignConfig:
     model_dtype: str = field(default="bfloat16", **_help("dtype the frozen weights are loaded in: float32 | bfloat16 | float16."))
     model_height: int = field(default=512, **_help("Training image height in pixels."))
     model_width: int = field(default=512, **_help("Training image width in pixels."))
-    model_guidance: float = field(default=3.5, **_help("Distilled guidance scale fed to the Flux transformer (FLUX.1-dev: 3.5)."))
+    model_guidance: float | None = field(default=None, **_help(
+        "Guidance: FLUX.1's distilled guidance, FLUX.2's embedded guidance or SD3's classifier-free scale; "
+        "null = the family pipeline's default guidance_scale (FLUX.1 3.5, FLUX.2 4.0, SD3 7.0)."))
     model_max_sequence_length: int = field(default=512, **_help("T5 prompt length for the Flux prompt encoder."))
     model_gradient_checkpointing: bool = field(default=False, **_help("Checkpoint the transformer blocks (diffusers' enable_gradient_checkpointing)."))
     model_use_leapkernels: bool | None = field(default=None, **_help("Patch the Flux transformer with leapkernels' fused ops (apply_leapkernels_to_flux): true, false, or null = auto (patch when the network is a diffusers Flux transformer); the objective's own fused ops are objective.use_kernels."))

@@ -51,7 +51,7 @@ def _build_adapter(cfg: Any, spec: ModelSpec) -> Any:
     transformer.eval()
     if vae is not None:
         vae.eval()
-    kwargs = wiring.adapter_kwargs(cfg)
+    kwargs = wiring.adapter_kwargs(cfg, family)
     if family.name == "flux2":  # klein base: classifier-free guidance, as Flux2VelocityModel.from_pipeline decides
         kwargs["cfg"] = spec.pipeline == "Flux2KleinPipeline" and not spec.distilled
     try:

@@ -32,7 +32,7 @@ from torch import nn
 from leapalign.dtypes import torch_dtype
 from leapalign.prompts import FluxPromptEncoder, PromptSource, load_prompts
 from leapalign.rewards.base import RewardFn
-from leapalign.adapters.families import ModelFamily, UnsupportedModelError, family_of_network, family_of_pipeline
+from leapalign.adapters.families import ModelFamily, UnsupportedModelError, family_named, family_of_network, family_of_pipeline
 from leapalign.adapters.families import lora_target_modules as family_lora_targets
 from leapalign.training.config import FLUX_LORA_TARGET_MODULES, LeapAlignConfig, objective_class
 from leapalign.training.ema import EMA
@@ -81,9 +81,15 @@ def is_pipeline(obj: Any) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
-def adapter_kwargs(cfg: LeapAlignConfig) -> dict[str, Any]:
-    """The adapter's size, guidance and checkpointing from the config (the planner builds with them too)."""
-    return dict(height=cfg.model_height, width=cfg.model_width, guidance=cfg.model_guidance,
+def adapter_kwargs(cfg: LeapAlignConfig, family: Any = None) -> dict[str, Any]:
+    """The adapter's size, guidance and checkpointing from the config (the planner builds with them too).
+
+    ``model_guidance: null`` takes ``family``'s pipeline default (FLUX.1's 3.5 when no family is given).
+    """
+    guidance = cfg.model_guidance
+    if guidance is None:
+        guidance = family.guidance if family is not None else family_named("flux").guidance
+    return dict(height=cfg.model_height, width=cfg.model_width, guidance=guidance,
                 gradient_checkpointing=cfg.model_gradient_checkpointing)
 
 
@@ -98,7 +104,7 @@ def adapter_from_pipeline(pipe: Any, cfg: LeapAlignConfig, device: torch.device)
         family = family_of_pipeline(pipe)
     except UnsupportedModelError as exc:
         raise ConfigError(str(exc)) from None
-    kwargs = adapter_kwargs(cfg)
+    kwargs = adapter_kwargs(cfg, family)
     if family.name != "flux":
         kwargs["max_sequence_length"] = cfg.model_max_sequence_length
     pipe.to(device)
