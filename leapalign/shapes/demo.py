@@ -28,8 +28,7 @@ oversubscribed; the choice is printed.
 minutes on an idle 2-core machine); the target -- mean gain >= +15 points over three seeds, none
 below +10 -- is judged with ``--seeds 0 1 2`` (three times as long). The training reward is the
 scorer minus 5 x a faint-background-texture penalty (``--background-penalty``; why:
-``leapalign/assets/README.md``); LeapAlign's leap steps come from the first 8 of the 12 rollout steps
-(``--max-leap-step``; the runs behind it: ``benchmarks/results/demo_shapes/README.md``). If the reward rises while the rule-based accuracy does not, the scorer is being hacked, and
+``leapalign/assets/README.md``; what else was tried: ``benchmarks/results/demo_shapes/README.md``). If the reward rises while the rule-based accuracy does not, the scorer is being hacked, and
 ``summary.json`` says so (``reading``). ``--quick`` shrinks every budget so the whole run takes well
 under a minute (CI); it does not judge the target.
 """
