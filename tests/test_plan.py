@@ -128,12 +128,25 @@ def _planned(cfg, spec_name: str):
 
 
 def _check(spec_name: str, method: str, saved_slack: int = 0, **overrides) -> None:
+    """Saved bytes and FLOPs equal, peak within 10 %.
+
+    With leapkernels on, the plan runs the ops' PyTorch references (fake tensors cannot run fused
+    kernels); their backward allocates intermediates that the fused kernels (native C++ here, Triton
+    on GPU) do not: cpu-bench's plan is ~10.5 % above the native run's peak. So the 10 % is checked
+    against a real run on the reference backend too, and the native run must not exceed the plan.
+    """
+    from leapkernels.backend import force_backend
+
     cfg = _config(spec_name, method, **overrides)
     planned, measured = _planned(cfg, spec_name), _measured(cfg, spec_name)
     gap = abs(planned.saved_bytes - measured.saved_bytes)
     assert gap <= saved_slack, (planned.saved_by_dtype, measured.saved_by_dtype)
     assert planned.total_flops == measured.total_flops, (planned.flops, measured.flops)
     assert planned.flops["backward"] == measured.flops["backward"]
+    if cfg.model_use_leapkernels:
+        assert measured.peak_bytes <= planned.peak_bytes, (planned, measured)
+        with force_backend("reference"):
+            measured = _measured(cfg, spec_name)
     assert abs(planned.peak_bytes - measured.peak_bytes) <= 0.10 * measured.peak_bytes, (planned, measured)
 
 
