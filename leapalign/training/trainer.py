@@ -118,7 +118,10 @@ class LeapAlignTrainer:
         if self.distributed == "fsdp":
             wiring.apply_fsdp(cfg, self.network)
         # the rollout engine (rollout_compile): compiled lazily, so it compiles the LoRA'd, patched, sharded network
-        self.rollout = wrap_rollout(model, cfg.rollout_engine(model, self.distributed, self.device))
+        self.rollout_engine = cfg.rollout_engine(model, self.distributed, self.device)
+        logger.info("rollout engine: compile=%s (rollout_compile=%s), grad steps %s", self.rollout_engine.compile,
+                    cfg.rollout_compile, self.rollout_engine.grad_steps)  # a compiled run is not bit-comparable to an eager one
+        self.rollout = wrap_rollout(model, self.rollout_engine)
         mixed = cfg.mixed_precision != "no"
         self._rollout_model = wiring.VelocityInInputDtype(self.rollout) if mixed else self.rollout
         # sample grids run eagerly: their batch is another shape, whose compile a few grids never repay
