@@ -5,7 +5,7 @@ error may be at most 2x the eager one plus a floor (1e-6 fp32, 1 ulp bf16)."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -83,3 +83,18 @@ def saved_bytes_ratio(master: torch.nn.Module, inputs: dict, apply: Callable[[to
         counted.append(counter.bytes)
         del out
     return counted[1] / counted[0]
+
+
+def check_each_switch(model: torch.nn.Module, inputs: dict, cotangent: torch.Tensor, switches: Sequence[str],
+                      apply: Callable[..., object], revert: Callable[[torch.nn.Module], object]) -> None:
+    """Every switch on its own and every one off matches the unpatched model; revert is bit-exact.
+
+    This checks the patch's wiring (run it on the reference backend), not the kernels.
+    """
+    base = run_model(model, inputs, torch.float32, cotangent)
+    for name in switches:
+        for chosen in ({n: n == name for n in switches}, {n: n != name for n in switches}):
+            apply(model, **chosen)
+            assert_close(run_model(model, inputs, torch.float32, cotangent), base)
+    revert(model)
+    assert_same(run_model(model, inputs, torch.float32, cotangent), base)

@@ -13,7 +13,7 @@ from leapkernels import backend
 from leapkernels.flux2 import LeapFlux2ParallelProcessor, apply_leapkernels_to_flux2, revert_flux2
 from leapkernels.flux_attention import LeapFluxAttnProcessor
 
-from .patch_harness import assert_close, assert_same, compare_patched, run_model, saved_bytes_ratio
+from .patch_harness import assert_close, assert_same, check_each_switch, compare_patched, run_model, saved_bytes_ratio
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Flux2Transformer2DModel  # noqa: E402
@@ -96,14 +96,7 @@ def test_revert_restores_bit_identical_outputs_and_gradients():
 def test_each_switch_alone_matches_unpatched():
     """Every switch on its own, and every one off (this checks the wiring, not the kernels)."""
     model, inputs = _model("tiny-dev")
-    cot = _cot("tiny-dev", 4)
-    base = run_model(model, inputs, torch.float32, cot)
-    for name in SWITCHES:  # each alone, and all but it
-        for switches in ({n: n == name for n in SWITCHES}, {n: n != name for n in SWITCHES}):
-            apply_leapkernels_to_flux2(model, **switches)
-            assert_close(run_model(model, inputs, torch.float32, cot), base)
-    revert_flux2(model)
-    assert_same(run_model(model, inputs, torch.float32, cot), base)
+    check_each_switch(model, inputs, _cot("tiny-dev", 4), SWITCHES, apply_leapkernels_to_flux2, revert_flux2)
 
 
 @backend.force_backend("reference")

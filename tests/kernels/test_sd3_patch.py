@@ -12,7 +12,7 @@ import leapkernels as lk
 from leapkernels import backend
 from leapkernels.sd3 import LeapJointAttnProcessor, apply_leapkernels_to_sd3, revert_sd3
 
-from .patch_harness import assert_close, assert_same, compare_patched, run_model, saved_bytes_ratio
+from .patch_harness import assert_close, assert_same, check_each_switch, compare_patched, run_model, saved_bytes_ratio
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
@@ -93,14 +93,7 @@ def test_revert_restores_bit_identical_outputs_and_gradients(name):
 def test_each_switch_alone_matches_unpatched():
     """Every switch on its own, and every one off (this checks the wiring, not the kernels)."""
     model, inputs = _model("sd35")
-    cot = _cot("sd35", 4)
-    base = run_model(model, inputs, torch.float32, cot)
-    for name in SWITCHES:  # each alone, and all but it
-        for switches in ({n: n == name for n in SWITCHES}, {n: n != name for n in SWITCHES}):
-            apply_leapkernels_to_sd3(model, **switches)
-            assert_close(run_model(model, inputs, torch.float32, cot), base)
-    revert_sd3(model)
-    assert_same(run_model(model, inputs, torch.float32, cot), base)
+    check_each_switch(model, inputs, _cot("sd35", 4), SWITCHES, apply_leapkernels_to_sd3, revert_sd3)
 
 
 @backend.force_backend("reference")
