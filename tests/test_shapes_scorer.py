@@ -135,6 +135,25 @@ def test_harden_runs_a_round_and_records_it(tmp_path):
         main(["--out", str(tmp_path), "--rounds", "0"])
     with pytest.raises(SystemExit, match="--hard-fraction"):
         main(["--out", str(tmp_path), "--hard-fraction", "1.5"])
+    with pytest.raises(SystemExit, match="--focus and --focus-samples"):
+        main(["--out", str(tmp_path), "--focus-samples", "4"])
+
+
+def test_harden_focus_samples_only_the_named_categories(tmp_path):
+    import json
+
+    from leapalign.shapes.harden import _unaligned_samples, build_parser, main
+    from leapalign.shapes.world import parse_prompt
+
+    args = build_parser().parse_args(["--out", str(tmp_path), "--base-samples", "0", "--focus", "two_object", "counting",
+                                      "--focus-samples", "8", "--T", "3"])
+    pool = _unaligned_samples(args)
+    assert len(pool) == 8 and {parse_prompt(p).category for p in pool.prompts} <= {"two_object", "counting"}
+    assert main(["--out", str(tmp_path), "--rounds", "1", "--align-steps", "1", "--snapshot-every", "1", "--samples", "4",
+                 "--base-samples", "4", "--focus", "two_object", "--focus-samples", "4", "--base-refit-steps", "2",
+                 "--aux-weight", "2", "--pool", "48", "--steps", "2", "--batch-size", "2", "--T", "3"]) == 0
+    meta = json.loads((tmp_path / "shapes_scorer.json").read_text())["meta"]
+    assert meta["harden"]["hard_samples"] == 4 + 4 + 4 + 4  # base + focus + snapshot + its pixel attack
 
 
 def test_bad_scorer_and_fit_settings_are_rejected():

@@ -31,6 +31,7 @@ from leapalign.shapes.experiment import DemoSettings, make_trainer, train_and_tr
 from leapalign.shapes.model import load_shapes_model
 from leapalign.shapes.pools import LabelledPool, model_samples, pixel_attack, synthetic_pool
 from leapalign.shapes.scorer import fit, load_shapes_scorer, ranking_accuracy, save_shapes_scorer, shapes_scorer_files
+from leapalign.shapes.world import CATEGORIES
 
 __all__ = ["auc", "build_parser", "main"]
 
@@ -66,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", dest="num_steps", type=int, default=DemoSettings.num_steps, help="Euler steps of rollout and samples (demo default)")
     p.add_argument("--samples", type=int, default=240, help="samples per snapshot, on fresh training prompts")
     p.add_argument("--base-samples", type=int, default=480, help="samples of the unaligned model added before round 1")
+    p.add_argument("--focus", nargs="+", choices=CATEGORIES, default=(), metavar="CATEGORY",
+                   help="categories the scorer ranks worst: --focus-samples more unaligned samples on their prompts only")
+    p.add_argument("--focus-samples", type=int, default=0, help="unaligned samples on the --focus categories, added before round 1")
+    p.add_argument("--base-refit-steps", type=int, default=0,
+                   help="refit on the unaligned samples before round 1 (0: off), so round 1 aligns against the refitted scorer")
     p.add_argument("--pixel-attack-steps", type=int, default=10, help="also add each snapshot pushed up the scorer in pixel space (0: off)")
     p.add_argument("--pool", type=int, default=4000, help="rendered pairs kept in every refit")
     p.add_argument("--steps", type=int, default=600, help="scorer optimiser steps per refit")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the scorer's detection loss (counts + centres) in every refit")
     p.add_argument("--hard-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -83,14 +90,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.hard_fraction <= 1.0:
         raise SystemExit(f"--hard-fraction must be in [0, 1], got {args.hard_fraction}")
+    if args.focus_samples < 0 or args.base_refit_steps < 0 or args.aux_weight < 0:
+        raise SystemExit("--focus-samples, --base-refit-steps and --aux-weight must be >= 0")
+    if bool(args.focus) != bool(args.focus_samples):
+        raise SystemExit("--focus and --focus-samples go together: name the categories and how many samples to draw on them")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
     scorer = load_shapes_scorer(args.scorer)
     g = torch.Generator().manual_seed(args.seed + 7)
     pool = synthetic_pool(args.pool, g)
-    hard = model_samples(load_shapes_model(args.model), args.base_samples, args.num_steps, seed=args.seed + 5000) if args.base_samples else None
+    hard = _unaligned_samples(args)
     log: list[dict] = []
+    if args.base_refit_steps and hard is not None:
+        scorer.requires_grad_(True)
+        fit(scorer, pool, args.base_refit_steps, g, lr=args.lr, aux_weight=args.aux_weight, hard=hard,
+            hard_fraction=args.hard_fraction, desc="unaligned samples: refit")
+        scorer.requires_grad_(False)
     for r in range(args.rounds):
         fresh = _aligned_samples(args, scorer, r)
         scores = _score(scorer, fresh)
@@ -108,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                       "pixel_attack_mean_score": round(float(_score(scorer, attacked).mean()), 4)}
             hard = hard + attacked
         scorer.requires_grad_(True)
-        fit(scorer, pool, args.steps, g, lr=args.lr, hard=hard, hard_fraction=args.hard_fraction,
-            desc=f"round {r + 1}: refit")
+        fit(scorer, pool, args.steps, g, lr=args.lr, aux_weight=args.aux_weight, hard=hard,
+            hard_fraction=args.hard_fraction, desc=f"round {r + 1}: refit")
         scorer.requires_grad_(False)
         entry["auc_after_refit"] = _rounded(auc(_score(scorer, fresh), fresh.labels))
         entry["minutes"] = round((time.time() - start) / 60, 2)
@@ -117,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entry), flush=True)
     _save(scorer, args, argv, log, hard, start)
     return 0
+
+
+def _unaligned_samples(args: argparse.Namespace) -> LabelledPool | None:
+    """Labelled samples of the model before alignment: ``--base-samples`` on every category, ``--focus-samples``
+    on the ``--focus`` ones (the scorer's weak categories get more of the images it misranks)."""
+    model = load_shapes_model(args.model) if args.base_samples or args.focus_samples else None
+    parts = []
+    if args.base_samples:
+        parts.append(model_samples(model, args.base_samples, args.num_steps, seed=args.seed + 5000))
+    if args.focus_samples:
+        parts.append(model_samples(model, args.focus_samples, args.num_steps, seed=args.seed + 6000, categories=tuple(args.focus)))
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 def _aligned_samples(args: argparse.Namespace, scorer: torch.nn.Module, r: int) -> LabelledPool:

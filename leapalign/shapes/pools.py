@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from leapalign.shapes.evaluator import detect_objects, evaluate
-from leapalign.shapes.world import COLORS, COUNT_WORDS, SHAPES, corrupt_spec, render_batch, sample_specs
+from leapalign.shapes.world import CATEGORIES, COLORS, COUNT_WORDS, SHAPES, corrupt_spec, render_batch, sample_specs
 
 __all__ = ["DETECTED_PAIRS", "MAX_COUNT", "LabelledPool", "synthetic_pool", "model_samples", "pixel_attack"]
 
@@ -110,9 +110,10 @@ def pixel_attack(scorer: torch.nn.Module, pool: LabelledPool, steps: int, step_s
     return LabelledPool.label(torch.cat(out), pool.prompts)
 
 
-def model_samples(model: Any, n: int, num_steps: int, seed: int, batch_size: int = 60) -> LabelledPool:
-    """``n`` samples of a shapes model (``ShapesVelocityModel``) on random training prompts, labelled."""
-    prompts = [s.text for s in sample_specs(n, seed + 100)]
+def model_samples(model: Any, n: int, num_steps: int, seed: int, batch_size: int = 60,
+                  categories: tuple[str, ...] = CATEGORIES) -> LabelledPool:
+    """``n`` samples of a shapes model (``ShapesVelocityModel``) on random prompts of ``categories``, labelled."""
+    prompts = [s.text for s in sample_specs(n, seed + 100, categories)]
     g = torch.Generator().manual_seed(seed + 101)
     with torch.no_grad():
         images = torch.cat([model.sample(prompts[i : i + batch_size], num_steps, g) for i in range(0, n, batch_size)])
