@@ -32,13 +32,7 @@ METHODS = {
 CPU_BENCH_METHODS = tuple(METHODS) if os.environ.get("LEAPALIGN_PLAN_FULL_PROOF") else ("leapalign+kernels", "bptt_ckpt")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is faster and steadier than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(spec_name: str, method: str, **overrides):

@@ -6,18 +6,12 @@ count is a line in T. The extrapolated plan must equal a full trace at T = 6, fi
 from __future__ import annotations
 
 import pytest
-import torch
 
 from leapalign.training import plan as plan_module
 from leapalign.training.plan_models import model_spec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(checkpoint: bool, steps: int = 6, **overrides):

@@ -18,12 +18,7 @@ from leapalign.training.plan_trace import IterationSetup, trace_iteration
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(**overrides):
