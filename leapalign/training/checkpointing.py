@@ -9,7 +9,7 @@ Layout of ``<output_dir>/checkpoints/step-NNNNNNNN/`` (the folder itself is made
     optimizer.pt             AdamW state (full, keyed like the optimiser's own state_dict)
     scheduler.pt             LR scheduler state
     rng.pt                   torch / CUDA / numpy / python RNG state of every rank, as tensors
-    lora/                    diffusers-format LoRA (EMA weights) -- FluxPipeline.load_lora_weights reads it
+    lora/                    diffusers-format LoRA (EMA weights) -- the family pipeline's load_lora_weights reads it
     transformer/             or, for full fine-tunes: config.json + diffusion_pytorch_model.safetensors (EMA)
 
 Safety: every ``.pt`` file holds only tensors and plain Python data and is read with
@@ -190,13 +190,17 @@ def _export_weights(trainer: LeapAlignTrainer, tmp: Path, weights: dict[str, tor
 
     net, prefix = trainer.network, _network_prefix(trainer)
     if trainer.config.train_mode == "lora" and net is not None and hasattr(net, "peft_config"):
-        from diffusers import FluxPipeline
+        import diffusers
         from peft.utils import get_peft_model_state_dict
+
+        from leapalign.training.wiring import network_family
 
         local = {n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)}
         lora = get_peft_model_state_dict(net, state_dict=local)
         meta = net.peft_config["default"].to_dict()
-        FluxPipeline.save_lora_weights(tmp / "lora", transformer_lora_layers=lora, safe_serialization=True,
+        family = network_family(net)  # the family's own pipeline writes its format; FLUX.1's for a custom network
+        pipeline = getattr(diffusers, family.pipelines[0] if family is not None else "FluxPipeline")
+        pipeline.save_lora_weights(tmp / "lora", transformer_lora_layers=lora, safe_serialization=True,
                                        transformer_lora_adapter_metadata=meta)
     elif full_weights is not None:
         merged = dict(full_weights)

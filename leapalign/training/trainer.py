@@ -66,8 +66,8 @@ class LeapAlignTrainer:
 
     Args:
         config: a validated :class:`~leapalign.training.config.LeapAlignConfig`.
-        model: a diffusers ``FluxPipeline`` (wrapped in :class:`~leapalign.adapters.flux.FluxVelocityModel`
-            and a cached :class:`~leapalign.prompts.FluxPromptEncoder`) or any ``VelocityModel``.
+        model: a diffusers pipeline of a supported family (FLUX.1, FLUX.2, SD3; wrapped in the family's
+            velocity adapter and prompt encoder, :mod:`leapalign.adapters.families`) or any ``VelocityModel``.
         reward: ``(images [B,3,H,W] in [0,1], prompts) -> [B]``; default: built from
             ``config.reward_specs`` (a :class:`~leapalign.rewards.CompositeReward`).
         prompt_source: a :class:`PromptSource` or a list of prompts; default: ``config.prompt_file``
