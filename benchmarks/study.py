@@ -368,10 +368,22 @@ def _calibrate_main(args: argparse.Namespace, settings: Any, specs: list[RunSpec
     return 0
 
 
+def _asset_digests(model: str | None, scorer: str | None) -> dict[str, str]:
+    """SHA-256 of the weights of the model and scorer the runs use (the shipped ones when None)."""
+    import hashlib
+
+    from leapalign.shapes.model import shapes_model_files
+    from leapalign.shapes.scorer import shapes_scorer_files
+
+    files = {"model": shapes_model_files(model)[0], "scorer": shapes_scorer_files(scorer)[0]}
+    return {k: hashlib.sha256(f.read_bytes()).hexdigest() for k, f in files.items()}
+
+
 def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: dict[str, float], runs_dir: Path
           ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
     """``(todo, done)``: the jobs still to run and the results already saved (same settings) in ``runs_dir``."""
     common = {"settings": asdict(settings), "checkpoints": args.checkpoints, "model": args.model, "scorer": args.scorer}
+    assets = _asset_digests(args.model, args.scorer)  # a retrained shipped asset invalidates the runs made with the old one
     todo, done = [], {}
     for spec in [RunSpec(label="shipped model", objective="none", overrides={}, groups=[])] + specs:
         for seed in ([0] if spec["objective"] == "none" else args.seeds):
@@ -380,6 +392,7 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
             path = runs_dir / _slug(spec["label"], seed)
             fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
             fingerprint["spec"] = {k: v for k, v in job["spec"].items() if k != "groups"}
+            fingerprint["assets"] = assets
             if path.is_file() and json.loads(path.read_text()).get("job") == fingerprint:
                 done[(spec["label"], seed)] = json.loads(path.read_text())["result"]
             else:

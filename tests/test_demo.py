@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,30 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
     assert "6 runs already done" in capsys.readouterr().out
     after = json.loads(victim.read_text())["result"]
     assert {k: v for k, v in after.items() if k != "measured_train_seconds"} == {k: v for k, v in before.items() if k != "measured_train_seconds"}
+
+
+def test_study_reruns_runs_made_with_another_scorer(tmp_path):
+    import argparse
+
+    from benchmarks import study
+    from leapalign.shapes.experiment import DemoSettings
+    from leapalign.shapes.scorer import ShapesScorer, save_shapes_scorer
+
+    specs = study.study_runs(["leaps"])
+    sps = {"leapalign leaps=1": 0.5, "leapalign leaps=2": 1.0, "leapalign leaps=3": 2.0}
+    args = argparse.Namespace(checkpoints=2, model=None, scorer=None, seeds=[0], leapalign_steps=2)
+    todo, done = study._plan(args, DemoSettings(), specs, sps, tmp_path)
+    assert not done and len(todo) == 4
+    for job in todo:  # pretend every run finished with the shipped scorer
+        Path(job["path"]).write_text(json.dumps({"job": job["fingerprint"], "result": {}}))
+    assert len(study._plan(args, DemoSettings(), specs, sps, tmp_path)[1]) == 4
+    # The same paths, another scorer behind them (a retrained shipped asset): every run is redone.
+    other = save_shapes_scorer(ShapesScorer(), tmp_path / "other").parent
+    assert study._asset_digests(None, str(other))["scorer"] != study._asset_digests(None, None)["scorer"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, "_asset_digests", lambda model, scorer: {"model": "m", "scorer": "retrained"})
+        todo, done = study._plan(args, DemoSettings(), specs, sps, tmp_path)
+    assert not done and len(todo) == 4
 
 
 def test_study_calibrates_in_a_pool_of_single_thread_workers(tmp_path):
