@@ -149,11 +149,15 @@ def test_harden_focus_samples_only_the_named_categories(tmp_path):
                                       "--focus-samples", "8", "--T", "3"])
     pool = _unaligned_samples(args)
     assert len(pool) == 8 and {parse_prompt(p).category for p in pool.prompts} <= {"two_object", "counting"}
-    assert main(["--out", str(tmp_path), "--rounds", "1", "--align-steps", "1", "--snapshot-every", "1", "--samples", "4",
-                 "--base-samples", "4", "--focus", "two_object", "--focus-samples", "4", "--base-refit-steps", "2",
-                 "--aux-weight", "2", "--pool", "48", "--steps", "2", "--batch-size", "2", "--T", "3"]) == 0
+    # --rounds 0: only the refit on the unaligned samples.
+    assert main(["--out", str(tmp_path), "--rounds", "0", "--base-samples", "4", "--focus", "two_object", "--focus-samples", "4",
+                 "--base-refit-steps", "2", "--aux-weight", "2", "--pool", "48", "--T", "3"]) == 0
     meta = json.loads((tmp_path / "shapes_scorer.json").read_text())["meta"]
-    assert meta["harden"]["hard_samples"] == 4 + 4 + 4 + 4  # base + focus + snapshot + its pixel attack
+    assert meta["harden"]["hard_samples"] == 4 + 4 and meta["harden"]["rounds"] == []  # base + focus
+    with pytest.raises(SystemExit, match="--rounds"):
+        main(["--out", str(tmp_path), "--rounds", "0"])
+    with pytest.raises(SystemExit, match="needs unaligned samples"):
+        main(["--out", str(tmp_path), "--base-samples", "0", "--base-refit-steps", "5"])
 
 
 def test_bad_scorer_and_fit_settings_are_rejected():

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", type=Path, default=None, help="scorer to start from (default: the shipped one)")
     p.add_argument("--model", type=Path, default=None, help="shapes model to align (default: the shipped one)")
     p.add_argument("--out", type=Path, required=True, help="directory for the hardened shapes_scorer.safetensors/.json")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alignment rounds (0 with --base-refit-steps: only refit on unaligned samples)")
     p.add_argument("--align-steps", type=int, default=150, help="LeapAlign steps per round (demo settings otherwise)")
     p.add_argument("--snapshot-every", type=int, default=50, help="sample the aligned model every N steps")
     p.add_argument("--batch-size", type=int, default=DemoSettings.batch_size, help="prompts per alignment step (demo default)")
@@ -85,13 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("rounds", "align_steps", "snapshot_every", "samples", "pool", "steps", "batch_size"):
+    if args.rounds < 0 or (args.rounds == 0 and not args.base_refit_steps):
+        raise SystemExit(f"--rounds must be >= 1, or 0 with --base-refit-steps (a refit on unaligned samples only); got {args.rounds}")
+    for name in ("align_steps", "snapshot_every", "samples", "pool", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.hard_fraction <= 1.0:
         raise SystemExit(f"--hard-fraction must be in [0, 1], got {args.hard_fraction}")
     if args.focus_samples < 0 or args.base_refit_steps < 0 or args.aux_weight < 0:
         raise SystemExit("--focus-samples, --base-refit-steps and --aux-weight must be >= 0")
+    if args.base_refit_steps and not (args.base_samples or args.focus_samples):
+        raise SystemExit("--base-refit-steps needs unaligned samples to refit on: --base-samples or --focus-samples")
     if bool(args.focus) != bool(args.focus_samples):
         raise SystemExit("--focus and --focus-samples go together: name the categories and how many samples to draw on them")
     if args.threads:
