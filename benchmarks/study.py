@@ -136,10 +136,8 @@ def run_one(spec: RunSpec, seed: int, settings: Any, steps: int, scorer: Any, ba
         "label": spec["label"], "objective": spec["objective"], "overrides": spec["overrides"], "seed": seed, "steps": steps,
         "measured_train_seconds": round(train_seconds, 2),  # on whatever load there was; the comparison uses calibrated time
         "train_reward_last": statistics.fmean(metrics[-5:]) if metrics else None,
-        **final["eval"].to_json(),
-        "correct": "".join("1" if c else "0" for c in final["eval"].correct),
-        **({"heldout": final["heldout"].to_json() | {"correct": "".join("1" if c else "0" for c in final["heldout"].correct)}}
-           if "heldout" in final else {}),
+        **final["eval"].to_json(),  # per-prompt verdicts ("correct") included: the paired comparisons read them
+        **({"heldout": final["heldout"].to_json()} if "heldout" in final else {}),
         "curve": curve,
     }
 

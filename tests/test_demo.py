@@ -45,6 +45,8 @@ def test_demo_quick_runs_end_to_end_and_writes_every_output(tmp_path):
             assert all(0.0 <= v <= 1.0 for v in acc.values())
             assert 0.0 < when[name]["reward"] < 1.0
             assert 0.0 <= when[name]["background_artifact_share"] <= 1.0
+            verdicts = when[name]["correct"]  # one 0/1 per prompt, in eval-set order; they make up the accuracy
+            assert len(verdicts) == n and set(verdicts) <= {"0", "1"} and math.isclose(verdicts.count("1") / n, acc["overall"])
     gain = 100 * (run["after"]["eval"]["accuracy"]["overall"] - summary["before"]["eval"]["accuracy"]["overall"])
     assert math.isclose(run["accuracy_gain_points"], gain)
     assert summary["gain_points_by_seed"] == {"0": run["accuracy_gain_points"]}

@@ -146,8 +146,9 @@ class EvalResult:
     correct: list[bool] = field(default_factory=list, repr=False)  # the evaluator's verdict per prompt, in order
 
     def to_json(self) -> dict[str, Any]:
+        """Everything but the images; ``correct`` as a string of 0/1 per prompt (for paired comparisons and subsets)."""
         return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category,
-                "background_artifact_share": self.artifact_share}
+                "background_artifact_share": self.artifact_share, "correct": "".join("1" if c else "0" for c in self.correct)}
 
 
 @torch.no_grad()
