@@ -200,3 +200,27 @@ def test_smoothed_score_is_the_mean_probability_over_the_frozen_noise_draws():
         torch.testing.assert_close(smooth(images, prompts), expected)
         torch.testing.assert_close(smooth(images, prompts), smooth(images, prompts))  # deterministic
         assert not torch.allclose(smooth(images, prompts), plain(images, prompts))  # the noise does something
+
+
+def test_ranking_ceiling_of_an_oracle_and_an_anti_oracle():
+    """The oracle (the evaluator itself) picks a correct sample wherever one exists; its inverse ranks every pair wrong."""
+    from leapalign.shapes.ceiling import markdown_table, ranking_ceiling
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.world import parse_prompt
+
+    def oracle(images, prompts):
+        return torch.tensor([float(j.correct) for j in evaluate(images, [parse_prompt(p) for p in prompts])])
+
+    model = load_shapes_model()
+    kwargs = dict(prompts=12, draws=3, num_steps=4, seed=3, show_progress=False)
+    best = ranking_ceiling(model, oracle, **kwargs)
+    worst = ranking_ceiling(model, lambda im, p: 1.0 - oracle(im, p), **kwargs)
+    for cat, row in best.items():
+        assert row["top1"] == row["any"] and worst[cat]["average"] == row["average"]
+        assert worst[cat]["top1"] <= row["average"] <= row["top1"]
+        if row["auc"] == row["auc"]:  # defined: some prompt with a correct and a wrong sample
+            assert row["auc"] == 1.0 and worst[cat]["auc"] == 0.0
+    assert 0 < best["overall"]["any"] < 1, "the test needs prompts with and without a correct sample"
+    assert "within-prompt AUC" in markdown_table(best)
+    with pytest.raises(ValueError, match="draws >= 2"):
+        ranking_ceiling(model, oracle, prompts=2, draws=1)

@@ -1,0 +1,108 @@
+"""How far can a scorer lead alignment? Best-of-K ranking of the unaligned model's own samples.
+
+``python -m leapalign.shapes.ceiling [--scorer PATH]`` samples every prompt of a fixed set ``--draws``
+times (fixed noise) from the shapes model, judges each image with the rule-based evaluator and
+scores it with the scorer, and reports per category:
+
+- ``average``: the evaluator's accuracy of a random sample (what the model does now);
+- ``top1``: the accuracy of the sample the scorer ranks first for each prompt (what reward
+  maximisation can reach by re-weighting what the model already draws);
+- ``any``: the share of prompts with at least one correct sample (the model's reachable set);
+- ``auc``: within each prompt, the probability that a correct sample outscores a wrong one (ties
+  half), pooled over the prompts that have both -- how well the scorer ranks the images it will be
+  asked about, independent of how many are correct.
+
+A scorer with a low ``auc`` in a category cannot move that category: its gradient points nowhere in
+particular. The prompt set defaults to a seed no eval set uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from leapalign.shapes.evaluator import evaluate
+from leapalign.shapes.model import load_shapes_model
+from leapalign.shapes.scorer import load_shapes_scorer
+from leapalign.shapes.world import CATEGORIES, eval_prompts
+
+__all__ = ["ranking_ceiling", "build_parser", "main"]
+
+
+@torch.no_grad()
+def ranking_ceiling(model: Any, scorer: Any, prompts: int = 192, draws: int = 8, num_steps: int = 12, seed: int = 777,
+                    batch_size: int = 48, show_progress: bool = True) -> dict[str, dict[str, float]]:
+    """Per category (and ``overall``): ``average``, ``top1``, ``any`` (in [0, 1]) and within-prompt ``auc``."""
+    if prompts < 1 or draws < 2:
+        raise ValueError(f"need prompts >= 1 and draws >= 2 (a ranking needs two samples), got {prompts}, {draws}")
+    specs = eval_prompts(prompts, seed)
+    texts = [s.text for s in specs]
+    model.eval()
+    correct, scores = [], []
+    for k in tqdm(range(draws), desc="ceiling: draws", disable=not show_progress):
+        g = torch.Generator().manual_seed(seed * 1000 + k)
+        images = torch.cat([model.sample(texts[i : i + batch_size], num_steps, g) for i in range(0, prompts, batch_size)])
+        correct.append(torch.tensor([j.correct for j in evaluate(images, specs)]))
+        scores.append(torch.cat([scorer(images[i : i + batch_size], texts[i : i + batch_size]) for i in range(0, prompts, batch_size)]))
+    ok, sc = torch.stack(correct).float(), torch.stack(scores).float()  # [draws, prompts]
+    top1 = ok[sc.argmax(0), torch.arange(prompts)]
+    out = {}
+    for cat in (*CATEGORIES, "overall"):
+        idx = [i for i, s in enumerate(specs) if cat in ("overall", s.category)]
+        if not idx:
+            continue
+        wins = pairs = 0.0
+        for i in idx:
+            diff = sc[ok[:, i] > 0.5, i].view(-1, 1) - sc[ok[:, i] <= 0.5, i].view(1, -1)
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.numel()
+        out[cat] = {"average": float(ok[:, idx].mean()), "top1": float(top1[idx].mean()),
+                    "any": float(ok[:, idx].amax(0).mean()), "auc": wins / pairs if pairs else float("nan")}
+    return out
+
+
+def markdown_table(result: dict[str, dict[str, float]]) -> str:
+    cats = list(result)
+    rows = ["| | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
+    for key, name in (("average", "average sample (%)"), ("top1", "scorer's top 1 (%)"), ("any", "any sample correct (%)")):
+        rows.append(f"| {name} | " + " | ".join(f"{100 * result[c][key]:.1f}" for c in cats) + " |")
+    rows.append("| within-prompt AUC | " + " | ".join(f"{result[c]['auc']:.3f}" for c in cats) + " |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m leapalign.shapes.ceiling", description=__doc__.split("\n")[0])
+    p.add_argument("--scorer", type=Path, default=None, help="scorer checkpoint (default: the shipped one)")
+    p.add_argument("--model", type=Path, default=None, help="shapes model checkpoint (default: the shipped one)")
+    p.add_argument("--prompts", type=int, default=192, help="prompts (categories balanced)")
+    p.add_argument("--draws", type=int, default=8, help="samples per prompt (the K of best-of-K)")
+    p.add_argument("--T", dest="num_steps", type=int, default=12, help="Euler steps of the sampler (the demo's)")
+    p.add_argument("--seed", type=int, default=777, help="prompt set and noise seed (the eval sets use 1234 and 4321)")
+    p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scorer = load_shapes_scorer(args.scorer).requires_grad_(False)
+    try:
+        result = ranking_ceiling(load_shapes_model(args.model), scorer, args.prompts, args.draws, args.num_steps, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"python -m leapalign.shapes.ceiling: error: {e}") from None
+    print(markdown_table(result))
+    if args.json:
+        args.json.write_text(json.dumps({"scorer": str(args.scorer or "shipped"), "model": str(args.model or "shipped"),
+                                         "prompts": args.prompts, "draws": args.draws, "T": args.num_steps, "seed": args.seed,
+                                         "result": result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
