@@ -318,9 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
+        data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"])  # derived: recomputed
         if args.reading:
             data["reading"] = args.reading.read_text().strip()
-            out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown_report(data))
         plot(data, out.with_suffix(".png"))
         print(f"[study] re-rendered {out}.md/.png from {out}.json")

@@ -251,6 +251,7 @@ def test_paired_bootstrap_finds_a_real_difference_and_not_a_fake_one():
     better = [[x or (i % 4 == 0) for i, x in enumerate(row)] for row in a]  # b fixes a quarter of the prompts
     cmp = paired_bootstrap(a, better)
     assert cmp.diff_points > 10 and cmp.ci_low > 0 and cmp.p_value < 0.01 and "ahead of" in cmp.verdict("a", "b")
+    assert cmp.p_value < 0.001 and "p < 0.001" in cmp.verdict("a", "b")  # never "p = 0.000"
     noisy = (torch.rand(3, 192, generator=g) < 0.3).tolist()  # an unrelated method of the same accuracy
     assert paired_bootstrap(a, noisy).p_value > 0.01
     with pytest.raises(ValueError, match="same non-empty shape"):

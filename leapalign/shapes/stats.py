@@ -41,8 +41,9 @@ class PairedComparison:
             where = "ahead of" if self.diff_points > 0 else "behind"
         else:
             where = "tied with (no significant difference from)"
+        p = "p < 0.001" if self.p_value < 0.001 else f"p = {self.p_value:.3f}"  # the floor is 1 / resamples
         return (f"{name_b} is {where} {name_a}: {self.diff_points:+.1f} points, 95 % CI [{self.ci_low:+.1f}, {self.ci_high:+.1f}], "
-                f"p = {self.p_value:.3f} (paired bootstrap over {self.n_prompts} prompts x {self.n_seeds} seeds)")
+                f"{p} (paired bootstrap over {self.n_prompts} prompts x {self.n_seeds} seeds)")
 
 
 def paired_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], resamples: int = 10_000, seed: int = 0) -> PairedComparison:
