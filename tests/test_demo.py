@@ -116,6 +116,19 @@ def test_pretrain_toy_usage_names_the_command(capsys):
     assert pretrain.build_parser("python -m leapalign.shapes.pretrain").prog == "python -m leapalign.shapes.pretrain"
 
 
+def test_a_larger_eval_set_starts_with_the_smaller_one():
+    """The demo's 576-prompt set begins with the 192-prompt one, with the same noise: its first verdicts are
+    the smaller set's, so the two figures can be compared on the same runs (the docs rely on it)."""
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    model, scorer = load_shapes_model(), load_shapes_scorer()
+    assert eval_prompts(576, 1234)[:192] == eval_prompts(192, 1234)
+    small = experiment.evaluate_alignment(model, scorer, eval_prompts(50, 7), num_steps=2, seed=3, batch_size=25)
+    large = experiment.evaluate_alignment(model, scorer, eval_prompts(100, 7), num_steps=2, seed=3, batch_size=25)
+    assert torch.equal(large.images[:50], small.images) and large.correct[:50] == small.correct
+
+
 def test_eval_is_deterministic_and_sees_training(tmp_path):
     """Same prompts + seed -> same images (before/after are comparable); a training step changes them."""
     from leapalign.shapes.model import load_shapes_model

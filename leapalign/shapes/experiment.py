@@ -98,7 +98,7 @@ class DemoSettings:
     max_leap_step: int | None = None  # LeapAlign draws its leap steps from the first N of the T (all when None or N >= T)
     ema_decay: float = 0.0  # off: a 0.97 EMA did not steady the accuracy curve in a 240-step run
     max_grad_norm: float = 1.0
-    eval_prompts: int = 192
+    eval_prompts: int = 576  # 96 per category; its first 192 are eval_prompts(192) (same noise): 192 alone read ~5 points high
     heldout_prompts: int = 96  # held-out split, evaluated before and after (0: skip)
     eval_every: int = 60
     eval_seed: int = 1234
