@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", default=None, help="scorer checkpoint (default: shipped)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: STEM.json/.md/.png and STEM_runs/ (default benchmarks/results/study_shapes)")
-    p.add_argument("--reading", type=Path, default=None, help="a text file with the written reading to embed in the Markdown")
+    p.add_argument("--reading", type=Path, default=None, help="a text file with the written reading to embed in the Markdown (default: STEM_reading.md when present)")
     p.add_argument("--render-only", action="store_true", help="run nothing: re-render STEM.md/.png from STEM.json (with --reading)")
     return p
 
@@ -316,6 +316,8 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
 def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     out = Path(args.out)
+    if args.reading is None and Path(f"{out}_reading.md").is_file():
+        args.reading = Path(f"{out}_reading.md")  # the committed reading survives a rerun
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
         data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"])  # derived: recomputed

@@ -208,8 +208,10 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
 
     # Resume: nothing reruns; a deleted run reruns alone and gives the same numbers (deterministic).
     capsys.readouterr()
+    (tmp_path / "study_reading.md").write_text("LeapAlign reading, kept across reruns")  # STEM_reading.md: picked up
     assert study.main(argv) == 0
     assert "7 runs already done" in capsys.readouterr().out
+    assert "LeapAlign reading, kept across reruns" in stem.with_suffix(".md").read_text()
     victim = tmp_path / "study_runs" / study._slug("leapalign a=0.3 leaps=3", 1)
     before = json.loads(victim.read_text())["result"]
     victim.unlink()
