@@ -224,3 +224,9 @@ def test_ranking_ceiling_of_an_oracle_and_an_anti_oracle():
     assert "within-prompt AUC" in markdown_table(best)
     with pytest.raises(ValueError, match="draws >= 2"):
         ranking_ceiling(model, oracle, prompts=2, draws=1)
+    from leapalign.shapes.ceiling import main
+
+    with pytest.raises(SystemExit, match="ceiling: error: scorer file .* not found"):
+        main(["--scorer", "/nonexistent/scorer"])
+    with pytest.raises(SystemExit, match="ceiling: error: need prompts >= 1 and draws >= 2"):
+        main(["--draws", "1"])

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from leapalign.shapes.evaluator import evaluate
+from leapalign.shapes.experiment import evaluate_alignment
+from leapalign.shapes.harden import auc
 from leapalign.shapes.model import load_shapes_model
 from leapalign.shapes.scorer import load_shapes_scorer
 from leapalign.shapes.world import CATEGORIES, eval_prompts
@@ -33,35 +34,32 @@ from leapalign.shapes.world import CATEGORIES, eval_prompts
 __all__ = ["ranking_ceiling", "build_parser", "main"]
 
 
-@torch.no_grad()
 def ranking_ceiling(model: Any, scorer: Any, prompts: int = 192, draws: int = 8, num_steps: int = 12, seed: int = 777,
-                    batch_size: int = 48, show_progress: bool = True) -> dict[str, dict[str, float]]:
-    """Per category (and ``overall``): ``average``, ``top1``, ``any`` (in [0, 1]) and within-prompt ``auc``."""
+                    show_progress: bool = True) -> dict[str, dict[str, float]]:
+    """Per category (and ``overall``): ``average``, ``top1``, ``any`` (in [0, 1]) and within-prompt ``auc``.
+
+    Each draw is :func:`~leapalign.shapes.experiment.evaluate_alignment` of the same prompts with noise seed
+    ``seed * 1000 + draw``; the AUC is :func:`~leapalign.shapes.harden.auc` per prompt, pooled over the
+    prompts' (correct, wrong) pairs.
+    """
     if prompts < 1 or draws < 2:
         raise ValueError(f"need prompts >= 1 and draws >= 2 (a ranking needs two samples), got {prompts}, {draws}")
     specs = eval_prompts(prompts, seed)
-    texts = [s.text for s in specs]
-    model.eval()
-    correct, scores = [], []
-    for k in tqdm(range(draws), desc="ceiling: draws", disable=not show_progress):
-        g = torch.Generator().manual_seed(seed * 1000 + k)
-        images = torch.cat([model.sample(texts[i : i + batch_size], num_steps, g) for i in range(0, prompts, batch_size)])
-        correct.append(torch.tensor([j.correct for j in evaluate(images, specs)]))
-        scores.append(torch.cat([scorer(images[i : i + batch_size], texts[i : i + batch_size]) for i in range(0, prompts, batch_size)]))
-    ok, sc = torch.stack(correct).float(), torch.stack(scores).float()  # [draws, prompts]
+    runs = [evaluate_alignment(model, scorer, specs, num_steps, seed * 1000 + k)
+            for k in tqdm(range(draws), desc="ceiling: draws", disable=not show_progress)]
+    ok = torch.tensor([r.correct for r in runs], dtype=torch.float32)  # [draws, prompts]
+    sc = torch.tensor([r.rewards for r in runs])
     top1 = ok[sc.argmax(0), torch.arange(prompts)]
     out = {}
     for cat in (*CATEGORIES, "overall"):
         idx = [i for i, s in enumerate(specs) if cat in ("overall", s.category)]
         if not idx:
             continue
-        wins = pairs = 0.0
-        for i in idx:
-            diff = sc[ok[:, i] > 0.5, i].view(-1, 1) - sc[ok[:, i] <= 0.5, i].view(1, -1)
-            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.numel()
+        pairs = [(int(ok[:, i].sum()) * int((1 - ok[:, i]).sum()), i) for i in idx]  # (correct x wrong samples, prompt)
+        total = sum(n for n, _ in pairs)
+        pooled = sum(n * auc(sc[:, i], ok[:, i]) for n, i in pairs if n) / total if total else float("nan")
         out[cat] = {"average": float(ok[:, idx].mean()), "top1": float(top1[idx].mean()),
-                    "any": float(ok[:, idx].amax(0).mean()), "auc": wins / pairs if pairs else float("nan")}
+                    "any": float(ok[:, idx].amax(0).mean()), "auc": pooled}
     return out
 
 
@@ -91,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scorer = load_shapes_scorer(args.scorer).requires_grad_(False)
     try:
+        scorer = load_shapes_scorer(args.scorer).requires_grad_(False)
         result = ranking_ceiling(load_shapes_model(args.model), scorer, args.prompts, args.draws, args.num_steps, args.seed)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"python -m leapalign.shapes.ceiling: error: {e}") from None
     print(markdown_table(result))
     if args.json:

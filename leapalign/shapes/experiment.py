@@ -98,7 +98,7 @@ class DemoSettings:
     max_leap_step: int | None = None  # LeapAlign draws its leap steps from the first N of the T (all when None or N >= T)
     ema_decay: float = 0.0  # off: a 0.97 EMA did not steady the accuracy curve in a 240-step run
     max_grad_norm: float = 1.0
-    eval_prompts: int = 576  # 96 per category; its first 192 are eval_prompts(192) (same noise): 192 alone read ~5 points high
+    eval_prompts: int = 576  # 96 per category; its first 192 are eval_prompts(192) (same noise): 192 alone read ~4 points high (+12.7 vs +8.4)
     heldout_prompts: int = 96  # held-out split, evaluated before and after (0: skip)
     eval_every: int = 60
     eval_seed: int = 1234
@@ -144,6 +144,7 @@ class EvalResult:
     images: torch.Tensor = field(repr=False)
     artifact_share: float = 0.0
     correct: list[bool] = field(default_factory=list, repr=False)  # the evaluator's verdict per prompt, in order
+    rewards: list[float] = field(default_factory=list, repr=False)  # the scorer's reward per prompt, in order
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images; ``correct`` as a string of 0/1 per prompt (for paired comparisons and subsets)."""
@@ -179,7 +180,7 @@ def evaluate_alignment(
     reward_by_category = {c: statistics.fmean(by_cat[c]) for c in CATEGORIES if c in by_cat}
     artifacts = float(background_artifact_share(images).mean())
     return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images, artifacts,
-                      [j.correct for j in judgements])
+                      [j.correct for j in judgements], rewards.tolist())
 
 
 def eval_sets(settings: DemoSettings) -> dict[str, list[PromptSpec]]:
