@@ -237,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run_eval(model: ShapesVelocityModel, name: str) -> EvalResult:
         return evaluate_alignment(model, scorer, sets[name], settings.num_steps, noise_seed[name])
 
-    print(f"[demo] settings: {asdict(settings) | {'seeds': seeds}}", flush=True)
+    shown = {k: v for k, v in asdict(settings).items() if k != "seed"}  # each run's seed is one of ``seeds``
+    print(f"[demo] settings: {shown | {'seeds': seeds}}", flush=True)
     before = {name: run_eval(base_model, name) for name in sets}
     for name, res in before.items():
         _print_eval(f"[demo] before ({name}, {len(sets[name])} prompts)", res)
