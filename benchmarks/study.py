@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="measure seconds per step of every configuration (idle machine!) and write --calibration")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration file (default benchmarks/results/study_calibration.json)")
     p.add_argument("--calibration-steps", type=int, default=8, help="timed steps per configuration when calibrating (after 2 warm-up)")
-    p.add_argument("--leapalign-steps", type=int, default=200, help="the training budget: this many LeapAlign steps' worth of time per run")
+    p.add_argument("--leapalign-steps", type=int, default=240, help="the training budget: this many LeapAlign steps' worth of time per run (the demo's 240)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--groups", nargs="+", default=list(GROUP_TITLES), help="methods, alpha, leaps")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs side by side, one thread each (default: the cores)")
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", dest="num_steps", type=int, default=None, help="Euler steps of rollout and eval sampler (demo default)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (demo default)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
-    p.add_argument("--eval-prompts", type=int, default=192, help="size of the fixed eval set")
+    p.add_argument("--eval-prompts", type=int, default=None, help="size of the fixed eval set (demo default, 576)")
     p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
     p.add_argument("--model", default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", default=None, help="scorer checkpoint (default: shipped)")
@@ -261,7 +261,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from leapalign.shapes.experiment import DemoSettings
 
     base = DemoSettings()
-    return replace(base, eval_prompts=args.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
+    return replace(base, eval_prompts=args.eval_prompts or base.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
                    batch_size=args.batch_size or base.batch_size, learning_rate=args.lr or base.learning_rate)
 
 
