@@ -45,10 +45,18 @@ def _lora_modules(net) -> set[str]:
 
 
 @pytest.mark.parametrize("family", ["flux2", "sd3"])
-def test_trainer_trains_each_family_from_its_pipeline_and_the_lora_loads_back(tmp_path, family):
+def test_trainer_trains_each_family_from_its_pipeline_and_the_lora_loads_back(tmp_path, family, monkeypatch):
+    import diffusers
+
     from leapalign.adapters.prompt_cache import AdapterPromptEncoder
     from leapalign.training.trainer import LeapAlignTrainer
 
+    # the LoRA is written by the family's own pipeline class (its format), not FLUX.1's
+    writers = []
+    family_pipeline = getattr(diffusers, FAMILIES[family].pipelines[0])
+    save = family_pipeline.save_lora_weights.__func__
+    monkeypatch.setattr(family_pipeline, "save_lora_weights",
+                        classmethod(lambda cls, *a, **kw: (writers.append(cls), save(cls, *a, **kw))[1]))
     pipe = PIPELINES[family]()
     trainer = LeapAlignTrainer(_config(tmp_path / "run"), pipe)
     assert type(trainer.model).__name__ == ADAPTERS[family] and trainer.model.do_cfg  # klein base / SD3: true CFG
@@ -64,6 +72,7 @@ def test_trainer_trains_each_family_from_its_pipeline_and_the_lora_loads_back(tm
     lora = {n: p.detach().clone() for n, p in trainer.network.named_parameters() if "lora_B" in n}
     result = trainer.train()
     assert result.step == 2 and result.skipped_steps == 0
+    assert writers == [family_pipeline]
     assert all(torch.equal(p, base[n]) for n, p in trainer.network.named_parameters() if "lora" not in n)
     assert any(not torch.equal(p, lora[n]) for n, p in trainer.network.named_parameters() if "lora_B" in n)
 
