@@ -261,7 +261,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from leapalign.shapes.experiment import DemoSettings
 
     base = DemoSettings()
-    return replace(base, eval_prompts=args.eval_prompts or base.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
+    return replace(base, eval_prompts=base.eval_prompts if args.eval_prompts is None else args.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
                    batch_size=args.batch_size or base.batch_size, learning_rate=args.lr or base.learning_rate)
 
 
@@ -328,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(data, out.with_suffix(".png"))
         print(f"[study] re-rendered {out}.md/.png from {out}.json")
         return 0
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValueError as e:  # DemoSettings names the bad value
+        build_parser().error(str(e))
     specs = study_runs(args.groups)
     command = command_line(["study", *argv])
     if args.calibrate:

@@ -180,6 +180,18 @@ def test_study_runs_share_points():
     assert study.steps_for(study.RunSpec(label="refl", objective="refl", overrides={}, groups=[]), sps, 200) == 800
 
 
+def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys):
+    """A plain ``python -m benchmarks study`` reproduces the committed study: the demo's eval set and budget."""
+    from benchmarks import study
+
+    args = study.build_parser().parse_args([])
+    defaults = experiment.DemoSettings()
+    assert study._settings(args).eval_prompts == defaults.eval_prompts and args.leapalign_steps == defaults.train_steps
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--eval-prompts", "0", "--out", "/nonexistent/study"])
+    assert exit_info.value.code == 2 and "eval_prompts=0 is invalid" in capsys.readouterr().err
+
+
 _TINY = ["--T", "3", "--batch-size", "2", "--eval-prompts", "6", "--heldout-prompts", "6", "--groups", "leaps"]
 
 
