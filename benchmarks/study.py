@@ -313,21 +313,26 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
     return todo, done
 
 
+def _render_only(out: Path, reading: Path | None) -> int:
+    """``--render-only``: recompute the derived summary and comparisons, re-render STEM.md/.png from STEM.json."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"])
+    if reading:
+        data["reading"] = reading.read_text().strip()
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown_report(data))
+    plot(data, out.with_suffix(".png"))
+    print(f"[study] re-rendered {out}.md/.png from {out}.json")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, argv = parse_suite_args(build_parser(), argv)
     out = Path(args.out)
     if args.reading is None and Path(f"{out}_reading.md").is_file():
         args.reading = Path(f"{out}_reading.md")  # the committed reading survives a rerun
     if args.render_only:
-        data = json.loads(out.with_suffix(".json").read_text())
-        data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"])  # derived: recomputed
-        if args.reading:
-            data["reading"] = args.reading.read_text().strip()
-        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown_report(data))
-        plot(data, out.with_suffix(".png"))
-        print(f"[study] re-rendered {out}.md/.png from {out}.json")
-        return 0
+        return _render_only(out, args.reading)
     try:
         settings = _settings(args)
     except ValueError as e:  # DemoSettings names the bad value
