@@ -261,8 +261,9 @@ def _settings(args: argparse.Namespace) -> Any:
     from leapalign.shapes.experiment import DemoSettings
 
     base = DemoSettings()
-    return replace(base, eval_prompts=base.eval_prompts if args.eval_prompts is None else args.eval_prompts, heldout_prompts=args.heldout_prompts, num_steps=args.num_steps or base.num_steps,
-                   batch_size=args.batch_size or base.batch_size, learning_rate=args.lr or base.learning_rate)
+    given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr}
+    # an explicit value (0 included) always reaches DemoSettings, which rejects a bad one by name
+    return replace(base, heldout_prompts=args.heldout_prompts, **{k: v for k, v in given.items() if v is not None})
 
 
 def _slug(label: str, seed: int) -> str:
@@ -326,11 +327,25 @@ def _render_only(out: Path, reading: Path | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, argv = parse_suite_args(build_parser(), argv)
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], Path]:
+    """Parsed arguments, checked before any run starts (a bad --reading must not surface after an hour of runs)."""
+    parser = build_parser()
+    args, argv = parse_suite_args(parser, argv)
     out = Path(args.out)
     if args.reading is None and Path(f"{out}_reading.md").is_file():
         args.reading = Path(f"{out}_reading.md")  # the committed reading survives a rerun
+    if args.reading is not None and not args.reading.is_file():
+        parser.error(f"--reading {args.reading}: no such file")
+    if args.render_only and not out.with_suffix(".json").is_file():
+        parser.error(f"--render-only: no study at {out.with_suffix('.json')} (run the study first, or pass its --out)")
+    for flag, value in (("--leapalign-steps", args.leapalign_steps), ("--jobs", args.jobs), ("--checkpoints", args.checkpoints)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    return args, argv, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, argv, out = _parse(argv)
     if args.render_only:
         return _render_only(out, args.reading)
     try:

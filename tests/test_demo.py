@@ -187,9 +187,19 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
     args = study.build_parser().parse_args([])
     defaults = experiment.DemoSettings()
     assert study._settings(args).eval_prompts == defaults.eval_prompts and args.leapalign_steps == defaults.train_steps
-    with pytest.raises(SystemExit) as exit_info:
-        study.main(["--eval-prompts", "0", "--out", "/nonexistent/study"])
-    assert exit_info.value.code == 2 and "eval_prompts=0 is invalid" in capsys.readouterr().err
+    bad = {  # each is refused before any run starts, naming what is wrong
+        ("--eval-prompts", "0"): "eval_prompts=0 is invalid",
+        ("--T", "0"): "num_steps=0 is invalid",  # an explicit 0 is not replaced by the default
+        ("--lr", "0"): "learning_rate=0.0 is invalid",
+        ("--jobs", "0"): "--jobs must be >= 1, got 0",
+        ("--leapalign-steps", "-5"): "--leapalign-steps must be >= 1, got -5",
+        ("--reading", "/nonexistent/reading.md"): "--reading /nonexistent/reading.md: no such file",
+        ("--render-only",): "--render-only: no study at /nonexistent/study.json",
+    }
+    for flags, message in bad.items():
+        with pytest.raises(SystemExit) as exit_info:
+            study.main([*flags, "--out", "/nonexistent/study"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, flags
 
 
 _TINY = ["--T", "3", "--batch-size", "2", "--eval-prompts", "6", "--heldout-prompts", "6", "--groups", "leaps"]
