@@ -69,6 +69,22 @@ def test_save_load_round_trip(tmp_path, scorer):
         load_shapes_scorer(tmp_path / "missing")
 
 
+def test_a_wider_deeper_scorer_round_trips_and_keeps_the_shipped_layout(tmp_path):
+    from leapalign.shapes.scorer import ScorerConfig
+
+    deep = ShapesScorer(ScorerConfig(channels=8, extra_layers=2))
+    convs = [m for m in deep.stem if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and all(c.out_channels == 8 for c in convs)
+    save_shapes_scorer(deep, tmp_path)
+    again = load_shapes_scorer(tmp_path)
+    assert again.config == deep.config
+    images = render_batch(eval_prompts(3, seed=1), seed=2)
+    prompts = [s.text for s in eval_prompts(3, seed=1)]
+    torch.testing.assert_close(again(images, prompts), deep(images, prompts))
+    # extra_layers = 0 is the layout the shipped checkpoint was saved in (it loads with strict=True).
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in load_shapes_scorer().stem) == 3
+
+
 def test_labelled_pool_uses_the_evaluator_and_detector():
     from leapalign.shapes.pools import LabelledPool
 
@@ -166,6 +182,8 @@ def test_bad_scorer_and_fit_settings_are_rejected():
 
     with pytest.raises(ValueError, match="smoothing_sigma"):
         ScorerConfig(smoothing_sigma=-0.1)
+    with pytest.raises(ValueError, match="extra_layers"):
+        ScorerConfig(extra_layers=-1)
     with pytest.raises(ValueError, match="hard_fraction"):
         fit(ShapesScorer(), synthetic_pool(8, torch.Generator().manual_seed(0)), 1, torch.Generator(), hard_fraction=2.0)
 

@@ -64,12 +64,14 @@ class ScorerConfig:
 
     image_size: int = IMAGE_SIZE
     channels: int = 32
+    extra_layers: int = 0  # 3x3 convolutions added at the 8x8 stage: a receptive field wide enough to see a whole shape
     smoothing_sigma: float = 0.0
     smoothing_draws: int = 4
 
     def __post_init__(self) -> None:
-        if self.smoothing_sigma < 0 or self.smoothing_draws < 1 or self.channels < 1 or self.image_size % 4:
-            raise ValueError(f"invalid ScorerConfig {self}: need smoothing_sigma >= 0, smoothing_draws >= 1, channels >= 1, image_size % 4 == 0")
+        if self.smoothing_sigma < 0 or self.smoothing_draws < 1 or self.channels < 1 or self.extra_layers < 0 or self.image_size % 4:
+            raise ValueError(f"invalid ScorerConfig {self}: need smoothing_sigma >= 0, smoothing_draws >= 1, channels >= 1, "
+                             "extra_layers >= 0, image_size % 4 == 0")
 
 
 class ShapesScorer(nn.Module):
@@ -83,6 +85,7 @@ class ShapesScorer(nn.Module):
             nn.Conv2d(5, ch, 3, stride=2, padding=1), nn.GELU(),  # 16x16
             nn.Conv2d(ch, ch, 3, padding=1), nn.GELU(),
             nn.Conv2d(ch, ch, 3, stride=2, padding=1), nn.GELU(),  # 8x8
+            *(m for _ in range(c.extra_layers) for m in (nn.Conv2d(ch, ch, 3, padding=1), nn.GELU())),
         )
         side = c.image_size // 4
         n_feat = ch * side * side
@@ -298,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-steps", type=int, default=16, help="Euler steps for those samples")
     p.add_argument("--hard-fraction", type=float, default=0.25, help="share of each batch drawn from the model samples")
     p.add_argument("--smoothing-sigma", type=float, default=0.1, help="input noise of the smoothed score (0: off); see ScorerConfig")
+    p.add_argument("--channels", type=int, default=ScorerConfig.channels, help="width of the CNN; see ScorerConfig")
+    p.add_argument("--extra-layers", type=int, default=ScorerConfig.extra_layers, help="extra 3x3 convolutions at 8x8; see ScorerConfig")
     return p
 
 
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.time()
     torch.manual_seed(args.seed)
-    scorer = ShapesScorer(ScorerConfig(smoothing_sigma=args.smoothing_sigma))
+    scorer = ShapesScorer(ScorerConfig(channels=args.channels, extra_layers=args.extra_layers, smoothing_sigma=args.smoothing_sigma))
     g = torch.Generator().manual_seed(args.seed + 1)
     hard = None
     if args.model_samples > 0:
