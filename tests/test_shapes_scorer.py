@@ -1,6 +1,7 @@
 """The shapes world's learned reward: a differentiable RewardFn that ranks matching pairs first."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -248,3 +249,15 @@ def test_ranking_ceiling_of_an_oracle_and_an_anti_oracle():
         main(["--scorer", "/nonexistent/scorer"])
     with pytest.raises(SystemExit, match="ceiling: error: need prompts >= 1 and draws >= 2"):
         main(["--draws", "1"])
+
+
+def test_ceiling_json_goes_to_a_new_folder_and_a_directory_is_refused_up_front(tmp_path, capsys):
+    from leapalign.shapes.ceiling import main
+
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["--json", str(tmp_path)])
+    assert capsys.readouterr().out == "", "refused before any sampling"
+    out = tmp_path / "new" / "dir" / "ceiling.json"
+    assert main(["--prompts", "6", "--draws", "2", "--T", "2", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["draws"] == 2 and set(saved["result"]) >= {"overall"}

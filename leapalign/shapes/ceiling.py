@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json is not None and args.json.is_dir():
+        raise SystemExit(f"python -m leapalign.shapes.ceiling: error: --json {args.json} is a directory; name the JSON file to write")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"python -m leapalign.shapes.ceiling: error: {e}") from None
     print(markdown_table(result))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"scorer": str(args.scorer or "shipped"), "model": str(args.model or "shipped"),
                                          "prompts": args.prompts, "draws": args.draws, "T": args.num_steps, "seed": args.seed,
                                          "result": result}, indent=2) + "\n")
