@@ -1,6 +1,6 @@
 """``python -m benchmarks SUITE [ARGS...]`` — one entry point, one module per suite.
 
-Suites: memory, throughput, kernels, kernels_native, activations, plot, gpu, study, aot, plan, plan_check.
+Suites: memory, throughput, kernels, kernels_native, activations, plot, gpu, study, screen, aot, plan, plan_check.
 ``python -m benchmarks SUITE --help``
 lists each suite's options. Suite modules are imported only when chosen, so ``plot`` never imports
 the model code and ``activations`` (owned by the kernels work) stays independent.
@@ -20,6 +20,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "plot": ("benchmarks.plot", "PNG charts from the JSON results"),
     "gpu": ("benchmarks.gpu_suite", "the whole GPU suite in one call (CUDA tests + every suite, tiny and FLUX.1-dev)"),
     "study": ("benchmarks.study", "shapes world: LeapAlign vs baselines at equal wall-clock, alpha and leap sweeps"),
+    "screen": ("benchmarks.screen", "shapes world: the demo with one change its flags do not offer (objective, config, prompts, scorer ensemble)"),
     "aot": ("benchmarks.aot", "every Triton kernel compiled ahead of time (no GPU): registers, spills, vector access"),
     "plan": ("benchmarks.plan", "FLUX.1-dev planned (fake tensors, no GPU): peak memory, FLOPs, roofline per method x resolution"),
     "plan_check": ("benchmarks.plan_check", "FLUX.1-dev: naive BPTT's plan extrapolated in T vs a full trace, field by field"),

@@ -42,7 +42,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -71,7 +71,7 @@ from leapalign.shapes.experiment import (  # noqa: E402
 from leapalign.shapes.model import ShapesVelocityModel, load_shapes_model  # noqa: E402
 from leapalign.shapes.world import CATEGORIES, sample_specs  # noqa: E402
 
-__all__ = ["build_parser", "main", "memory_table_markdown", "plot_curves", "save_before_after"]
+__all__ = ["DemoHooks", "build_parser", "main", "memory_table_markdown", "plot_curves", "save_before_after"]
 
 
 def memory_table_markdown(rows: Sequence[dict[str, Any]], command: str, machine: str) -> str:
@@ -163,6 +163,17 @@ def machine_description(threads: ThreadChoice | None = None) -> str:
             f"Python {platform.python_version()}, load average {load} at start")
 
 
+@dataclass
+class DemoHooks:
+    """What an experiment driver (``python -m benchmarks.demo_screens``) may swap in a demo run: the trainer
+    factory (same signature as :func:`make_trainer`), the scorer (else ``--scorer`` is loaded) and the command
+    recorded in the summary. The defaults are the demo itself."""
+
+    make_trainer: Callable[..., Any] = make_trainer
+    scorer: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None
+    command: str = "leapalign demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     q = quick_settings()
@@ -214,7 +225,9 @@ def _print_eval(title: str, res: EvalResult) -> None:
     print(f"{title}: reward={res.reward:.4f}  artifacts={100 * res.artifact_share:.2f}%  accuracy: {acc}", flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> int:
+    """``leapalign demo``; ``hooks`` let an experiment driver swap the trainer factory or the scorer."""
+    hooks = hooks or DemoHooks()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     settings = _settings_from_args(args)
@@ -222,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads.threads)
     print(f"[demo] {threads.describe()}", flush=True)
-    command = "leapalign demo " + shlex.join(argv)
+    command = f"{hooks.command} " + shlex.join(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
@@ -230,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from leapalign.shapes.scorer import load_shapes_scorer
 
     base_model = load_shapes_model(args.model)
-    scorer = load_shapes_scorer(args.scorer)
+    scorer = hooks.scorer if hooks.scorer is not None else load_shapes_scorer(args.scorer)
     sets = eval_sets(settings)
     noise_seed = {"eval": settings.eval_seed, "heldout": settings.heldout_seed}
 
@@ -249,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         s = replace(settings, seed=seed)
         model = copy.deepcopy(base_model)  # every seed starts from the same weights
-        trainer = make_trainer(model, scorer, s, out / "train" / f"seed{seed}")
+        trainer = hooks.make_trainer(model, scorer, s, out / "train" / f"seed{seed}")
         try:
             log = train_and_track(trainer, s, lambda: run_eval(model, "eval"), desc=f"[demo] seed {seed}", show_progress=not args.no_progress)
         except TimeLimitExceeded as exc:

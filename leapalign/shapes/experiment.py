@@ -225,8 +225,10 @@ def make_trainer(
     output_dir: str | Path,
     objective_name: str = "leapalign",
     objective: dict[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
 ):
-    """A :class:`LeapAlignTrainer` on the world's training prompts (seeded, disjoint seed from the eval set)."""
+    """A :class:`LeapAlignTrainer` on the world's training prompts (seeded, disjoint seed from the eval set),
+    or on ``prompts`` when given (an experiment's own training set)."""
     from leapalign import LeapAlignConfig, LeapAlignTrainer  # the public API: this experiment sits on top of it
 
     config = LeapAlignConfig(
@@ -252,8 +254,8 @@ def make_trainer(
         ckpt_every=0,
         ckpt_save_final=False,
     )
-    # Training prompts: the world's sampler without the held-out split, a seed unrelated to the eval sets'.
-    prompts = [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
+    if prompts is None:  # the world's sampler without the held-out split, a seed unrelated to the eval sets'
+        prompts = [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
     return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward, settings.background_penalty), prompt_source=prompts)
 
 

@@ -1,0 +1,116 @@
+"""Screens of the shapes demo (issue 16): ``leapalign demo`` with one change its own flags do not offer.
+
+    python -m benchmarks screen [--objective NAME] [--set KEY=VALUE ...] [--train-categories C ...]
+                                [--ensemble SCORER ...] -- DEMO ARGS
+
+- ``--objective drtune``: another objective the study runs, at the demo's settings (not its wall-clock budget);
+- ``--set tau=0.02``: override a field of the objective's config (LeapAlign's trajectory-weight floor, say);
+- ``--train-categories single_object``: training prompts only from these categories (the eval sets unchanged);
+- ``--ensemble S1 S2 S3``: reward and eval score are the mean probability of several scorers (a reward-model
+  ensemble, the usual guard against over-optimising one proxy).
+
+Everything else -- settings, eval sets, outputs, ``summary.json`` -- is the demo's, and the summary records this
+command. What was screened and what it gave: ``benchmarks/results/demo_shapes/README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["ScorerEnsemble", "build_parser", "main", "trainer_factory"]
+
+
+class ScorerEnsemble(torch.nn.Module):
+    """Mean probability of several frozen scorers: a ``RewardFn`` with the scorer's ``logits`` interface."""
+
+    def __init__(self, scorers: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if not scorers:
+            raise ValueError("an ensemble needs at least one scorer")
+        self.members = torch.nn.ModuleList(scorers)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([torch.sigmoid(m.logits(images, prompts)) for m in self.members]).mean(0)
+
+    def logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.logit(self(images, prompts), eps=1e-6)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare word: a string setting
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from leapalign.objectives import OBJECTIVES
+    from leapalign.shapes.world import CATEGORIES
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks screen", description=__doc__.split("\n\n")[0],
+                                epilog="Arguments after -- go to `leapalign demo` (see `leapalign demo --help`).")
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="leapalign", help="objective to train with (default leapalign)")
+    p.add_argument("--set", dest="overrides", type=_key_value, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="objective config overrides, e.g. tau=0.02")
+    p.add_argument("--train-categories", nargs="+", choices=CATEGORIES, default=None, metavar="CATEGORY",
+                   help="train only on prompts of these categories (default: the whole grammar)")
+    p.add_argument("--ensemble", type=Path, nargs="+", default=None, metavar="SCORER",
+                   help="two or more scorer checkpoints whose mean probability is the reward (replaces --scorer)")
+    return p
+
+
+def _training_prompts(categories: Sequence[str], seed: int, n: int = 4096) -> list[str]:
+    """``n`` prompts of ``categories`` from the demo's training sampler (held-out split excluded)."""
+    from leapalign.shapes.split import training_specs
+
+    out: list[str] = []
+    for draw in range(100):
+        out += [s.text for s in training_specs(4 * n, seed=seed + draw) if s.category in categories]
+        if len(out) >= n:
+            return out[:n]
+    raise RuntimeError(f"could not draw {n} training prompts of {list(categories)}")
+
+
+def trainer_factory(objective_name: str, overrides: dict[str, Any], categories: Sequence[str] | None) -> Callable[..., Any]:
+    """The demo's :func:`make_trainer` with another objective, config overrides and training categories."""
+    from leapalign.shapes.experiment import make_trainer, objective_kwargs
+
+    def screened_trainer(model: Any, scorer: Any, settings: Any, output_dir: Any) -> Any:
+        objective = objective_kwargs(settings, objective_name) | overrides
+        prompts = None if categories is None else _training_prompts(categories, settings.seed + 100_003)
+        return make_trainer(model, scorer, settings, output_dir, objective_name, objective, prompts)
+
+    return screened_trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from leapalign.shapes import demo
+
+    argv = list(argv or [])
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    demo_argv = argv[split + 1:]
+    if args.ensemble is not None and len(args.ensemble) < 2:
+        parser.error("--ensemble needs two or more scorers")
+    if args.ensemble is not None and "--scorer" in demo_argv:
+        parser.error("--ensemble replaces the demo's --scorer; give one or the other")
+    scorer = None
+    if args.ensemble is not None:
+        from leapalign.shapes.scorer import load_shapes_scorer
+
+        try:
+            scorer = ScorerEnsemble([load_shapes_scorer(path) for path in args.ensemble])
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(str(exc))
+    command = "python -m benchmarks screen " + shlex.join(argv[:split]) + " --"
+    factory = trainer_factory(args.objective, dict(args.overrides), args.train_categories)
+    return demo.main(demo_argv, demo.DemoHooks(make_trainer=factory, scorer=scorer, command=command))

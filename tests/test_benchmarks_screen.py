@@ -1,0 +1,81 @@
+"""``python -m benchmarks screen``: the demo with one change -- objective, config override, training categories
+or a scorer ensemble -- and everything else the demo's."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import screen
+from leapalign.shapes import experiment
+from leapalign.shapes.world import eval_prompts, parse_prompt, render_batch
+
+
+@pytest.fixture(scope="module")
+def assets():
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    return load_shapes_model(), load_shapes_scorer()
+
+
+def test_trainer_factory_passes_the_objective_its_overrides_and_the_training_categories(tmp_path, assets):
+    model, scorer = assets
+    settings = experiment.quick_settings()
+    plain = experiment.make_trainer(model, scorer, settings, tmp_path / "plain")
+    same = screen.trainer_factory("leapalign", {}, None)(model, scorer, settings, tmp_path / "same")
+    assert list(same.prompt_source.prompts) == list(plain.prompt_source.prompts)
+    assert same.objective.config == plain.objective.config
+
+    tuned = screen.trainer_factory("leapalign", {"tau": 0.02}, ["single_object", "colors"])(model, scorer, settings, tmp_path / "t")
+    assert tuned.objective.config.tau == 0.02 and plain.objective.config.tau != 0.02
+    categories = {parse_prompt(p).category for p in tuned.prompt_source.prompts}
+    assert categories == {"single_object", "colors"} and len(tuned.prompt_source.prompts) == 4096
+
+    other = screen.trainer_factory("drtune", {}, None)(model, scorer, settings, tmp_path / "d")
+    assert type(other.objective).__name__ != type(plain.objective).__name__
+    assert other.objective.config.num_steps == settings.num_steps
+
+
+def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
+    from leapalign.shapes.scorer import ShapesScorer
+
+    _, scorer = assets
+    other = ShapesScorer(scorer.config)
+    other.load_state_dict(scorer.state_dict())
+    with torch.no_grad():
+        other.calib[1] += 1.0  # a different scorer: shifted logits
+    specs = eval_prompts(4, seed=5)
+    prompts = [s.text for s in specs]
+    images = render_batch(specs, seed=6).requires_grad_(True)
+    ens = screen.ScorerEnsemble([scorer, other])
+    p = ens(images, prompts)
+    torch.testing.assert_close(p, (scorer(images, prompts) + other(images, prompts)) / 2)
+    torch.testing.assert_close(torch.sigmoid(ens.logits(images, prompts)), p)
+    p.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least one"):
+        screen.ScorerEnsemble([])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ensemble", "a", "--"], "two or more"),
+    (["--ensemble", "a", "b", "--", "--scorer", "c"], "one or the other"),
+    (["--ensemble", "/nonexistent/a", "/nonexistent/b", "--"], "not found"),
+    (["--set", "tau", "--"], "KEY=VALUE"),
+    (["--train-categories", "landscapes", "--"], "invalid choice"),
+])
+def test_bad_screen_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        screen.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_screen_runs_the_demo_and_records_its_own_command(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--train-categories", "single_object", "--set", "tau=0.05", "--", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert screen.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"].startswith("python -m benchmarks screen --train-categories single_object --set tau=0.05 -- --quick")
+    assert summary["runs"][0]["train_steps_done"] == experiment.quick_settings().train_steps
