@@ -67,25 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _training_prompts(categories: Sequence[str], seed: int, n: int = 4096) -> list[str]:
-    """``n`` prompts of ``categories`` from the demo's training sampler (held-out split excluded)."""
-    from leapalign.shapes.split import training_specs
-
-    out: list[str] = []
-    for draw in range(100):
-        out += [s.text for s in training_specs(4 * n, seed=seed + draw) if s.category in categories]
-        if len(out) >= n:
-            return out[:n]
-    raise RuntimeError(f"could not draw {n} training prompts of {list(categories)}")
-
-
 def trainer_factory(objective_name: str, overrides: dict[str, Any], categories: Sequence[str] | None) -> Callable[..., Any]:
     """The demo's :func:`make_trainer` with another objective, config overrides and training categories."""
-    from leapalign.shapes.experiment import make_trainer, objective_kwargs
+    from leapalign.shapes.experiment import make_trainer, objective_kwargs, training_prompts
 
     def screened_trainer(model: Any, scorer: Any, settings: Any, output_dir: Any) -> Any:
         objective = objective_kwargs(settings, objective_name) | overrides
-        prompts = None if categories is None else _training_prompts(categories, settings.seed + 100_003)
+        prompts = None if categories is None else training_prompts(settings.seed, categories)
         return make_trainer(model, scorer, settings, output_dir, objective_name, objective, prompts)
 
     return screened_trainer

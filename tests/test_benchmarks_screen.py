@@ -38,6 +38,20 @@ def test_trainer_factory_passes_the_objective_its_overrides_and_the_training_cat
     assert other.objective.config.num_steps == settings.num_steps
 
 
+def test_training_prompts_of_some_categories_come_from_the_demos_sampler():
+    """Filtered prompts are the whole-grammar sampler's own prompts of those categories, in order, never held-out ones."""
+    from leapalign.shapes.split import is_heldout
+
+    whole = experiment.training_prompts(3)
+    some = experiment.training_prompts(3, ["colors", "position"], n=300)
+    assert len(some) == 300 and {parse_prompt(p).category for p in some} == {"colors", "position"}
+    assert some[:20] == [p for p in whole if parse_prompt(p).category in ("colors", "position")][:20]
+    assert not any(is_heldout(parse_prompt(p)) for p in some)
+    for bad in ([], ["landscapes"]):
+        with pytest.raises(ValueError, match="subset"):
+            experiment.training_prompts(3, bad)
+
+
 def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
     from leapalign.shapes.scorer import ShapesScorer
 

@@ -165,7 +165,7 @@ def machine_description(threads: ThreadChoice | None = None) -> str:
 
 @dataclass
 class DemoHooks:
-    """What an experiment driver (``python -m benchmarks.demo_screens``) may swap in a demo run: the trainer
+    """What an experiment driver (``python -m benchmarks screen``) may swap in a demo run: the trainer
     factory (same signature as :func:`make_trainer`), the scorer (else ``--scorer`` is loaded) and the command
     recorded in the summary. The defaults are the demo itself."""
 

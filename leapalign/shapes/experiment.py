@@ -61,6 +61,7 @@ __all__ = [
     "quick_settings",
     "REWARDS",
     "LogScoreReward",
+    "training_prompts",
     "training_reward",
     "background_penalty",
     "PenalisedReward",
@@ -254,9 +255,26 @@ def make_trainer(
         ckpt_every=0,
         ckpt_save_final=False,
     )
-    if prompts is None:  # the world's sampler without the held-out split, a seed unrelated to the eval sets'
-        prompts = [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
+    prompts = training_prompts(settings.seed) if prompts is None else prompts
     return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward, settings.background_penalty), prompt_source=prompts)
+
+
+def training_prompts(seed: int, categories: Sequence[str] | None = None, n: int = 4096) -> list[str]:
+    """A run's ``n`` training prompts: the world's sampler without the held-out split, from a seed unrelated to the
+    eval sets'; with ``categories``, only prompts of those: the whole-grammar run's own prompts of those categories,
+    in order (the sampler drawn on until there are ``n``), so a run on some categories sees what the full run saw of them."""
+    base = seed + 100_003
+    if categories is None:
+        return [s.text for s in training_specs(n, seed=base)]
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown or not categories:
+        raise ValueError(f"categories must be a non-empty subset of {list(CATEGORIES)}, got {list(categories)}")
+    out: list[str] = []
+    for draw in range(100):
+        out += [s.text for s in training_specs(4 * n, seed=base + draw) if s.category in categories]
+        if len(out) >= n:
+            return out[:n]
+    raise RuntimeError(f"could not draw {n} training prompts of {list(categories)}")
 
 
 class TimeLimitExceeded(RuntimeError):
