@@ -89,8 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_argv = argv[split + 1:]
     if args.ensemble is not None and len(args.ensemble) < 2:
         parser.error("--ensemble needs two or more scorers")
-    if args.ensemble is not None and "--scorer" in demo_argv:
+    if args.ensemble is not None and any(a == "--scorer" or a.startswith("--scorer=") for a in demo_argv):
         parser.error("--ensemble replaces the demo's --scorer; give one or the other")
+    overrides = dict(args.overrides)
+    try:  # a bad key or value is refused now, not after the demo's first evaluation
+        from leapalign.objectives import build_objective
+        from leapalign.shapes.experiment import DemoSettings, objective_kwargs
+
+        build_objective(args.objective, **(objective_kwargs(DemoSettings(), args.objective) | overrides))
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--set: {exc}")
     scorer = None
     if args.ensemble is not None:
         from leapalign.shapes.scorer import load_shapes_scorer
@@ -100,5 +108,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             parser.error(str(exc))
     command = "python -m benchmarks screen " + shlex.join(argv[:split]) + " --"
-    factory = trainer_factory(args.objective, dict(args.overrides), args.train_categories)
+    factory = trainer_factory(args.objective, overrides, args.train_categories)
     return demo.main(demo_argv, demo.DemoHooks(make_trainer=factory, scorer=scorer, command=command))

@@ -78,6 +78,9 @@ def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
     (["--ensemble", "a", "b", "--", "--scorer", "c"], "one or the other"),
     (["--ensemble", "/nonexistent/a", "/nonexistent/b", "--"], "not found"),
     (["--set", "tau", "--"], "KEY=VALUE"),
+    (["--set", "taus=0.1", "--"], "valid fields"),
+    (["--set", "tau=-1", "--"], "tau must be > 0"),
+    (["--ensemble", "a", "b", "--", "--scorer=c"], "one or the other"),
     (["--train-categories", "landscapes", "--"], "invalid choice"),
 ])
 def test_bad_screen_arguments_are_usage_errors(argv, message, capsys):
