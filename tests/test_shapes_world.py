@@ -129,7 +129,7 @@ def test_grammar_enumerates_every_prompt_the_sampler_draws():
         assert parse_prompt(spec.text) == spec
 
 
-def test_heldout_split_is_disjoint_from_alignment_training():
+def test_heldout_split_is_disjoint_from_alignment_training(tmp_path):
     """The held-out split: >= 1 prompt held out and >= 1 kept per category, fixed (CRC-32, not hash());
     the alignment runs' training prompts (training_specs, what make_trainer uses) never contain it;
     the held-out eval set contains only it."""
@@ -151,10 +151,16 @@ def test_heldout_split_is_disjoint_from_alignment_training():
     evalset = heldout_eval_prompts(96, seed=4321)
     assert all(s.text in held for s in evalset) and {s.category for s in evalset} == set(CATEGORIES)
     assert evalset == heldout_eval_prompts(96, seed=4321)
-    # The trainer the demo and the study build gets exactly training_specs' prompts.
-    import inspect
+    # The trainer the demo and the study build gets exactly training_specs' prompts (all of them, or those of some
+    # categories for `benchmarks screen --train-categories`), so never a held-out one.
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
 
-    assert "training_specs(" in inspect.getsource(experiment.make_trainer)
+    settings = experiment.quick_settings()
+    trainer = experiment.make_trainer(load_shapes_model(), load_shapes_scorer(), settings, tmp_path)
+    assert list(trainer.prompt_source.prompts) == [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
+    some = experiment.training_prompts(settings.seed, ["counting", "position"])
+    assert not any(p in held for p in list(trainer.prompt_source.prompts) + some)
 
 
 def test_background_artifacts_count_off_colour_background_only():
