@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     from leapalign.shapes.world import CATEGORIES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks screen", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [--objective NAME] [--set KEY=VALUE ...] [--train-categories C ...] "
+                                      "[--ensemble SCORER ...] -- [DEMO ARGS]",
                                 epilog="Arguments after -- go to `leapalign demo` (see `leapalign demo --help`).")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="leapalign", help="objective to train with (default leapalign)")
     p.add_argument("--set", dest="overrides", type=_key_value, nargs="+", default=[], metavar="KEY=VALUE",
