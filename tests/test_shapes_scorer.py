@@ -185,6 +185,10 @@ def test_bad_scorer_and_fit_settings_are_rejected():
         ScorerConfig(smoothing_sigma=-0.1)
     with pytest.raises(ValueError, match="extra_layers"):
         ScorerConfig(extra_layers=-1)
+    from leapalign.shapes.scorer import main
+
+    with pytest.raises(SystemExit, match="scorer: error: invalid ScorerConfig"):
+        main(["--train", "--out", "/nonexistent/never-written", "--channels", "0"])
     with pytest.raises(ValueError, match="hard_fraction"):
         fit(ShapesScorer(), synthetic_pool(8, torch.Generator().manual_seed(0)), 1, torch.Generator(), hard_fraction=2.0)
 

@@ -314,9 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.train:
         print(json.dumps(ranking_accuracy(load_shapes_scorer(args.out / f"{args.name}.safetensors")), indent=2))
         return 0
+    try:
+        config = ScorerConfig(channels=args.channels, extra_layers=args.extra_layers, smoothing_sigma=args.smoothing_sigma)
+    except ValueError as exc:
+        raise SystemExit(f"python -m leapalign.shapes.scorer: error: {exc}") from None
     start = time.time()
     torch.manual_seed(args.seed)
-    scorer = ShapesScorer(ScorerConfig(channels=args.channels, extra_layers=args.extra_layers, smoothing_sigma=args.smoothing_sigma))
+    scorer = ShapesScorer(config)
     g = torch.Generator().manual_seed(args.seed + 1)
     hard = None
     if args.model_samples > 0:
