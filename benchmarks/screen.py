@@ -20,25 +20,15 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
-__all__ = ["ScorerEnsemble", "build_parser", "main", "trainer_factory"]
+__all__ = ["build_parser", "main", "scorer_ensemble", "trainer_factory"]
 
 
-class ScorerEnsemble(torch.nn.Module):
-    """Mean probability of several frozen scorers: a ``RewardFn`` with the scorer's ``logits`` interface."""
+def scorer_ensemble(scorers: Sequence[Any]) -> Any:
+    """The mean probability of several scorers, as the library's :class:`CompositeReward` with equal weights (for two
+    scorers, 0.5 r1 + 0.5 r2 is bit for bit the mean the fourth pass's runs used)."""
+    from leapalign.rewards.composite import CompositeReward, RewardTerm
 
-    def __init__(self, scorers: Sequence[torch.nn.Module]) -> None:
-        super().__init__()
-        if not scorers:
-            raise ValueError("an ensemble needs at least one scorer")
-        self.members = torch.nn.ModuleList(scorers)
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.stack([torch.sigmoid(m.logits(images, prompts)) for m in self.members]).mean(0)
-
-    def logits(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.logit(self(images, prompts), eps=1e-6)
+    return CompositeReward([RewardTerm(f"scorer{i}", s, 1.0 / len(scorers)) for i, s in enumerate(scorers)])
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -93,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--ensemble needs two or more scorers")
     if args.ensemble is not None and any(a == "--scorer" or a.startswith("--scorer=") for a in demo_argv):
         parser.error("--ensemble replaces the demo's --scorer; give one or the other")
+    if args.ensemble is not None and "log_score" in demo_argv:
+        parser.error("--ensemble is a mean of probabilities; it has no logits for the demo's --reward log_score")
     overrides = dict(args.overrides)
     try:  # a bad key or value is refused now, not after the demo's first evaluation
         from leapalign.objectives import build_objective
@@ -106,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from leapalign.shapes.scorer import load_shapes_scorer
 
         try:
-            scorer = ScorerEnsemble([load_shapes_scorer(path) for path in args.ensemble])
+            scorer = scorer_ensemble([load_shapes_scorer(path) for path in args.ensemble])
         except (FileNotFoundError, ValueError) as exc:
             parser.error(str(exc))
     command = "python -m benchmarks screen " + shlex.join(argv[:split]) + " --"

@@ -63,14 +63,15 @@ def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
     specs = eval_prompts(4, seed=5)
     prompts = [s.text for s in specs]
     images = render_batch(specs, seed=6).requires_grad_(True)
-    ens = screen.ScorerEnsemble([scorer, other])
-    p = ens(images, prompts)
-    torch.testing.assert_close(p, (scorer(images, prompts) + other(images, prompts)) / 2)
-    torch.testing.assert_close(torch.sigmoid(ens.logits(images, prompts)), p)
+    p1, p2 = scorer(images, prompts), other(images, prompts)
+    p = screen.scorer_ensemble([scorer, other])(images, prompts)
+    assert not torch.allclose(p1, p2)
+    # Bit for bit the stacked mean the fourth pass's ensemble runs were made with.
+    assert torch.equal(p, torch.stack([p1, p2]).mean(0))
     p.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="at least one"):
-        screen.ScorerEnsemble([])
+    three = screen.scorer_ensemble([scorer, other, scorer])(images, prompts)
+    torch.testing.assert_close(three, (2 * p1 + p2) / 3)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -81,6 +82,7 @@ def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
     (["--set", "taus=0.1", "--"], "valid fields"),
     (["--set", "tau=-1", "--"], "tau must be > 0"),
     (["--ensemble", "a", "b", "--", "--scorer=c"], "one or the other"),
+    (["--ensemble", "a", "b", "--", "--reward", "log_score"], "no logits"),
     (["--train-categories", "landscapes", "--"], "invalid choice"),
 ])
 def test_bad_screen_arguments_are_usage_errors(argv, message, capsys):
