@@ -1,11 +1,9 @@
 """Screens of the shapes demo (issue 16): ``leapalign demo`` with one change its own flags do not offer.
 
-    python -m benchmarks screen [--objective NAME] [--set KEY=VALUE ...] [--train-categories C ...]
-                                [--ensemble SCORER ...] -- DEMO ARGS
+    python -m benchmarks screen [--objective NAME] [--set KEY=VALUE ...] [--ensemble SCORER ...] -- DEMO ARGS
 
 - ``--objective drtune``: another objective the study runs, at the demo's settings (not its wall-clock budget);
 - ``--set tau=0.02``: override a field of the objective's config (LeapAlign's trajectory-weight floor, say);
-- ``--train-categories single_object``: training prompts only from these categories (the eval sets unchanged);
 - ``--ensemble S1 S2 S3``: reward and eval score are the mean probability of several scorers (a reward-model
   ensemble, the usual guard against over-optimising one proxy).
 
@@ -43,30 +41,25 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     from leapalign.objectives import OBJECTIVES
-    from leapalign.shapes.world import CATEGORIES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks screen", description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s [--objective NAME] [--set KEY=VALUE ...] [--train-categories C ...] "
-                                      "[--ensemble SCORER ...] -- [DEMO ARGS]",
+                                usage="%(prog)s [--objective NAME] [--set KEY=VALUE ...] [--ensemble SCORER ...] -- [DEMO ARGS]",
                                 epilog="Arguments after -- go to `leapalign demo` (see `leapalign demo --help`).")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="leapalign", help="objective to train with (default leapalign)")
     p.add_argument("--set", dest="overrides", type=_key_value, nargs="+", default=[], metavar="KEY=VALUE",
                    help="objective config overrides, e.g. tau=0.02")
-    p.add_argument("--train-categories", nargs="+", choices=CATEGORIES, default=None, metavar="CATEGORY",
-                   help="train only on prompts of these categories (default: the whole grammar)")
     p.add_argument("--ensemble", type=Path, nargs="+", default=None, metavar="SCORER",
                    help="two or more scorer checkpoints whose mean probability is the reward (replaces --scorer)")
     return p
 
 
-def trainer_factory(objective_name: str, overrides: dict[str, Any], categories: Sequence[str] | None) -> Callable[..., Any]:
-    """The demo's :func:`make_trainer` with another objective, config overrides and training categories."""
-    from leapalign.shapes.experiment import make_trainer, objective_kwargs, training_prompts
+def trainer_factory(objective_name: str, overrides: dict[str, Any]) -> Callable[..., Any]:
+    """The demo's :func:`make_trainer` with another objective and config overrides."""
+    from leapalign.shapes.experiment import make_trainer, objective_kwargs
 
     def screened_trainer(model: Any, scorer: Any, settings: Any, output_dir: Any) -> Any:
         objective = objective_kwargs(settings, objective_name) | overrides
-        prompts = None if categories is None else training_prompts(settings.seed, categories)
-        return make_trainer(model, scorer, settings, output_dir, objective_name, objective, prompts)
+        return make_trainer(model, scorer, settings, output_dir, objective_name, objective)
 
     return screened_trainer
 
@@ -102,5 +95,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             parser.error(str(exc))
     command = "python -m benchmarks screen " + shlex.join(argv[:split]) + " --"
-    factory = trainer_factory(args.objective, overrides, args.train_categories)
+    factory = trainer_factory(args.objective, overrides)
     return demo.main(demo_argv, demo.DemoHooks(make_trainer=factory, scorer=scorer, command=command))

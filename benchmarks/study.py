@@ -307,6 +307,7 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
             fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
             fingerprint["spec"] = {k: v for k, v in job["spec"].items() if k != "groups"}
             fingerprint["assets"] = assets
+            fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from the file (tuples become lists)
             if path.is_file() and json.loads(path.read_text()).get("job") == fingerprint:
                 done[(spec["label"], seed)] = json.loads(path.read_text())["result"]
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -317,6 +317,64 @@ def test_demo_settings_reject_a_bad_ema():
     with pytest.raises(ValueError, match="ema_decay"):
         experiment.DemoSettings(ema_decay=1.0)
     assert experiment.DemoSettings(ema_decay=0.97).ema_decay == 0.97
+
+
+def test_demo_trains_on_its_training_categories_and_the_flag_picks_them(tmp_path):
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+    from leapalign.shapes.world import parse_prompt
+
+    settings = experiment.quick_settings()
+    assert settings.train_categories == experiment.DemoSettings().train_categories == ("single_object", "colors")
+    trainer = experiment.make_trainer(load_shapes_model(), load_shapes_scorer(), settings, tmp_path)
+    prompts = list(trainer.prompt_source.prompts)
+    assert prompts == experiment.training_prompts(settings.seed, ("single_object", "colors"))
+    assert {parse_prompt(p).category for p in prompts} == {"single_object", "colors"}
+
+    parser = demo.build_parser()
+    assert demo._settings_from_args(parser.parse_args([])).train_categories == ("single_object", "colors")
+    assert demo._settings_from_args(parser.parse_args(["--train-categories", "all"])).train_categories is None
+    assert demo._settings_from_args(parser.parse_args(["--train-categories", "counting", "colors"])).train_categories == ("counting", "colors")
+    # from a JSON file (a study run, a summary) the list comes back as the same settings
+    assert experiment.DemoSettings(**json.loads(json.dumps(asdict(settings)))) == settings
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-categories", "landscapes"], "invalid choice"),
+    (["--train-categories", "all", "colors"], "'all' is the whole grammar"),
+    (["--steps", "0"], "DemoSettings.train_steps=0 is invalid"),
+    (["--ema", "1"], "DemoSettings.ema_decay=1.0 is invalid"),
+])
+def test_bad_demo_arguments_are_usage_errors_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main([*argv, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_settings_reject_bad_training_categories():
+    for bad in ((), ("landscapes",), ("colors", "landscapes")):
+        with pytest.raises(ValueError, match="train_categories"):
+            experiment.DemoSettings(train_categories=bad)
+
+
+def test_hardening_aligns_on_the_whole_grammar(monkeypatch):
+    """The scorer is hardened against aligned images of every category, whatever the demo trains on."""
+    import argparse
+
+    from leapalign.shapes import harden
+
+    seen = {}
+
+    def stop(model, scorer, settings, output_dir):
+        seen["settings"] = settings
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(harden, "make_trainer", stop)
+    args = argparse.Namespace(model=None, snapshot_every=2, seed=0, batch_size=2, num_steps=3, align_steps=2, samples=2)
+    with pytest.raises(RuntimeError, match="stop here"):
+        harden._aligned_samples(args, None, 0)
+    assert seen["settings"].train_categories is None
 
 
 def test_background_penalty_prices_faint_texture_not_objects():

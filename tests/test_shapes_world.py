@@ -1,6 +1,8 @@
 """The shapes world's generator and its exact evaluator: ground truth passes, noise and near-misses fail."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -151,12 +153,12 @@ def test_heldout_split_is_disjoint_from_alignment_training(tmp_path):
     evalset = heldout_eval_prompts(96, seed=4321)
     assert all(s.text in held for s in evalset) and {s.category for s in evalset} == set(CATEGORIES)
     assert evalset == heldout_eval_prompts(96, seed=4321)
-    # The trainer the demo and the study build gets exactly training_specs' prompts (all of them, or those of some
-    # categories for `benchmarks screen --train-categories`), so never a held-out one.
+    # The trainer the demo and the study build gets exactly training_specs' prompts (all of them, or those of the
+    # training categories), so never a held-out one.
     from leapalign.shapes.model import load_shapes_model
     from leapalign.shapes.scorer import load_shapes_scorer
 
-    settings = experiment.quick_settings()
+    settings = replace(experiment.quick_settings(), train_categories=None)
     trainer = experiment.make_trainer(load_shapes_model(), load_shapes_scorer(), settings, tmp_path)
     assert list(trainer.prompt_source.prompts) == [s.text for s in training_specs(4096, seed=settings.seed + 100_003)]
     some = experiment.training_prompts(settings.seed, ["counting", "position"])

@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=REWARDS, default=None, help=f"what training maximises: the scorer's probability or its log (default {d.reward})")
     p.add_argument("--background-penalty", type=float, default=None,
                    help=f"subtract this times the faint-background-texture penalty from the training reward (default {d.background_penalty})")
+    p.add_argument("--train-categories", nargs="+", choices=(*CATEGORIES, "all"), default=None, metavar="CATEGORY",
+                   help=f"train on prompts of these categories only, 'all' for the whole grammar; the eval sets always "
+                        f"cover all six (default {' '.join(d.train_categories or ('all',))}; one of {', '.join(CATEGORIES)})")
     p.add_argument("--eval-prompts", type=int, default=None, help=f"size of the fixed eval set (default {d.eval_prompts})")
     p.add_argument("--heldout-prompts", type=int, default=None, help=f"size of the held-out eval set, 0 = skip (default {d.heldout_prompts})")
     p.add_argument("--eval-every", type=int, default=None, help=f"evaluate every N steps (default {d.eval_every})")
@@ -217,6 +220,8 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
         "heldout_prompts": args.heldout_prompts, "eval_every": args.eval_every, "ema_decay": args.ema, "background_penalty": args.background_penalty,
     }
     values = asdict(s) | {k: v for k, v in overrides.items() if v is not None}
+    if args.train_categories is not None:
+        values["train_categories"] = None if "all" in args.train_categories else args.train_categories
     return DemoSettings(**values)
 
 
@@ -229,8 +234,14 @@ def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> i
     """``leapalign demo``; ``hooks`` let an experiment driver swap the trainer factory or the scorer."""
     hooks = hooks or DemoHooks()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    settings = _settings_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.train_categories is not None and "all" in args.train_categories and len(args.train_categories) > 1:
+        parser.error("--train-categories: 'all' is the whole grammar; give it alone or name categories")
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as exc:  # DemoSettings names the bad value: a usage error before any work, not a traceback
+        parser.error(str(exc))
     seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [settings.seed]))
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads.threads)
