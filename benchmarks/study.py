@@ -42,9 +42,10 @@ from typing import Any, Sequence
 
 from benchmarks.machine import command_line, machine_info
 from benchmarks.options import RESULTS_DIR, parse_suite_args, suite_parser
-from benchmarks.study_report import GROUP_TITLES, REFERENCE, markdown_report, plot
+from benchmarks.study_report import GROUP_TITLES, markdown_report, plot
+from benchmarks.study_report import reference_label as recorded_reference
 
-__all__ = ["RunSpec", "study_runs", "run_one", "calibrate", "steps_for", "summarise", "comparisons",
+__all__ = ["RunSpec", "reference_label", "study_runs", "run_one", "calibrate", "steps_for", "summarise", "comparisons",
            "build_parser", "main"]
 
 DEFAULT_OUT = str(Path(RESULTS_DIR) / "study_shapes")
@@ -64,27 +65,42 @@ class RunSpec(dict):
     @property
     def cost_key(self) -> str:
         """What its seconds per step depend on: the objective and the number of leaps (alpha costs nothing)."""
-        return f"{self['objective']} leaps={self['overrides'].get('num_leaps', 2)}" if self["objective"] == "leapalign" else self["objective"]
+        return f"{self['objective']} leaps={self['overrides']['num_leaps']}" if self["objective"] == "leapalign" else self["objective"]
 
 
-def study_runs(groups: Sequence[str]) -> list[RunSpec]:
-    """The distinct configurations the requested ``groups`` need (shared points run once)."""
+def reference_label(settings: Any) -> str:
+    """The run every other is compared with and whose step sets the time budget: LeapAlign at the demo's settings."""
+    return f"leapalign a={settings.alpha:g} leaps={settings.num_leaps}"
+
+
+def study_runs(groups: Sequence[str], settings: Any = None) -> list[RunSpec]:
+    """The distinct configurations the requested ``groups`` need (shared points run once); the sweeps vary alpha or
+    the number of leaps around the demo's LeapAlign (``settings``, default :class:`DemoSettings`)."""
+    from leapalign.shapes.experiment import DemoSettings
+
+    settings = settings if settings is not None else DemoSettings()
     runs: dict[str, RunSpec] = {}
 
     def add(label: str, objective: str, overrides: dict[str, Any], group: str) -> None:
         spec = runs.setdefault(label, RunSpec(label=label, objective=objective, overrides=overrides, groups=[]))
         spec["groups"].append(group)
 
+    def leapalign(alpha: float, leaps: int, group: str) -> None:
+        add(f"leapalign a={alpha:g} leaps={leaps}", "leapalign", {"alpha": alpha, "num_leaps": leaps}, group)
+
     for g in groups:
         if g == "methods":
             for m in METHODS:
-                add(REFERENCE if m == "leapalign" else m, m, {}, g)
+                if m == "leapalign":
+                    leapalign(settings.alpha, settings.num_leaps, g)
+                else:
+                    add(m, m, {}, g)
         elif g == "alpha":
-            for a in ALPHAS:
-                add(f"leapalign a={a:g} leaps=2", "leapalign", {"alpha": a}, g)
+            for a in sorted({*ALPHAS, settings.alpha}):
+                leapalign(a, settings.num_leaps, g)
         elif g == "leaps":
-            for n in LEAPS:
-                add(f"leapalign a=0.3 leaps={n}", "leapalign", {"num_leaps": n}, g)
+            for n in sorted({*LEAPS, settings.num_leaps}):
+                leapalign(settings.alpha, n, g)
         else:
             raise ValueError(f"unknown study group {g!r}; expected methods, alpha or leaps")
     return list(runs.values())
@@ -214,9 +230,14 @@ def calibrate(specs: Sequence[RunSpec], settings: Any, jobs: int, steps: int, mo
     return {k: statistics.median(v) for k, v in result.items()}
 
 
-def steps_for(spec: RunSpec, seconds_per_step: dict[str, float], leapalign_steps: int) -> int:
+def reference_cost_key(settings: Any) -> str:
+    """The calibration entry of the reference LeapAlign (:func:`reference_label`)."""
+    return f"leapalign leaps={settings.num_leaps}"
+
+
+def steps_for(spec: RunSpec, seconds_per_step: dict[str, float], leapalign_steps: int, reference_cost: str) -> int:
     """Steps that give ``spec`` the training time of ``leapalign_steps`` steps of the reference LeapAlign."""
-    budget = leapalign_steps * seconds_per_step["leapalign leaps=2"]
+    budget = leapalign_steps * seconds_per_step[reference_cost]
     return max(1, round(budget / seconds_per_step[spec.cost_key]))
 
 
@@ -227,11 +248,12 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summarise_runs(runs)
 
 
-def comparisons(runs: Sequence[dict[str, Any]], specs: Sequence[dict[str, Any]], resamples: int = 10_000) -> dict[str, dict[str, Any]]:
-    """Every label against :data:`REFERENCE` (:func:`leapalign.shapes.stats.compare_with`: paired bootstrap over prompts)."""
+def comparisons(runs: Sequence[dict[str, Any]], specs: Sequence[dict[str, Any]], reference: str,
+                resamples: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Every label against ``reference`` (:func:`leapalign.shapes.stats.compare_with`: paired bootstrap over prompts)."""
     from leapalign.shapes.stats import compare_with
 
-    return compare_with(REFERENCE, runs, [sp["label"] for sp in specs], resamples)
+    return compare_with(reference, runs, [sp["label"] for sp in specs], resamples)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
     p.add_argument("--eval-prompts", type=int, default=None, help="size of the fixed eval set (demo default, 576)")
     p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
+    p.add_argument("--train-categories", nargs="+", default=None, metavar="CATEGORY",
+                   help="training prompts of these categories only, 'all' for the whole grammar (demo default)")
     p.add_argument("--model", default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", default=None, help="scorer checkpoint (default: shipped)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output path stem: STEM.json/.md/.png and STEM_runs/ (default benchmarks/results/study_shapes)")
@@ -263,7 +287,10 @@ def _settings(args: argparse.Namespace) -> Any:
     base = DemoSettings()
     given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr}
     # an explicit value (0 included) always reaches DemoSettings, which rejects a bad one by name
-    return replace(base, heldout_prompts=args.heldout_prompts, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.train_categories is not None:  # 'all' (None) is a value here, not "not given"
+        given["train_categories"] = None if args.train_categories == ["all"] else args.train_categories
+    return replace(base, heldout_prompts=args.heldout_prompts, **given)
 
 
 def _slug(label: str, seed: int) -> str:
@@ -301,7 +328,7 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
     todo, done = [], {}
     for spec in [RunSpec(label="shipped model", objective="none", overrides={}, groups=[])] + specs:
         for seed in ([0] if spec["objective"] == "none" else args.seeds):
-            steps = 0 if spec["objective"] == "none" else steps_for(spec, sps, args.leapalign_steps)
+            steps = 0 if spec["objective"] == "none" else steps_for(spec, sps, args.leapalign_steps, reference_cost_key(settings))
             job = {"spec": dict(spec), "seed": seed, "steps": steps, "seconds_per_step": 0.0 if not steps else sps[spec.cost_key], **common}
             path = runs_dir / _slug(spec["label"], seed)
             fingerprint = {k: job[k] for k in ("spec", "seed", "steps", "seconds_per_step", "settings", "checkpoints", "model", "scorer")}
@@ -318,7 +345,7 @@ def _plan(args: argparse.Namespace, settings: Any, specs: list[RunSpec], sps: di
 def _render_only(out: Path, reading: Path | None) -> int:
     """``--render-only``: recompute the derived summary and comparisons, re-render STEM.md/.png from STEM.json."""
     data = json.loads(out.with_suffix(".json").read_text())
-    data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"])
+    data["summary"], data["comparisons"] = summarise(data["runs"]), comparisons(data["runs"], data["specs"], recorded_reference(data))
     if reading:
         data["reading"] = reading.read_text().strip()
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
@@ -353,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ValueError as e:  # DemoSettings names the bad value
         build_parser().error(str(e))
-    specs = study_runs(args.groups)
+    specs = study_runs(args.groups, settings)
     command = command_line(["study", *argv])
     if args.calibrate:
         return _calibrate_main(args, settings, specs, command, argv)
@@ -387,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: dict[str, Any] = {
         "command": command, "machine": machine_info(["study", *argv]), "jobs": args.jobs, "settings": asdict(settings),
         "seeds": list(args.seeds), "specs": [dict(s) for s in specs], "calibration": cal, "leapalign_steps": args.leapalign_steps,
-        "budget_seconds": args.leapalign_steps * sps["leapalign leaps=2"], "baseline": baseline, "runs": runs,
-        "summary": summarise(runs), "comparisons": comparisons(runs, specs),
+        "reference": reference_label(settings), "budget_seconds": args.leapalign_steps * sps[reference_cost_key(settings)],
+        "baseline": baseline, "runs": runs, "summary": summarise(runs), "comparisons": comparisons(runs, specs, reference_label(settings)),
         "reading": args.reading.read_text().strip() if args.reading else "", "wall_seconds_this_invocation": time.perf_counter() - t0,
     }
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")

@@ -10,10 +10,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REFERENCE", "GROUP_TITLES", "markdown_report", "plot"]
+__all__ = ["GROUP_TITLES", "markdown_report", "plot", "reference_label"]
 
-REFERENCE = "leapalign a=0.3 leaps=2"
+LEGACY_REFERENCE = "leapalign a=0.3 leaps=2"  # the reference of studies written before it was recorded in their JSON
 GROUP_TITLES = {"methods": "Methods", "alpha": "LeapAlign alpha sweep", "leaps": "LeapAlign number of leaps"}
+
+
+def reference_label(data: dict[str, Any]) -> str:
+    """The run every other is compared with: LeapAlign at the demo's settings when the study ran."""
+    return data.get("reference", LEGACY_REFERENCE)
 
 
 def markdown_report(data: dict[str, Any]) -> str:
@@ -31,7 +36,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Training budget per run: {data['leapalign_steps']} steps of LeapAlign = {data['budget_seconds']:.0f} s at the calibrated "
         f"speed; other runs get the steps that take the same time (calibration: `{cal.get('command', '?')}`, load average "
         f"{cal.get('machine', {}).get('load_average_1_5_15')}, s/step {json.dumps({k: round(v, 3) for k, v in cal['seconds_per_step'].items()})}).  ",
-        f"Seeds {data['seeds']}; eval set {data['settings']['eval_prompts']} prompts (whole grammar), held-out set "
+        f"Seeds {data['seeds']}; training prompts from {_training_categories(data['settings'])}; "
+        f"eval set {data['settings']['eval_prompts']} prompts (whole grammar), held-out set "
         f"{data['settings']['heldout_prompts']} prompts (never trained on by any run), fixed noise.",
         "",
     ]
@@ -59,13 +65,18 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [row(label, summ[label]) for label in labels]
         pairs = [lab for lab in labels if lab in cmp]
         if pairs:
-            lines += ["", f"Paired comparison with {REFERENCE} (overall accuracy on the eval set, same seeds and prompts; "
+            lines += ["", f"Paired comparison with {reference_label(data)} (overall accuracy on the eval set, same seeds and prompts; "
                       "paired bootstrap over prompts, 10,000 resamples):", ""]
             lines += [f"- {cmp[lab]['verdict']}" for lab in pairs]
         lines.append("")
     if data.get("reading"):
         lines += ["## Reading", "", data["reading"], ""]
     return "\n".join(lines)
+
+
+def _training_categories(settings: dict[str, Any]) -> str:
+    categories = settings.get("train_categories")  # absent: a study from before the setting, on the whole grammar
+    return "the whole grammar" if not categories else ", ".join(categories) + " only"
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
@@ -87,7 +98,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
             xs = [0.0] + [statistics.fmean(r["curve"][k]["calibrated_seconds"] for r in runs) for k in range(n)]
             ys = [[base] + [100 * r["curve"][k]["accuracy"] for k in range(n)] for r in runs]
             cols = list(zip(*ys))
-            ax.plot(xs, [statistics.fmean(c) for c in cols], "o-", color=f"C{i}", lw=2.5 if spec["label"] == REFERENCE else 1.5, label=spec["label"])
+            ax.plot(xs, [statistics.fmean(c) for c in cols], "o-", color=f"C{i}", lw=2.5 if spec["label"] == reference_label(data) else 1.5, label=spec["label"])
             ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.15)
         ax.set(xlabel="training wall-clock (s, calibrated)", ylabel="rule-based accuracy (%)", title=GROUP_TITLES[group])
         ax.legend(fontsize=7)

@@ -169,15 +169,25 @@ def test_seeds_reading_judges_mean_and_min_over_three_seeds():
 def test_study_runs_share_points():
     from benchmarks import study
 
+    settings = experiment.DemoSettings()
     specs = study.study_runs(["methods", "alpha", "leaps"])
     labels = [s["label"] for s in specs]
     assert len(labels) == len(set(labels)) == len(study.METHODS) + len(study.ALPHAS) - 1 + len(study.LEAPS) - 1
-    shared = next(s for s in specs if s["label"] == study.REFERENCE)
+    reference = study.reference_label(settings)
+    assert reference == f"leapalign a={settings.alpha:g} leaps={settings.num_leaps}"
+    shared = next(s for s in specs if s["label"] == reference)
     assert shared["groups"] == ["methods", "alpha", "leaps"]
+    assert shared["overrides"] == {"alpha": settings.alpha, "num_leaps": settings.num_leaps}
     # alpha changes no cost: one calibration per objective (and per number of leaps)
     assert {s.cost_key for s in specs} == {"leapalign leaps=1", "leapalign leaps=2", "leapalign leaps=3", *study.METHODS[1:]}
-    sps = {"leapalign leaps=2": 1.0, "refl": 0.25}
-    assert study.steps_for(study.RunSpec(label="refl", objective="refl", overrides={}, groups=[]), sps, 200) == 800
+    sps = {"leapalign leaps=2": 1.0, "leapalign leaps=3": 2.0, "refl": 0.25}
+    refl = study.RunSpec(label="refl", objective="refl", overrides={}, groups=[])
+    assert study.steps_for(refl, sps, 200, "leapalign leaps=2") == 800 and study.steps_for(refl, sps, 200, "leapalign leaps=3") == 1600
+    # The sweeps sit around the demo's LeapAlign, whatever it is: alpha at its leaps, leaps at its alpha.
+    other = replace(settings, alpha=0.5, num_leaps=3)
+    other_labels = [s["label"] for s in study.study_runs(["alpha", "leaps"], other)]
+    assert "leapalign a=0.5 leaps=3" in other_labels and "leapalign a=0 leaps=3" in other_labels
+    assert "leapalign a=0.5 leaps=1" in other_labels and not any(lab.endswith("leaps=2") and "a=0.3" in lab for lab in other_labels)
 
 
 def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys):
@@ -187,6 +197,8 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
     args = study.build_parser().parse_args([])
     defaults = experiment.DemoSettings()
     assert study._settings(args).eval_prompts == defaults.eval_prompts and args.leapalign_steps == defaults.train_steps
+    assert study._settings(args).train_categories == defaults.train_categories
+    assert study._settings(study.build_parser().parse_args(["--train-categories", "all"])).train_categories is None
     bad = {  # each is refused before any run starts, naming what is wrong
         ("--eval-prompts", "0"): "eval_prompts=0 is invalid",
         ("--T", "0"): "num_steps=0 is invalid",  # an explicit 0 is not replaced by the default
@@ -195,6 +207,8 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
         ("--leapalign-steps", "-5"): "--leapalign-steps must be >= 1, got -5",
         ("--reading", "/nonexistent/reading.md"): "--reading /nonexistent/reading.md: no such file",
         ("--render-only",): "--render-only: no study at /nonexistent/study.json",
+        ("--train-categories", "landscapes"): "train_categories=('landscapes',) is invalid",
+        ("--train-categories", "all", "colors"): "train_categories=('all', 'colors') is invalid",
     }
     for flags, message in bad.items():
         with pytest.raises(SystemExit) as exit_info:
