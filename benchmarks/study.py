@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", dest="num_steps", type=int, default=None, help="Euler steps of rollout and eval sampler (demo default)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (demo default)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
+    p.add_argument("--leaps", type=int, default=None, help="leaps of the reference LeapAlign, whose step is the budget (demo default)")
     p.add_argument("--eval-prompts", type=int, default=None, help="size of the fixed eval set (demo default, 576)")
     p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
     p.add_argument("--train-categories", nargs="+", default=None, metavar="CATEGORY",
@@ -285,7 +286,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from leapalign.shapes.experiment import DemoSettings
 
     base = DemoSettings()
-    given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr}
+    given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr, "num_leaps": args.leaps}
     # an explicit value (0 included) always reaches DemoSettings, which rejects a bad one by name
     given = {k: v for k, v in given.items() if v is not None}
     if args.train_categories is not None:  # 'all' (None) is a value here, not "not given"

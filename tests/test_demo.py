@@ -164,6 +164,9 @@ def test_seeds_reading_judges_mean_and_min_over_three_seeds():
     assert "NOT reached" in experiment.seeds_reading(low)
     assert "judged over >= 3 seeds" in experiment.seeds_reading(experiment.gain_summary({0: 20.0}))
     assert "not judged" in experiment.seeds_reading(ok, judge_target=False)
+    short = experiment.seeds_reading(experiment.gain_summary({0: 13.54, 1: 16.84, 2: 14.58}))  # mean 14.987
+    assert "mean +14.99" in short and "NOT reached" in short  # not "+15.0 ... NOT reached"
+    assert "mean +16.5" in experiment.seeds_reading(experiment.gain_summary({0: 16.0, 1: 17.0, 2: 16.5}))
 
 
 def test_study_runs_share_points():
@@ -199,6 +202,8 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
     assert study._settings(args).eval_prompts == defaults.eval_prompts and args.leapalign_steps == defaults.train_steps
     assert study._settings(args).train_categories == defaults.train_categories
     assert study._settings(study.build_parser().parse_args(["--train-categories", "all"])).train_categories is None
+    assert study._settings(args).num_leaps == defaults.num_leaps
+    assert study._settings(study.build_parser().parse_args(["--leaps", "2"])).num_leaps == 2
     bad = {  # each is refused before any run starts, naming what is wrong
         ("--eval-prompts", "0"): "eval_prompts=0 is invalid",
         ("--T", "0"): "num_steps=0 is invalid",  # an explicit 0 is not replaced by the default
@@ -207,6 +212,7 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
         ("--leapalign-steps", "-5"): "--leapalign-steps must be >= 1, got -5",
         ("--reading", "/nonexistent/reading.md"): "--reading /nonexistent/reading.md: no such file",
         ("--render-only",): "--render-only: no study at /nonexistent/study.json",
+        ("--leaps", "4"): "num_leaps=4 is invalid",
         ("--train-categories", "landscapes"): "train_categories=('landscapes',) is invalid",
         ("--train-categories", "all", "colors"): "train_categories=('all', 'colors') is invalid",
     }
@@ -226,7 +232,9 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
     cal.write_text(json.dumps({"command": "test", "machine": {"load_average_1_5_15": [0, 0, 0]},
                                "seconds_per_step": {"leapalign leaps=1": 0.5, "leapalign leaps=2": 1.0, "leapalign leaps=3": 2.0}}))
     stem = tmp_path / "study"
-    argv = [*_TINY, "--seeds", "0", "1", "--leapalign-steps", "2", "--checkpoints", "2", "--jobs", "1", "--calibration", str(cal), "--out", str(stem)]
+    # The reference is the demo's LeapAlign (3 leaps, 2.0 s/step): 1 of its steps is the budget.
+    assert study.reference_label(experiment.DemoSettings()) == "leapalign a=0.3 leaps=3"
+    argv = [*_TINY, "--seeds", "0", "1", "--leapalign-steps", "1", "--checkpoints", "2", "--jobs", "1", "--calibration", str(cal), "--out", str(stem)]
     assert study.main(argv) == 0
     data = json.loads(stem.with_suffix(".json").read_text())
     steps = {(r["label"], r["seed"]): r["steps"] for r in data["runs"]}
@@ -235,7 +243,8 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
     assert [p["step"] for p in run["curve"]] == [2, 4] and run["curve"][-1]["calibrated_seconds"] == 2.0
     assert len(run["correct"]) == 6 and len(run["heldout"]["correct"]) == 6 and "background_artifact_share" in run
     assert data["baseline"]["steps"] == 0
-    cmp = data["comparisons"]["leapalign a=0.3 leaps=3"]
+    assert data["reference"] == "leapalign a=0.3 leaps=3" and "leapalign a=0.3 leaps=3" not in data["comparisons"]
+    cmp = data["comparisons"]["leapalign a=0.3 leaps=2"]
     assert cmp["seeds"] == [0, 1] and 0 < cmp["p_value"] <= 1 and cmp["ci_low"] <= cmp["diff_points"] <= cmp["ci_high"]
     md = stem.with_suffix(".md").read_text()
     assert "## LeapAlign number of leaps" in md and "paired bootstrap" in md and "held-out" in md
@@ -248,7 +257,7 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
     assert study.main(argv) == 0
     assert "7 runs already done" in capsys.readouterr().out
     assert "LeapAlign reading, kept across reruns" in stem.with_suffix(".md").read_text()
-    victim = tmp_path / "study_runs" / study._slug("leapalign a=0.3 leaps=3", 1)
+    victim = tmp_path / "study_runs" / study._slug("leapalign a=0.3 leaps=2", 1)
     before = json.loads(victim.read_text())["result"]
     victim.unlink()
     assert study.main(argv) == 0

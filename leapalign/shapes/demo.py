@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.learning_rate})")
     p.add_argument("--train-mode", choices=("full", "lora"), default=None, help=f"default {d.train_mode}")
     p.add_argument("--alpha", type=float, default=None, help=f"LeapAlign nested-gradient discount (default {d.alpha})")
+    p.add_argument("--leaps", type=int, choices=(1, 2, 3), default=None, help=f"LeapAlign's leaps per trajectory (default {d.num_leaps})")
     p.add_argument("--max-leap-step", type=int, default=None,
                    help=f"draw LeapAlign's leap steps from the first N of the T rollout steps (default {d.max_leap_step}; all T when None)")
     p.add_argument("--hinge", type=float, default=None, help=f"lambda of relu(lambda - r) with --reward score (default {d.hinge_lambda})")
@@ -215,7 +216,7 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     s = quick_settings() if args.quick else DemoSettings()
     overrides = {
         "train_steps": args.steps, "time_limit_seconds": args.time_limit, "num_steps": args.num_steps,
-        "batch_size": args.batch_size, "learning_rate": args.lr, "train_mode": args.train_mode, "alpha": args.alpha, "max_leap_step": args.max_leap_step,
+        "batch_size": args.batch_size, "learning_rate": args.lr, "train_mode": args.train_mode, "alpha": args.alpha, "num_leaps": args.leaps, "max_leap_step": args.max_leap_step,
         "hinge_lambda": args.hinge, "reward": args.reward, "eval_prompts": args.eval_prompts,
         "heldout_prompts": args.heldout_prompts, "eval_every": args.eval_every, "ema_decay": args.ema, "background_penalty": args.background_penalty,
     }
