@@ -24,9 +24,10 @@ run that is too slow rather than reporting a truncated one. Threads: by default 
 machine has free cores (at most 2), with OpenMP's passive waiting, so a busy machine is not
 oversubscribed; the choice is printed.
 
-``make demo`` runs one seed (240 steps at ~0.6 s with two threads plus seven evaluations: ~3-4
-minutes on an idle 2-core machine); the target -- mean gain >= +15 points over three seeds, none
-below +10 -- is judged with ``--seeds 0 1 2`` (three times as long). The training reward is the
+``make demo`` runs one seed (240 steps, evaluated every 60: ~3-5 minutes on an idle 2-core machine);
+the target -- mean gain >= +15 points over three seeds, none below +10 -- is judged with ``--seeds 0 1 2``
+(three times as long). It trains on prompts of the two categories the learned scorer judges best
+(``--train-categories``; the eval sets cover all six) with three leaps (``--leaps``). The training reward is the
 scorer minus 5 x a faint-background-texture penalty (``--background-penalty``; why:
 ``leapalign/assets/README.md``; what else was tried: ``benchmarks/results/demo_shapes/README.md``). If the reward rises while the rule-based accuracy does not, the scorer is being hacked, and
 ``summary.json`` says so (``reading``). ``--quick`` shrinks every budget so the whole run takes well
