@@ -11,14 +11,15 @@ depend on how busy the machine was. Instead ``--calibrate`` measures once, on an
 under the study's own conditions (``--jobs`` runs side by side, one thread each), the seconds per
 optimiser step of every configuration, and writes them to ``study_calibration.json``. A study then
 gives each configuration ``budget / seconds_per_step`` steps, the budget being ``--leapalign-steps``
-steps of LeapAlign (default 200). Runs are deterministic for their seed; the calibration file (with
+steps of the reference LeapAlign (default 240, the demo's). Runs are deterministic for their seed; the calibration file (with
 its machine and load average) is copied into the study's JSON. Accuracy vs wall-clock uses the
 calibrated seconds (step x seconds per step), evaluated at ``--checkpoints`` points of each run.
 
-Groups of runs (each over ``--seeds``): ``methods`` (leapalign alpha 0.3 2 leaps, full_backprop,
-draft_lv, refl, drtune), ``alpha`` (0, 0.1, 0.3, 1) and ``leaps`` (1, 2, 3); shared points run once.
-Every other setting is the demo's (:class:`~leapalign.shapes.experiment.DemoSettings`), LeapAlign's leap
-range (``max_leap_step``) and EMA included; the runs are judged by the weights the demo judges.
+Groups of runs (each over ``--seeds``): ``methods`` (the reference -- LeapAlign at the demo's alpha and
+leaps --, full_backprop, draft_lv, refl, drtune), ``alpha`` (0, 0.1, 0.3, 1 at the demo's leaps) and ``leaps``
+(1, 2, 3 at the demo's alpha); shared points run once. Every other setting is the demo's
+(:class:`~leapalign.shapes.experiment.DemoSettings`), training prompts, LeapAlign's leap range
+(``max_leap_step``) and EMA included; the runs are judged by the weights the demo judges.
 
 **Resumable and parallel.** Each run is written to ``STEM_runs/`` as soon as it finishes; a rerun
 skips every run whose file matches its settings (a changed setting reruns it). Runs go to a pool of
@@ -257,6 +258,8 @@ def comparisons(runs: Sequence[dict[str, Any]], specs: Sequence[dict[str, Any]],
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from leapalign.shapes.world import CATEGORIES
+
     p = suite_parser("study", __doc__, threads=False)
     p.add_argument("--calibrate", action="store_true", help="measure seconds per step of every configuration (idle machine!) and write --calibration")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration file (default benchmarks/results/study_calibration.json)")
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaps", type=int, default=None, help="leaps of the reference LeapAlign, whose step is the budget (demo default)")
     p.add_argument("--eval-prompts", type=int, default=None, help="size of the fixed eval set (demo default, 576)")
     p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
-    p.add_argument("--train-categories", nargs="+", default=None, metavar="CATEGORY",
+    p.add_argument("--train-categories", nargs="+", choices=(*CATEGORIES, "all"), default=None, metavar="CATEGORY",
                    help="training prompts of these categories only, 'all' for the whole grammar (demo default)")
     p.add_argument("--model", default=None, help="shapes model checkpoint (default: shipped)")
     p.add_argument("--scorer", default=None, help="scorer checkpoint (default: shipped)")
@@ -283,14 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from leapalign.shapes.experiment import DemoSettings
+    from leapalign.shapes.experiment import DemoSettings, train_categories_arg
 
     base = DemoSettings()
     given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr, "num_leaps": args.leaps}
     # an explicit value (0 included) always reaches DemoSettings, which rejects a bad one by name
     given = {k: v for k, v in given.items() if v is not None}
     if args.train_categories is not None:  # 'all' (None) is a value here, not "not given"
-        given["train_categories"] = None if args.train_categories == ["all"] else args.train_categories
+        given["train_categories"] = train_categories_arg(args.train_categories)
     return replace(base, heldout_prompts=args.heldout_prompts, **given)
 
 

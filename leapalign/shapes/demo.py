@@ -65,6 +65,7 @@ from leapalign.shapes.experiment import (  # noqa: E402
     make_trainer,
     measure_memory_time,
     quick_settings,
+    train_categories_arg,
     reading,
     seeds_reading,
     train_and_track,
@@ -223,7 +224,7 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     }
     values = asdict(s) | {k: v for k, v in overrides.items() if v is not None}
     if args.train_categories is not None:
-        values["train_categories"] = None if "all" in args.train_categories else args.train_categories
+        values["train_categories"] = train_categories_arg(args.train_categories)
     return DemoSettings(**values)
 
 
@@ -238,8 +239,6 @@ def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> i
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.train_categories is not None and "all" in args.train_categories and len(args.train_categories) > 1:
-        parser.error("--train-categories: 'all' is the whole grammar; give it alone or name categories")
     try:
         settings = _settings_from_args(args)
     except ValueError as exc:  # DemoSettings names the bad value: a usage error before any work, not a traceback

@@ -61,6 +61,7 @@ __all__ = [
     "quick_settings",
     "REWARDS",
     "LogScoreReward",
+    "train_categories_arg",
     "training_prompts",
     "training_reward",
     "background_penalty",
@@ -135,6 +136,15 @@ class DemoSettings:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r} is invalid")
+
+
+def train_categories_arg(values: Sequence[str]) -> tuple[str, ...] | None:
+    """``--train-categories`` of the demo and the study: ``all`` alone is the whole grammar (None), else the names."""
+    if "all" in values:
+        if len(values) > 1:
+            raise ValueError("--train-categories: 'all' is the whole grammar; give it alone or name categories")
+        return None
+    return tuple(values)
 
 
 def quick_settings() -> DemoSettings:
