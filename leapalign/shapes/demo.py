@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> i
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads.threads)
     print(f"[demo] {threads.describe()}", flush=True)
-    command = f"{hooks.command} " + shlex.join(argv)
+    command = f"{hooks.command} {shlex.join(argv)}".rstrip()  # no trailing space when there are no arguments
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
