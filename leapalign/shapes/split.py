@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from typing import Sequence
 
 import torch
 
@@ -30,7 +31,8 @@ from leapalign.shapes.world import (
     sample_spec,
 )
 
-__all__ = ["grammar_specs", "HELDOUT_FRACTION", "heldout_texts", "is_heldout", "heldout_eval_prompts", "training_specs"]
+__all__ = ["grammar_specs", "HELDOUT_FRACTION", "heldout_texts", "is_heldout", "heldout_eval_prompts", "training_specs",
+           "training_prompts", "train_categories_arg"]
 
 
 def grammar_specs(category: str) -> list[PromptSpec]:
@@ -102,3 +104,30 @@ def training_specs(n: int, seed: int | torch.Generator, categories: tuple[str, .
             spec = sample_spec(category, g)
         out.append(spec)
     return out
+
+
+def training_prompts(seed: int, categories: Sequence[str] | None = None, n: int = 4096) -> list[str]:
+    """A run's ``n`` training prompts: the world's sampler without the held-out split, from a seed unrelated to the
+    eval sets'; with ``categories``, only prompts of those: the whole-grammar run's own prompts of those categories,
+    in order (the sampler drawn on until there are ``n``), so a run on some categories sees what the full run saw of them."""
+    base = seed + 100_003
+    if categories is None:
+        return [s.text for s in training_specs(n, seed=base)]
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown or not categories:
+        raise ValueError(f"categories must be a non-empty subset of {list(CATEGORIES)}, got {list(categories)}")
+    out: list[str] = []
+    for draw in range(100):
+        out += [s.text for s in training_specs(4 * n, seed=base + draw) if s.category in categories]
+        if len(out) >= n:
+            return out[:n]
+    raise RuntimeError(f"could not draw {n} training prompts of {list(categories)}")
+
+
+def train_categories_arg(values: Sequence[str]) -> tuple[str, ...] | None:
+    """``--train-categories`` of the demo and the study: ``all`` alone is the whole grammar (None), else the names."""
+    if "all" in values:
+        if len(values) > 1:
+            raise ValueError("--train-categories: 'all' is the whole grammar; give it alone or name categories")
+        return None
+    return tuple(values)
