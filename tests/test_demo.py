@@ -381,8 +381,8 @@ def test_demo_settings_reject_bad_training_categories():
             experiment.DemoSettings(train_categories=bad)
 
 
-def test_hardening_aligns_on_the_whole_grammar(monkeypatch):
-    """The scorer is hardened against aligned images of every category, whatever the demo trains on."""
+def test_hardening_aligns_as_the_shipped_scorer_was_made(monkeypatch):
+    """The scorer is hardened against aligned images of every category with 2 leaps, whatever the demo's defaults."""
     import argparse
 
     from leapalign.shapes import harden
@@ -397,7 +397,7 @@ def test_hardening_aligns_on_the_whole_grammar(monkeypatch):
     args = argparse.Namespace(model=None, snapshot_every=2, seed=0, batch_size=2, num_steps=3, align_steps=2, samples=2)
     with pytest.raises(RuntimeError, match="stop here"):
         harden._aligned_samples(args, None, 0)
-    assert seen["settings"].train_categories is None
+    assert seen["settings"].train_categories is None and seen["settings"].num_leaps == 2
 
 
 def test_background_penalty_prices_faint_texture_not_objects():
