@@ -165,6 +165,24 @@ def test_heldout_split_is_disjoint_from_alignment_training(tmp_path):
     assert not any(p in held for p in list(trainer.prompt_source.prompts) + some)
 
 
+def test_free_colour_shares_see_a_collapse_to_one_colour_on_prompts_that_name_none():
+    from leapalign.shapes.evaluator import free_colour_shares
+    from leapalign.shapes.world import BACKGROUND, COLORS
+
+    specs = [s for s in eval_prompts(60, seed=5) if s.category in ("single_object", "counting", "two_object", "colors")]
+    images = render_batch(specs, seed=0)
+    shares = free_colour_shares(evaluate(images, specs))
+    assert sum(shares.values()) == pytest.approx(1.0) and set(shares) == set(COLORS)
+    assert max(shares.values()) < 0.5  # ground-truth renders draw colourless prompts in every colour
+    # Every object painted red: the share of red is 1 on colourless prompts; colour prompts are not counted at all.
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    is_object = (images - bg).abs().sum(1, keepdim=True) > 1e-6
+    red = torch.where(is_object, torch.tensor(COLORS["red"]).view(1, 3, 1, 1), images)
+    assert free_colour_shares(evaluate(red, specs))["red"] == 1.0
+    only_colour_prompts = [i for i, s in enumerate(specs) if s.category == "colors"]
+    assert free_colour_shares(evaluate(images[only_colour_prompts], [specs[i] for i in only_colour_prompts])) == {}
+
+
 def test_background_artifacts_count_off_colour_background_only():
     from leapalign.shapes.evaluator import background_artifact_share
     from leapalign.shapes.world import BACKGROUND

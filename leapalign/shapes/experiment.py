@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leapalign.shapes.evaluator import accuracy_by_category, background_artifact_share, evaluate
+from leapalign.shapes.evaluator import accuracy_by_category, background_artifact_share, evaluate, free_colour_shares
 from leapalign.shapes.model import ShapesVelocityModel
 from leapalign.shapes.reward import REWARDS, LogScoreReward, PenalisedReward, background_penalty, training_reward
 from leapalign.shapes.split import heldout_eval_prompts, train_categories_arg, training_prompts
@@ -157,11 +157,13 @@ class EvalResult:
     artifact_share: float = 0.0
     correct: list[bool] = field(default_factory=list, repr=False)  # the evaluator's verdict per prompt, in order
     rewards: list[float] = field(default_factory=list, repr=False)  # the scorer's reward per prompt, in order
+    colour_shares: dict[str, float] = field(default_factory=dict)  # :func:`free_colour_shares`: colours where any passes
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images; ``correct`` as a string of 0/1 per prompt (for paired comparisons and subsets)."""
         return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category,
-                "background_artifact_share": self.artifact_share, "correct": "".join("1" if c else "0" for c in self.correct)}
+                "background_artifact_share": self.artifact_share, "colour_shares_colourless_prompts": self.colour_shares,
+                "correct": "".join("1" if c else "0" for c in self.correct)}
 
 
 @torch.no_grad()
@@ -192,7 +194,7 @@ def evaluate_alignment(
     reward_by_category = {c: statistics.fmean(by_cat[c]) for c in CATEGORIES if c in by_cat}
     artifacts = float(background_artifact_share(images).mean())
     return EvalResult(accuracy_by_category(judgements), float(rewards.mean()), reward_by_category, images, artifacts,
-                      [j.correct for j in judgements], rewards.tolist())
+                      [j.correct for j in judgements], rewards.tolist(), free_colour_shares(judgements))
 
 
 def eval_sets(settings: DemoSettings) -> dict[str, list[PromptSpec]]:
