@@ -200,7 +200,6 @@ def accuracy_by_category(judgements: Sequence[Judgement]) -> dict[str, float]:
 ARTIFACT_TOL = 0.1  # RGB distance to the background colour beyond which a background pixel is an artifact
 
 
-@torch.no_grad()
 def free_colour_shares(judgements: Sequence[Judgement]) -> dict[str, float]:
     """Share of each colour among the objects detected on prompts that name no colour ("a circle", "two squares"),
     where any colour passes: a model that draws them all in one colour has lost a diversity accuracy cannot see."""
@@ -213,6 +212,7 @@ def free_colour_shares(judgements: Sequence[Judgement]) -> dict[str, float]:
     return {c: n / total for c, n in counts.items()} if total else {}
 
 
+@torch.no_grad()
 def background_artifact_share(images: torch.Tensor, tol: float = 0.3, min_area: int = 12, artifact_tol: float = ARTIFACT_TOL) -> torch.Tensor:
     """``[B]``: the share of each image's background pixels that differ from the background colour.
 
