@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--ensemble needs two or more scorers")
     if args.ensemble is not None and any(a == "--scorer" or a.startswith("--scorer=") for a in demo_argv):
         parser.error("--ensemble replaces the demo's --scorer; give one or the other")
-    if args.ensemble is not None and "log_score" in demo_argv:
+    if args.ensemble is not None and any(a in ("log_score", "--reward=log_score") for a in demo_argv):
         parser.error("--ensemble is a mean of probabilities; it has no logits for the demo's --reward log_score")
     overrides = dict(args.overrides)
     try:  # a bad key or value is refused now, not after the demo's first evaluation

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import screen
 from leapalign.shapes import experiment
-from leapalign.shapes.world import eval_prompts, parse_prompt, render_batch
+from leapalign.shapes.world import eval_prompts, render_batch
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,6 @@ def test_trainer_factory_passes_the_objective_and_its_overrides(tmp_path, assets
     other = screen.trainer_factory("drtune", {})(model, scorer, settings, tmp_path / "d")
     assert type(other.objective).__name__ != type(plain.objective).__name__
     assert other.objective.config.num_steps == settings.num_steps
-
-
-def test_training_prompts_of_some_categories_come_from_the_demos_sampler():
-    """Filtered prompts are the whole-grammar sampler's own prompts of those categories, in order, never held-out ones."""
-    from leapalign.shapes.split import is_heldout
-
-    whole = experiment.training_prompts(3)
-    some = experiment.training_prompts(3, ["colors", "position"], n=300)
-    assert len(some) == 300 and {parse_prompt(p).category for p in some} == {"colors", "position"}
-    assert some[:20] == [p for p in whole if parse_prompt(p).category in ("colors", "position")][:20]
-    assert not any(is_heldout(parse_prompt(p)) for p in some)
-    for bad in ([], ["landscapes"]):
-        with pytest.raises(ValueError, match="subset"):
-            experiment.training_prompts(3, bad)
 
 
 def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
@@ -82,6 +68,7 @@ def test_scorer_ensemble_is_the_mean_probability_and_passes_gradients(assets):
     (["--set", "tau=-1", "--"], "tau must be > 0"),
     (["--ensemble", "a", "b", "--", "--scorer=c"], "one or the other"),
     (["--ensemble", "a", "b", "--", "--reward", "log_score"], "no logits"),
+    (["--ensemble", "a", "b", "--", "--reward=log_score"], "no logits"),
     (["--", "--train-categories", "landscapes"], "invalid choice"),
 ])
 def test_bad_screen_arguments_are_usage_errors(argv, message, capsys):

@@ -165,6 +165,20 @@ def test_heldout_split_is_disjoint_from_alignment_training(tmp_path):
     assert not any(p in held for p in list(trainer.prompt_source.prompts) + some)
 
 
+def test_training_prompts_of_some_categories_come_from_the_demos_sampler():
+    """Filtered prompts are the whole-grammar sampler's own prompts of those categories, in order, never held-out ones."""
+    from leapalign.shapes.split import is_heldout, training_prompts
+
+    whole = training_prompts(3)
+    some = training_prompts(3, ["colors", "position"], n=300)
+    assert len(some) == 300 and {parse_prompt(p).category for p in some} == {"colors", "position"}
+    assert some[:20] == [p for p in whole if parse_prompt(p).category in ("colors", "position")][:20]
+    assert not any(is_heldout(parse_prompt(p)) for p in some)
+    for bad in ([], ["landscapes"]):
+        with pytest.raises(ValueError, match="subset"):
+            training_prompts(3, bad)
+
+
 def test_free_colour_shares_see_a_collapse_to_one_colour_on_prompts_that_name_none():
     from leapalign.shapes.evaluator import free_colour_shares
     from leapalign.shapes.world import BACKGROUND, COLORS

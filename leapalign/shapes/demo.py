@@ -65,10 +65,10 @@ from leapalign.shapes.experiment import (  # noqa: E402
     make_trainer,
     measure_memory_time,
     quick_settings,
-    train_categories_arg,
     reading,
     seeds_reading,
     train_and_track,
+    train_categories_arg,
 )
 from leapalign.shapes.model import ShapesVelocityModel, load_shapes_model  # noqa: E402
 from leapalign.shapes.world import CATEGORIES, sample_specs  # noqa: E402
@@ -295,6 +295,15 @@ def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> i
     return 0
 
 
+def _top_colour(evaluation: dict[str, Any]) -> str:
+    """The most common colour on colourless prompts and its share, e.g. ``red 68%``."""
+    shares = evaluation["colour_shares_colourless_prompts"]
+    if not shares:
+        return "n/a"
+    colour = max(shares, key=shares.get)
+    return f"{colour} {100 * shares[colour]:.0f}%"
+
+
 def _print_report(summary: dict[str, Any], out: Path) -> None:
     """The closing lines: each seed's reading, the target, held-out gains, artifacts, memory/time, outputs."""
     runs = summary["runs"]
@@ -306,14 +315,8 @@ def _print_report(summary: dict[str, Any], out: Path) -> None:
               + ", ".join(f"{r['seed']}: {r['heldout_gain_points']:+.1f}" for r in runs) + " points")
     print(f"[demo] background artifacts: {100 * summary['background_artifact_share']['before']:.2f}% of background pixels before, after by seed "
           + ", ".join(f"{r['seed']}: {100 * r['after']['eval']['background_artifact_share']:.2f}%" for r in runs))
-    def top(shares: dict[str, float]) -> str:
-        if not shares:
-            return "n/a"
-        colour = max(shares, key=shares.get)
-        return f"{colour} {100 * shares[colour]:.0f}%"
-
-    print(f"[demo] colours drawn where the prompt names none: most common {top(summary['before']['eval']['colour_shares_colourless_prompts'])} "
-          "before, after by seed " + ", ".join(f"{r['seed']}: {top(r['after']['eval']['colour_shares_colourless_prompts'])}" for r in runs))
+    print(f"[demo] colours drawn where the prompt names none: most common {_top_colour(summary['before']['eval'])} before, "
+          "after by seed " + ", ".join(f"{r['seed']}: {_top_colour(r['after']['eval'])}" for r in runs))
     for r in summary["memory_time"]:
         print(f"[demo] {r['method']}: saved {r['saved_bytes'] / 2**20:.2f} MiB, {r['seconds_per_iter']:.3f} s/iter")
     print(f"[demo] wrote {out}/ (before_after.png, curves.png, memory_time.md/json, summary.json) in {summary['wall_seconds']:.0f} s")

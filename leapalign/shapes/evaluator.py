@@ -197,9 +197,6 @@ def accuracy_by_category(judgements: Sequence[Judgement]) -> dict[str, float]:
     return acc
 
 
-ARTIFACT_TOL = 0.1  # RGB distance to the background colour beyond which a background pixel is an artifact
-
-
 def free_colour_shares(judgements: Sequence[Judgement]) -> dict[str, float]:
     """Share of each colour among the objects detected on prompts that name no colour ("a circle", "two squares"),
     where any colour passes: a model that draws them all in one colour has lost a diversity accuracy cannot see."""
@@ -210,6 +207,9 @@ def free_colour_shares(judgements: Sequence[Judgement]) -> dict[str, float]:
                 counts[obj.color] += 1
     total = sum(counts.values())
     return {c: n / total for c, n in counts.items()} if total else {}
+
+
+ARTIFACT_TOL = 0.1  # RGB distance to the background colour beyond which a background pixel is an artifact
 
 
 @torch.no_grad()
