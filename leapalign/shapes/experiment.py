@@ -117,6 +117,8 @@ class DemoSettings:
     train_categories: tuple[str, ...] | None = ("single_object", "colors")
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_categories, str):  # one category by name, not its letters
+            self.train_categories = (self.train_categories,)
         if self.train_categories is not None:  # a list from JSON or the command line: one canonical, hashable form
             self.train_categories = tuple(dict.fromkeys(self.train_categories))
         checks = {
