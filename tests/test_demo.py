@@ -422,6 +422,51 @@ def test_background_penalty_prices_faint_texture_not_objects():
     assert experiment.training_reward(scorer, "score", penalty=0.0) is scorer
 
 
+def test_colour_concentration_prices_one_colour_for_colourless_prompts():
+    """Low for ground-truth renders (their colours spread), K - 1 when every colourless prompt's object is repainted
+    red or one grey blend (blurring objects off the palette must not look diverse), in between with half of them red,
+    where its gradient lowers it; colour prompts' images are not counted."""
+    from leapalign.shapes.reward import colour_concentration
+    from leapalign.shapes.world import BACKGROUND, COLORS, parse_prompt, render_batch
+
+    prompts = ["a circle", "a square", "a triangle", "two circles", "a circle", "a square", "a triangle", "a square"]
+    images = render_batch([parse_prompt(p) for p in prompts], seed=0)
+    on_object = (images - torch.tensor(BACKGROUND).view(1, 3, 1, 1)).abs().sum(1, keepdim=True) > 0.3
+    red = torch.where(on_object, torch.tensor(COLORS["red"]).view(1, 3, 1, 1), images)
+    grey = torch.where(on_object, torch.tensor((0.5, 0.45, 0.45)).view(1, 3, 1, 1), images)
+    spread = colour_concentration(images, prompts)
+    assert spread < 0.5
+    for same in (red, grey):
+        torch.testing.assert_close(colour_concentration(same, prompts), torch.tensor(len(COLORS) - 1.0))
+    half = torch.cat([red[:4], images[4:]]).double().requires_grad_(True)
+    value = colour_concentration(half, prompts)
+    assert spread + 0.5 < value < len(COLORS) - 1.5
+    value.backward()
+    stepped = (half - 1e-3 * half.grad / half.grad.norm()).detach()
+    assert colour_concentration(stepped, prompts) < value.detach()
+    coloured = ["a red circle", "a red square"] + prompts[2:3]  # one colourless image: nothing to compare
+    assert colour_concentration(red[:3], coloured) == 0
+    with pytest.raises(ValueError, match="one prompt per image"):
+        colour_concentration(images, prompts[:3])
+
+
+def test_colour_diversity_reaches_the_training_reward():
+    from leapalign.rewards.base import call_reward
+    from leapalign.shapes.reward import colour_concentration
+    from leapalign.shapes.scorer import load_shapes_scorer
+    from leapalign.shapes.world import parse_prompt, render_batch
+
+    prompts = ["a circle", "a square", "a red triangle", "two circles"]
+    images = render_batch([parse_prompt(p) for p in prompts], seed=1)
+    scorer = load_shapes_scorer()
+    r = call_reward(experiment.training_reward(scorer, "score", penalty=5.0, colour_weight=0.3), images, prompts)
+    expected = scorer(images, prompts) - 5.0 * experiment.background_penalty(images) - 0.3 * colour_concentration(images, prompts)
+    torch.testing.assert_close(r, expected)
+    with pytest.raises(ValueError, match="colour_diversity"):
+        experiment.DemoSettings(colour_diversity=-1.0)
+    assert demo._settings_from_args(demo.build_parser().parse_args(["--colour-diversity", "0.2"])).colour_diversity == 0.2
+
+
 def test_max_leap_step_keeps_leapalign_leaps_in_the_first_steps(tmp_path):
     """``max_leap_step`` reaches the trainer's LeapAlign objective as ``max_idx`` (capped at T); its leap steps
     are then drawn only from the first N steps, while the default draws from all T."""

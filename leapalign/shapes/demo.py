@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=REWARDS, default=None, help=f"what training maximises: the scorer's probability or its log (default {d.reward})")
     p.add_argument("--background-penalty", type=float, default=None,
                    help=f"subtract this times the faint-background-texture penalty from the training reward (default {d.background_penalty})")
+    p.add_argument("--colour-diversity", type=float, default=None,
+                   help=f"subtract this times the batch's colour concentration on prompts that name no colour from the training reward (default {d.colour_diversity})")
     p.add_argument("--train-categories", nargs="+", choices=(*CATEGORIES, "all"), default=None, metavar="CATEGORY",
                    help=f"train on prompts of these categories only, 'all' for the whole grammar; the eval sets always "
                         f"cover all six (default {' '.join(d.train_categories or ('all',))}; one of {', '.join(CATEGORIES)})")
@@ -221,6 +223,7 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
         "batch_size": args.batch_size, "learning_rate": args.lr, "train_mode": args.train_mode, "alpha": args.alpha, "num_leaps": args.leaps, "max_leap_step": args.max_leap_step,
         "hinge_lambda": args.hinge, "reward": args.reward, "eval_prompts": args.eval_prompts,
         "heldout_prompts": args.heldout_prompts, "eval_every": args.eval_every, "ema_decay": args.ema, "background_penalty": args.background_penalty,
+        "colour_diversity": args.colour_diversity,
     }
     values = asdict(s) | {k: v for k, v in overrides.items() if v is not None}
     if args.train_categories is not None:

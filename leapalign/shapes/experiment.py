@@ -111,6 +111,7 @@ class DemoSettings:
     seed: int = 0
     reward: str = "score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
     background_penalty: float = 5.0  # minus this times background_penalty(images) in the training reward (0: the bare scorer)
+    colour_diversity: float = 0.0  # minus this times colour_concentration(images, prompts) in the training reward (0: off)
     # Training prompts only from these categories (None: the whole grammar); the eval sets always cover all six.
     # The two the scorer judges best: +14.1 mean over seeds 0-2 against +8.4 on the whole grammar
     # (benchmarks/results/demo_shapes/README.md, fourth pass).
@@ -136,6 +137,7 @@ class DemoSettings:
             "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "reward": self.reward in REWARDS,
             "background_penalty": self.background_penalty >= 0,
+            "colour_diversity": self.colour_diversity >= 0,
             "train_categories": self.train_categories is None or (bool(self.train_categories) and set(self.train_categories) <= set(CATEGORIES)),
         }
         for name, ok in checks.items():
@@ -270,7 +272,7 @@ def make_trainer(
         ckpt_save_final=False,
     )
     prompts = training_prompts(settings.seed, settings.train_categories)
-    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward, settings.background_penalty), prompt_source=prompts)
+    return LeapAlignTrainer(config, model, reward=training_reward(scorer, settings.reward, settings.background_penalty, settings.colour_diversity), prompt_source=prompts)
 
 
 class TimeLimitExceeded(RuntimeError):
@@ -391,7 +393,7 @@ def _measure_method(
         with PeakMemory("cpu") as pm:
             t0 = time.perf_counter()
             with SavedTensorCounter() as counter:
-                out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward, settings.background_penalty), generator=g)
+                out = obj(model, cond, list(prompts), training_reward(scorer, settings.reward, settings.background_penalty, settings.colour_diversity), generator=g)
             out.loss.backward()
             dt = time.perf_counter() - t0
         if r == 0:
