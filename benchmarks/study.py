@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="prompts per step (demo default)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (demo default)")
     p.add_argument("--leaps", type=int, default=None, help="leaps of the reference LeapAlign, whose step is the budget (demo default)")
+    p.add_argument("--colour-diversity", type=float, default=None, help="weight of the training reward's colour prior (demo default)")
     p.add_argument("--eval-prompts", type=int, default=None, help="size of the fixed eval set (demo default, 576)")
     p.add_argument("--heldout-prompts", type=int, default=96, help="size of the held-out eval set (0: skip)")
     p.add_argument("--train-categories", nargs="+", choices=(*CATEGORIES, "all"), default=None, metavar="CATEGORY",
@@ -289,7 +290,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from leapalign.shapes.experiment import DemoSettings, train_categories_arg
 
     base = DemoSettings()
-    given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr, "num_leaps": args.leaps}
+    given = {"eval_prompts": args.eval_prompts, "num_steps": args.num_steps, "batch_size": args.batch_size, "learning_rate": args.lr, "num_leaps": args.leaps,
+             "colour_diversity": args.colour_diversity}
     # an explicit value (0 included) always reaches DemoSettings, which rejects a bad one by name
     given = {k: v for k, v in given.items() if v is not None}
     if args.train_categories is not None:  # 'all' (None) is a value here, not "not given"

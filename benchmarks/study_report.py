@@ -13,6 +13,7 @@ from typing import Any
 __all__ = ["GROUP_TITLES", "markdown_report", "plot", "reference_label"]
 
 LEGACY_REFERENCE = "leapalign a=0.3 leaps=2"  # the reference of studies written before it was recorded in their JSON
+COLOUR_KEY = "colour_shares_colourless_prompts"  # an evaluation's colour shares on prompts that name no colour
 GROUP_TITLES = {"methods": "Methods", "alpha": "LeapAlign alpha sweep", "leaps": "LeapAlign number of leaps"}
 
 
@@ -42,25 +43,32 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
     ]
     held = "heldout" in base
-    header = "| run | steps | reward | artifacts (%) | " + " | ".join(cats) + (" | held-out |" if held else " |")
-    sep = "|---|---:|---:|---:|" + "---:|" * len(cats) + ("---:|" if held else "")
+    colour = bool(summ) and all("top_colour_share" in s for s in summ.values())  # studies from before the metric lack it
+    header = ("| run | steps | reward | artifacts (%) | " + " | ".join(cats) + (" | held-out" if held else "")
+              + (" | top colour (%) |" if colour else " |"))
+    sep = "|---|---:|---:|---:|" + "---:|" * len(cats) + ("---:|" if held else "") + ("---:|" if colour else "")
 
     def pm(x: tuple[float, float], scale: float = 100.0, fmt: str = ".1f") -> str:
         return f"{scale * x[0]:{fmt}} ± {scale * x[1]:{fmt}}"
 
     def row(label: str, s: dict[str, Any]) -> str:
         acc = " | ".join(pm(s["accuracy"][c]) for c in cats)
-        h = f" | {pm(s['heldout'])} |" if held else " |"
-        return f"| {label} | {s['steps'][0]:.0f} | {pm(s['reward'], 1, '.3f')} | {pm(s['artifacts'], 100, '.2f')} | {acc}{h}"
+        h = f" | {pm(s['heldout'])}" if held else ""
+        top = f" | {pm(s['top_colour_share'], 100, '.0f')}" if colour else ""
+        return f"| {label} | {s['steps'][0]:.0f} | {pm(s['reward'], 1, '.3f')} | {pm(s['artifacts'], 100, '.2f')} | {acc}{h}{top} |"
 
+    base_top = f" | {100 * max(base[COLOUR_KEY].values()):.0f}" if colour and base.get(COLOUR_KEY) else (" | " if colour else "")
     base_row = (f"| shipped model (no training) | 0 | {base['reward']:.3f} | {100 * base['background_artifact_share']:.2f} | "
-                + " | ".join(f"{100 * base['accuracy'][c]:.1f}" for c in cats) + (f" | {100 * base['heldout']['accuracy']['overall']:.1f} |" if held else " |"))
+                + " | ".join(f"{100 * base['accuracy'][c]:.1f}" for c in cats)
+                + (f" | {100 * base['heldout']['accuracy']['overall']:.1f}" if held else "") + base_top + " |")
     for group, title in GROUP_TITLES.items():
         labels = [r["label"] for r in data["specs"] if group in r["groups"] and r["label"] in summ]
         if not labels:
             continue
         lines += [f"## {title}", "", "Rule-based accuracy (%) per category and on the held-out split, mean ± std over seeds; "
-                  "reward = learned scorer; artifacts = share of background pixels off the background colour.", "",
+                  "reward = learned scorer; artifacts = share of background pixels off the background colour"
+                  + ("; top colour = the most common colour's share of the objects drawn for prompts that name no colour "
+                     "(20 % when all five are equally common)" if colour else "") + ".", "",
                   header, sep, base_row]
         lines += [row(label, summ[label]) for label in labels]
         pairs = [lab for lab in labels if lab in cmp]

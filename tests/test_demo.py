@@ -204,6 +204,8 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
     assert study._settings(study.build_parser().parse_args(["--train-categories", "all"])).train_categories is None
     assert study._settings(args).num_leaps == defaults.num_leaps
     assert study._settings(study.build_parser().parse_args(["--leaps", "2"])).num_leaps == 2
+    assert study._settings(args).colour_diversity == defaults.colour_diversity
+    assert study._settings(study.build_parser().parse_args(["--colour-diversity", "0"])).colour_diversity == 0.0
     bad = {  # each is refused before any run starts, naming what is wrong
         ("--eval-prompts", "0"): "eval_prompts=0 is invalid",
         ("--T", "0"): "num_steps=0 is invalid",  # an explicit 0 is not replaced by the default
@@ -248,6 +250,7 @@ def test_study_is_step_budgeted_resumable_and_compares_pairs(tmp_path, capsys):
     assert cmp["seeds"] == [0, 1] and 0 < cmp["p_value"] <= 1 and cmp["ci_low"] <= cmp["diff_points"] <= cmp["ci_high"]
     md = stem.with_suffix(".md").read_text()
     assert "## LeapAlign number of leaps" in md and "paired bootstrap" in md and "held-out" in md
+    assert "top colour (%)" in md and 0.2 <= data["summary"]["leapalign a=0.3 leaps=1"]["top_colour_share"][0] <= 1
     assert _is_png(stem.with_suffix(".png"))
     assert len(list((tmp_path / "study_runs").glob("*.json"))) == 7  # 6 runs + the untrained baseline
 
@@ -399,6 +402,7 @@ def test_hardening_aligns_as_the_shipped_scorer_was_made(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         harden._aligned_samples(args, None, 0)
     assert seen["settings"].train_categories is None and seen["settings"].num_leaps == 2
+    assert seen["settings"].colour_diversity == 0.0
 
 
 def test_background_penalty_prices_faint_texture_not_objects():

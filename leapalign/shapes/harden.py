@@ -155,9 +155,11 @@ def _aligned_samples(args: argparse.Namespace, scorer: torch.nn.Module, r: int) 
     """Round ``r``: align a fresh copy of the model to ``scorer``; its labelled samples every ``--snapshot-every`` steps."""
     model = load_shapes_model(args.model)
     # The whole grammar, not the demo's training categories: the scorer must hold up on aligned images of every category.
-    # Whole grammar and 2 leaps are how the shipped scorer was made (leapalign/assets/README.md), whatever the demo's defaults.
+    # Whole grammar, 2 leaps and no colour prior are how the shipped scorer was made (leapalign/assets/README.md),
+    # whatever the demo's defaults.
     settings = DemoSettings(train_steps=args.snapshot_every, eval_every=10**9, seed=1000 * (r + 1) + args.seed,
-                            batch_size=args.batch_size, num_steps=args.num_steps, train_categories=None, num_leaps=2)
+                            batch_size=args.batch_size, num_steps=args.num_steps, train_categories=None, num_leaps=2,
+                            colour_diversity=0.0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, scorer, settings, tmp)
         fresh: LabelledPool | None = None

@@ -68,12 +68,16 @@ def paired_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], r
     return PairedComparison(diff, low, high, p, n, ta.shape[0], resamples)
 
 
+COLOUR_KEY = "colour_shares_colourless_prompts"
+
+
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per label: mean and std over seeds of accuracy (overall, per category, held-out), reward, artifacts, steps."""
+    """Per label: mean and std over seeds of accuracy (overall, per category, held-out), reward, artifacts, steps, and
+    (runs that measured it) the most common colour's share of the objects drawn for colourless prompts."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["label"], []).append(r)
@@ -86,6 +90,8 @@ def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "artifacts": _mean_std([r["background_artifact_share"] for r in rs]),
             "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in rs[0]["accuracy"]},
             **({"heldout": _mean_std([r["heldout"]["accuracy"]["overall"] for r in rs])} if "heldout" in rs[0] else {}),
+            **({"top_colour_share": _mean_std([max(r[COLOUR_KEY].values()) for r in rs])}
+               if all(r.get(COLOUR_KEY) for r in rs) else {}),
         }
     return out
 
