@@ -471,6 +471,30 @@ def test_colour_diversity_reaches_the_training_reward():
     assert demo._settings_from_args(demo.build_parser().parse_args(["--colour-diversity", "0.2"])).colour_diversity == 0.2
 
 
+def test_lr_schedule_reaches_the_optimiser(tmp_path):
+    """``--lr-schedule cosine`` decays the learning rate to 0 over ``train_steps``; the default keeps it constant."""
+    from leapalign.shapes.model import load_shapes_model
+    from leapalign.shapes.scorer import load_shapes_scorer
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        experiment.DemoSettings(lr_schedule="polynomial_with_restarts")
+    assert demo._settings_from_args(demo.build_parser().parse_args(["--lr-schedule", "cosine"])).lr_schedule == "cosine"
+    model, scorer = load_shapes_model(), load_shapes_scorer()
+    lrs = {}
+    for name in ("constant", "cosine"):
+        settings = replace(experiment.quick_settings(), train_steps=4, lr_schedule=name)
+        trainer = experiment.make_trainer(model, scorer, settings, tmp_path / name)
+        lrs[name] = []
+        for _ in range(4):
+            lrs[name].append(trainer.lr_scheduler.get_last_lr()[0])
+            trainer.optimizer.step()  # no gradients: moves nothing, keeps the scheduler's order check quiet
+            trainer.lr_scheduler.step()
+        lrs[name].append(trainer.lr_scheduler.get_last_lr()[0])
+    assert lrs["constant"] == [settings.learning_rate] * 5
+    assert lrs["cosine"][0] == settings.learning_rate and lrs["cosine"][-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs["cosine"], lrs["cosine"][1:]))
+
+
 def test_max_leap_step_keeps_leapalign_leaps_in_the_first_steps(tmp_path):
     """``max_leap_step`` reaches the trainer's LeapAlign objective as ``max_idx`` (capped at T); its leap steps
     are then drawn only from the first N steps, while the default draws from all T."""

@@ -54,6 +54,7 @@ passive_wait()  # OpenMP reads its wait policy once, when torch loads it: this m
 import torch  # noqa: E402
 
 from leapalign.shapes.experiment import (  # noqa: E402
+    LR_SCHEDULES,
     REWARDS,
     DemoSettings,
     EvalResult,
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", dest="num_steps", type=int, default=None, help=f"Euler steps of rollout and eval sampler (default {d.num_steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"prompts per step (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.learning_rate})")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help=f"learning-rate schedule over the steps (default {d.lr_schedule})")
     p.add_argument("--train-mode", choices=("full", "lora"), default=None, help=f"default {d.train_mode}")
     p.add_argument("--alpha", type=float, default=None, help=f"LeapAlign nested-gradient discount (default {d.alpha})")
     p.add_argument("--leaps", type=int, choices=(1, 2, 3), default=None, help=f"LeapAlign's leaps per trajectory (default {d.num_leaps})")
@@ -220,7 +222,7 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     s = quick_settings() if args.quick else DemoSettings()
     overrides = {
         "train_steps": args.steps, "time_limit_seconds": args.time_limit, "num_steps": args.num_steps,
-        "batch_size": args.batch_size, "learning_rate": args.lr, "train_mode": args.train_mode, "alpha": args.alpha, "num_leaps": args.leaps, "max_leap_step": args.max_leap_step,
+        "batch_size": args.batch_size, "learning_rate": args.lr, "lr_schedule": args.lr_schedule, "train_mode": args.train_mode, "alpha": args.alpha, "num_leaps": args.leaps, "max_leap_step": args.max_leap_step,
         "hinge_lambda": args.hinge, "reward": args.reward, "eval_prompts": args.eval_prompts,
         "heldout_prompts": args.heldout_prompts, "eval_every": args.eval_every, "ema_decay": args.ema, "background_penalty": args.background_penalty,
         "colour_diversity": args.colour_diversity,

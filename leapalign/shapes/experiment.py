@@ -5,26 +5,25 @@ leapalign.shapes.harden`` and ``python -m benchmarks study`` run it with their o
 
 1. :func:`evaluate_alignment` samples a fixed evaluation set (:func:`leapalign.shapes.world.eval_prompts`,
    fixed noise) and reports the **rule-based accuracy** per GenEval-like category (the exact evaluator,
-   which never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises);
-   It also measures the **background artifacts** (:func:`leapalign.shapes.evaluator.background_artifact_share`)
-   the scorer may reward without the evaluator noticing; the same on the **held-out split**
+   which never trains) and the **reward** (the learned scorer, which is what LeapAlign maximises); it also
+   measures the **background artifacts** (:func:`leapalign.shapes.evaluator.background_artifact_share`) the
+   scorer may reward without the evaluator noticing; the same on the **held-out split**
    (:func:`leapalign.shapes.split.heldout_eval_prompts`), prompts no alignment run trains on;
 2. :func:`make_trainer` builds a :class:`leapalign.LeapAlignTrainer` on the world's training prompts
    of ``train_categories`` (:func:`training_prompts` over :func:`leapalign.shapes.split.training_specs`: the
    held-out split removed; the eval sets cover every category) and :func:`train_and_track`
-   steps it for exactly ``train_steps`` steps, evaluating every ``eval_every`` steps. No clock decides
-   what is reported: a run is a pure function of its settings and seed (see "Determinism" below);
-   ``time_limit_seconds`` only aborts a run (:class:`TimeLimitExceeded`), it never truncates one;
+   steps it for exactly ``train_steps`` steps, evaluating every ``eval_every`` steps. No clock decides what is
+   reported: a run is a pure function of its settings and seed (see "Determinism" below); ``time_limit_seconds``
+   only aborts a run (:class:`TimeLimitExceeded`), it never truncates one;
 3. :func:`measure_memory_time` compares bytes saved for backward, peak RSS and seconds per iteration
    of LeapAlign and naive full backprop at the same T; :func:`reading` says what the numbers mean.
 
 Tuned choices (see :class:`DemoSettings`; the runs behind them are in ``leapalign/assets/README.md``):
 full fine-tune (the model has 1.9M parameters), AdamW lr 1e-4, 240 steps of batch 16,
 T = 12 for rollout and evaluation, training prompts of the two categories the scorer judges best (single objects
-and colours: +14.1 mean against +8.4 on the whole grammar), 3 leaps (+0.8 over 2, within the noise), alpha 0.3,
-leap steps drawn from all 12 rollout steps (the first 8 only,
-``max_leap_step`` 8, was no better over three seeds: ``benchmarks/results/demo_shapes/README.md``), and the
-training reward the scorer's probability with the hinge ``relu(0.95 - r)``. Maximising ``log p`` instead weights each
+and colours: +14.1 mean against +8.4 on the whole grammar), 3 leaps (+0.8 over 2, within the noise), alpha 0.3, leap
+steps from all 12 rollout steps (the first 8, ``max_leap_step`` 8, was no better: ``benchmarks/results/demo_shapes/README.md``),
+and the training reward the scorer's probability with the hinge ``relu(0.95 - r)``. Maximising ``log p`` instead weights each
 sample by ``1 / p`` and so pushes hardest on the worst images, where the scorer is least reliable:
 with it the rule-based accuracy collapsed (24 % -> 7 % in 120 steps). The reward also subtracts
 5 x :func:`background_penalty` (faint off-background pixels): with the bare scorer, 240 steps covered
@@ -61,6 +60,7 @@ from leapalign.shapes.world import CATEGORIES, PromptSpec, eval_prompts
 
 __all__ = [
     "DemoSettings",
+    "LR_SCHEDULES",
     "quick_settings",
     "REWARDS",
     "LogScoreReward",
@@ -86,6 +86,9 @@ __all__ = [
 ]
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")  # diffusers get_scheduler names that need no warm-up or other argument
+
+
 @dataclass
 class DemoSettings:
     """The knobs of one alignment run on the shapes world (defaults: the tuned demo)."""
@@ -95,6 +98,7 @@ class DemoSettings:
     num_steps: int = 12  # T of the training rollout (and of the evaluation sampler)
     batch_size: int = 16
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # a diffusers.optimization.get_scheduler name over train_steps ("linear", "cosine", ...)
     train_mode: str = "full"
     lora_rank: int = 16
     alpha: float = 0.3
@@ -112,9 +116,8 @@ class DemoSettings:
     reward: str = "score"  # what training maximises: "score" (scorer probability) or "log_score" (its log)
     background_penalty: float = 5.0  # minus this times background_penalty(images) in the training reward (0: the bare scorer)
     colour_diversity: float = 0.0  # minus this times colour_concentration(images, prompts) in the training reward (0: off)
-    # Training prompts only from these categories (None: the whole grammar); the eval sets always cover all six.
-    # The two the scorer judges best: +14.1 mean over seeds 0-2 against +8.4 on the whole grammar
-    # (benchmarks/results/demo_shapes/README.md, fourth pass).
+    # Training prompts only from these categories (None: the whole grammar); the eval sets always cover all six. The two the
+    # scorer judges best: +14.1 mean over seeds 0-2 against +8.4 on the whole grammar (demo_shapes/README.md, fourth pass).
     train_categories: tuple[str, ...] | None = ("single_object", "colors")
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class DemoSettings:
             "num_steps": self.num_steps >= 2,
             "batch_size": self.batch_size >= 1,
             "learning_rate": self.learning_rate > 0,
+            "lr_schedule": self.lr_schedule in LR_SCHEDULES,
             "train_mode": self.train_mode in ("full", "lora"),
             "eval_prompts": self.eval_prompts >= 1,
             "heldout_prompts": self.heldout_prompts >= 0,
@@ -259,7 +263,7 @@ def make_trainer(
         train_num_steps=settings.train_steps,
         train_batch_size=settings.batch_size,
         train_learning_rate=settings.learning_rate,
-        train_lr_scheduler="constant",
+        train_lr_scheduler=settings.lr_schedule,
         train_ema_decay=settings.ema_decay,
         train_max_grad_norm=settings.max_grad_norm,
         train_trainable_dtype="float32",
