@@ -13,7 +13,8 @@ from typing import Any
 __all__ = ["GROUP_TITLES", "markdown_report", "plot", "reference_label"]
 
 LEGACY_REFERENCE = "leapalign a=0.3 leaps=2"  # the reference of studies written before it was recorded in their JSON
-COLOUR_KEY = "colour_shares_colourless_prompts"  # an evaluation's colour shares on prompts that name no colour
+# leapalign.shapes.evaluator.COLOUR_SHARES_KEY (tested equal): this module renders reports without loading torch
+COLOUR_KEY = "colour_shares_colourless_prompts"
 GROUP_TITLES = {"methods": "Methods", "alpha": "LeapAlign alpha sweep", "leaps": "LeapAlign number of leaps"}
 
 

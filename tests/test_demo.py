@@ -215,6 +215,7 @@ def test_study_defaults_are_the_demos_and_a_bad_setting_is_a_usage_error(capsys)
         ("--reading", "/nonexistent/reading.md"): "--reading /nonexistent/reading.md: no such file",
         ("--render-only",): "--render-only: no study at /nonexistent/study.json",
         ("--leaps", "4"): "num_leaps=4 is invalid",
+        ("--colour-diversity", "-0.5"): "colour_diversity=-0.5 is invalid",
         ("--train-categories", "landscapes"): "invalid choice: 'landscapes'",
         ("--train-categories", "all", "colors"): "'all' is the whole grammar",
     }
@@ -468,7 +469,7 @@ def test_colour_concentration_prices_one_colour_for_colourless_prompts():
         colour_concentration(images, prompts[:3])
 
 
-def test_colour_diversity_reaches_the_training_reward():
+def test_colour_diversity_reaches_the_training_reward(tmp_path):
     from leapalign.rewards.base import call_reward
     from leapalign.shapes.reward import colour_concentration
     from leapalign.shapes.scorer import load_shapes_scorer
@@ -483,7 +484,18 @@ def test_colour_diversity_reaches_the_training_reward():
     torch.testing.assert_close(r, expected)
     with pytest.raises(ValueError, match="colour_diversity"):
         experiment.DemoSettings(colour_diversity=-1.0)
-    assert demo._settings_from_args(demo.build_parser().parse_args(["--colour-diversity", "0.2"])).colour_diversity == 0.2
+    assert demo._settings_from_args(demo.build_parser().parse_args(["--colour-diversity", "0.3"])).colour_diversity == 0.3
+    # The demo's trainer carries the weight it was given (the default's 0.2 included); 0 with no penalty is the bare scorer.
+    from leapalign.shapes.model import load_shapes_model
+
+    for weight in (experiment.DemoSettings().colour_diversity, 0.3):
+        settings = replace(experiment.quick_settings(), colour_diversity=weight)
+        trainer = experiment.make_trainer(load_shapes_model(), scorer, settings, tmp_path / str(weight))
+        assert trainer.reward.colour_weight == weight > 0
+    from benchmarks.study_report import COLOUR_KEY
+    from leapalign.shapes.evaluator import COLOUR_SHARES_KEY
+
+    assert COLOUR_KEY == COLOUR_SHARES_KEY  # the report's copy of the key (it loads without torch)
 
 
 def test_lr_schedule_reaches_the_optimiser(tmp_path):

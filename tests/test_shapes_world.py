@@ -215,3 +215,12 @@ def test_background_artifacts_count_off_colour_background_only():
     # Changes inside the objects are not background artifacts.
     tinted = torch.where(bg, images, (images * 0.9).clamp(0, 1))
     assert torch.equal(background_artifact_share(tinted), torch.zeros(12))
+
+
+def test_names_no_colour_is_true_only_where_any_colour_passes():
+    from leapalign.shapes.world import parse_prompt
+
+    assert parse_prompt("a circle").names_no_colour and parse_prompt("three squares").names_no_colour
+    assert parse_prompt("a circle and a triangle").names_no_colour
+    assert not parse_prompt("a red circle").names_no_colour
+    assert not parse_prompt("a red circle and a square").names_no_colour  # one named colour is enough

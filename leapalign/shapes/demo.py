@@ -53,6 +53,7 @@ passive_wait()  # OpenMP reads its wait policy once, when torch loads it: this m
 
 import torch  # noqa: E402
 
+from leapalign.shapes.evaluator import COLOUR_SHARES_KEY  # noqa: E402
 from leapalign.shapes.experiment import (  # noqa: E402
     LR_SCHEDULES,
     REWARDS,
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None, hooks: DemoHooks | None = None) -> i
 
 def _top_colour(evaluation: dict[str, Any]) -> str:
     """The most common colour on colourless prompts and its share, e.g. ``red 68%``."""
-    shares = evaluation["colour_shares_colourless_prompts"]
+    shares = evaluation[COLOUR_SHARES_KEY]
     if not shares:
         return "n/a"
     colour = max(shares, key=shares.get)

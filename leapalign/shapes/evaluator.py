@@ -197,12 +197,15 @@ def accuracy_by_category(judgements: Sequence[Judgement]) -> dict[str, float]:
     return acc
 
 
+COLOUR_SHARES_KEY = "colour_shares_colourless_prompts"  # free_colour_shares in an evaluation's JSON
+
+
 def free_colour_shares(judgements: Sequence[Judgement]) -> dict[str, float]:
     """Share of each colour among the objects detected on prompts that name no colour ("a circle", "two squares"),
     where any colour passes: a model that draws them all in one colour has lost a diversity accuracy cannot see."""
     counts = dict.fromkeys(COLORS, 0)
     for j in judgements:
-        if all(o.color is None for o in parse_prompt(j.prompt).objects):
+        if parse_prompt(j.prompt).names_no_colour:
             for obj in j.objects:
                 counts[obj.color] += 1
     total = sum(counts.values())

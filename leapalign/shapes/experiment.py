@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leapalign.shapes.evaluator import accuracy_by_category, background_artifact_share, evaluate, free_colour_shares
+from leapalign.shapes.evaluator import COLOUR_SHARES_KEY, accuracy_by_category, background_artifact_share, evaluate, free_colour_shares
 from leapalign.shapes.model import ShapesVelocityModel
 from leapalign.shapes.reward import REWARDS, LogScoreReward, PenalisedReward, background_penalty, training_reward
 from leapalign.shapes.split import heldout_eval_prompts, train_categories_arg, training_prompts
@@ -170,7 +170,7 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         """Everything but the images; ``correct`` as a string of 0/1 per prompt (for paired comparisons and subsets)."""
         return {"accuracy": self.accuracy, "reward": self.reward, "reward_by_category": self.reward_by_category,
-                "background_artifact_share": self.artifact_share, "colour_shares_colourless_prompts": self.colour_shares,
+                "background_artifact_share": self.artifact_share, COLOUR_SHARES_KEY: self.colour_shares,
                 "correct": "".join("1" if c else "0" for c in self.correct)}
 
 

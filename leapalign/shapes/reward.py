@@ -32,12 +32,17 @@ class LogScoreReward:
 REWARDS = ("score", "log_score")
 
 
+def _distance_to_background(images: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]``: each pixel's RGB distance to the background colour (with an epsilon so its gradient is finite)."""
+    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - bg).square().sum(1).add(1e-8).sqrt()
+
+
 def background_penalty(images: torch.Tensor, tol: float = 0.3, softness: float = 0.03) -> torch.Tensor:
     """``[B]``, differentiable: mean over pixels of the RGB distance ``d`` to the background colour, weighted
     by ``sigmoid((tol - d) / softness)`` -- faint off-background pixels (the textures a hacked scorer
     rewards, which the evaluator reads as background) count fully, object colours (``d >= 0.55``) not at all."""
-    bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    d = (images - bg).square().sum(1).add(1e-8).sqrt()
+    d = _distance_to_background(images)
     return (d * torch.sigmoid((tol - d) / softness)).mean((1, 2))
 
 
@@ -55,13 +60,12 @@ def colour_concentration(images: torch.Tensor, prompts: Sequence[str], tol: floa
     """
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(f"images must be [B, 3, H, W] with one prompt per image, got {tuple(images.shape)} and {len(prompts)} prompts")
-    free = [i for i, p in enumerate(prompts) if all(o.color is None for o in parse_prompt(p).objects)]
+    free = [i for i, p in enumerate(prompts) if parse_prompt(p).names_no_colour]
     if len(free) < 2:
         return images.new_zeros(())
     x = images[free]
-    bg = torch.tensor(BACKGROUND, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     palette = torch.tensor(list(COLORS.values()), dtype=x.dtype, device=x.device)  # [K, 3]
-    on_object = torch.sigmoid(((x - bg).square().sum(1).add(1e-8).sqrt() - tol) / softness)  # [N, H, W]
+    on_object = torch.sigmoid((_distance_to_background(x) - tol) / softness)  # [N, H, W]
     dist = (x.unsqueeze(1) - palette.view(1, -1, 3, 1, 1)).square().sum(2).add(1e-8).sqrt()  # [N, K, H, W]
     colour = torch.softmax(-dist / temperature, dim=1)
     per_image = (colour * on_object.unsqueeze(1)).sum((2, 3)) / on_object.sum((1, 2)).clamp_min(1e-6).unsqueeze(1)

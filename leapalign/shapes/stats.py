@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
+from leapalign.shapes.evaluator import COLOUR_SHARES_KEY
+
 __all__ = ["PairedComparison", "paired_bootstrap", "summarise_runs", "compare_with"]
 
 
@@ -68,9 +70,6 @@ def paired_bootstrap(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], r
     return PairedComparison(diff, low, high, p, n, ta.shape[0], resamples)
 
 
-COLOUR_KEY = "colour_shares_colourless_prompts"
-
-
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -90,8 +89,8 @@ def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "artifacts": _mean_std([r["background_artifact_share"] for r in rs]),
             "accuracy": {c: _mean_std([r["accuracy"][c] for r in rs]) for c in rs[0]["accuracy"]},
             **({"heldout": _mean_std([r["heldout"]["accuracy"]["overall"] for r in rs])} if "heldout" in rs[0] else {}),
-            **({"top_colour_share": _mean_std([max(r[COLOUR_KEY].values()) for r in rs])}
-               if all(r.get(COLOUR_KEY) for r in rs) else {}),
+            **({"top_colour_share": _mean_std([max(r[COLOUR_SHARES_KEY].values()) for r in rs])}
+               if all(r.get(COLOUR_SHARES_KEY) for r in rs) else {}),
         }
     return out
 

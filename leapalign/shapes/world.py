@@ -119,6 +119,11 @@ class PromptSpec:
                 raise ValueError(f"the two object groups must be distinguishable, got {a} and {b}")
 
     @property
+    def names_no_colour(self) -> bool:
+        """True for "a circle", "two squares": any colour satisfies the prompt."""
+        return all(o.color is None for o in self.objects)
+
+    @property
     def total_objects(self) -> int:
         return sum(o.count for o in self.objects)
 
